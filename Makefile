@@ -1,0 +1,28 @@
+# camera-vllm: `make demo` and `make test` install everything on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.camera-vllm-installed
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: install demo test test-fast kernel-test bench bench-model gpu-bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+demo: install
+	$(PY) -m camera_vllm.demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not vllm" $(PYTEST_ARGS)
+
+kernel-test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra -k kernel $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
