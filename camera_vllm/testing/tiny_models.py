@@ -153,7 +153,6 @@ def build_tiny_moe(arch: str, out_dir: str | Path, *, seed: int = 0, dtype: torc
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model = model.to(dtype)
-    model.config.torch_dtype = dtype  # transformers 4.x spelling
     model.config.dtype = dtype
     model.save_pretrained(out)
     tok.save_pretrained(out)
