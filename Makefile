@@ -26,3 +26,7 @@ kernel-test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The benchmark MoE (trained on this CPU, ~20-35 min; cached in bench/.cache, outside git).
+bench-model: install
+	$(PY) bench/build_model.py $(BENCH_MODEL_ARGS)
