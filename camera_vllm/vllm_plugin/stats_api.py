@@ -1,0 +1,374 @@
+"""``GET /camera/stats``: what the running vLLM server is serving, as JSON.
+
+Mounted through vLLM 0.32's supported extension point for HTTP routes, the
+``vllm.endpoint_plugins`` entry-point group (``vllm/plugins/endpoint_plugins/interface.py``):
+vLLM's ``build_app`` calls :meth:`CameraStatsPlugin.attach_router` after its own
+routers, and ``init_app_state`` calls :meth:`CameraStatsPlugin.init_state` with the
+engine client and the CLI args once the engine is up.  Endpoint plugins are opt-in:
+vLLM loads one only when its entry-point name is listed in ``VLLM_PLUGINS``, and that
+variable also filters the ``vllm.general_plugins`` group, so a server that wants both
+sets ``VLLM_PLUGINS=camera_vllm,camera_stats`` (``deploy/docker/entrypoint.sh`` does).
+
+The stats come from the served checkpoint's ``config.json`` (its ``quantization_config``,
+parsed by :meth:`CameraQuantConfig.from_json_dict`), found through the model path the
+API server was started with.  :func:`summarize_camera_config` is the pure part (no vLLM
+import) and is what the tests exercise directly.
+
+Authentication: vLLM's own ``--api-key`` middleware guards only ``/v1``-style prefixes,
+so this route checks the same keys itself (``--api-key`` or ``VLLM_API_KEY``) unless
+``CAMERA_STATS_PUBLIC=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from ..format.layout import stored_bytes
+from ..format.names import CONFIG_FILE, QUANT_METHOD
+from ..format.schema import CameraFormatError, CameraQuantConfig
+
+try:  # FastAPI ships with vLLM; the pure summary below works without it.
+    from fastapi import APIRouter, FastAPI, Request
+    from fastapi.responses import JSONResponse
+except ImportError:  # pragma: no cover
+    APIRouter = FastAPI = Request = JSONResponse = None  # type: ignore[assignment,misc]
+
+STATS_PATH = "/camera/stats"
+PLUGIN_NAME = "camera_stats"  # the entry-point name to list in VLLM_PLUGINS
+PUBLIC_ENV = "CAMERA_STATS_PUBLIC"
+
+# Bytes per element of the checkpoint dtype, as config.json spells it.
+_DTYPE_BYTES = {
+    "float32": 4, "float": 4, "fp32": 4,
+    "float16": 2, "half": 2, "fp16": 2,
+    "bfloat16": 2, "bf16": 2,
+    "float64": 8, "double": 8,
+}
+
+
+class NotACameraCheckpoint(LookupError):
+    """The served model has no CAMERA ``quantization_config``."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure summary (no vLLM, no FastAPI)
+# ------------------------------------------------------------------------------------------------
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    sub = config.get("text_config")
+    return sub if isinstance(sub, dict) else {}
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> str | None:
+    """The weights dtype recorded in config.json (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    for cfg in (config, _text_config(config)):
+        for key in ("dtype", "torch_dtype"):
+            value = cfg.get(key)
+            if isinstance(value, str):
+                return value.removeprefix("torch.")
+    return None
+
+
+def _hidden_size(config: dict[str, Any]) -> int | None:
+    for cfg in (config, _text_config(config)):
+        value = cfg.get("hidden_size")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _quant_block(config: dict[str, Any]) -> dict[str, Any]:
+    block = config.get("quantization_config")
+    if block is None:
+        block = _text_config(config).get("quantization_config")
+    if not isinstance(block, dict) or str(block.get("quant_method", "")).lower() != QUANT_METHOD:
+        found = block.get("quant_method") if isinstance(block, dict) else None
+        raise NotACameraCheckpoint(
+            f"the served model is not a CAMERA checkpoint (quantization_config.quant_method is {found!r})"
+        )
+    return block
+
+
+def _width_stats(widths: list[int]) -> dict[str, Any]:
+    if not widths:
+        return {"min": 0, "max": 0, "mean": 0.0, "total": 0}
+    return {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths), "total": sum(widths)}
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return None if not den else num / den
+
+
+def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) -> dict[str, Any]:
+    """Summarise a CAMERA checkpoint from its whole config.json dict.
+
+    Returns the format version, the scheme and bit-widths, per-MoE-layer width and bit
+    statistics, and the bytes the routed and shared experts occupy before (model dtype,
+    original width) and after compression (:func:`camera_vllm.format.layout.stored_bytes`:
+    packed weights, scales and zeros all counted).  Byte fields are ``None`` when config.json
+    lacks ``hidden_size`` or a known dtype.  ``experts=True`` adds per-expert widths and slabs.
+
+    Raises :class:`NotACameraCheckpoint` when there is no CAMERA ``quantization_config`` and
+    :class:`CameraFormatError` when there is one but it is invalid.
+    """
+    q = CameraQuantConfig.from_json_dict(_quant_block(config))
+    hidden = _hidden_size(config)
+    dtype = checkpoint_dtype(config)
+    model_bytes = _DTYPE_BYTES.get(dtype) if dtype else None
+    sized = hidden is not None and model_bytes is not None
+
+    layers: list[dict[str, Any]] = []
+    tot = {"original_bytes": 0, "stored_bytes": 0, "kept_micro_experts": 0, "original_micro_experts": 0,
+           "kept_shared_micro_experts": 0, "original_shared_micro_experts": 0}
+    by_bits_total = {str(b): 0 for b in q.bits}
+    for index in sorted(q.layers):
+        spec = q.layers[index]
+        widths = spec.expert_widths
+        by_bits = {str(b): sum(s[i] for s in spec.expert_slabs) for i, b in enumerate(q.bits)}
+        original_width = q.num_experts * q.original_intermediate_size
+        entry: dict[str, Any] = {
+            "layer": index,
+            "expert_width": _width_stats(widths),
+            "original_width_total": original_width,
+            "kept_fraction": _ratio(sum(widths), original_width),
+            "empty_experts": sum(1 for w in widths if w == 0),
+            "micro_experts_by_bits": by_bits,
+            "shared_width": spec.shared_width,
+            "shared_micro_experts_by_bits": (
+                None if spec.shared_slabs is None
+                else {str(b): n for b, n in zip(q.bits, spec.shared_slabs)}
+            ),
+        }
+        tot["kept_micro_experts"] += sum(widths)
+        tot["original_micro_experts"] += original_width
+        for b, n in by_bits.items():
+            by_bits_total[b] += n
+        if spec.shared_width is not None and q.original_shared_intermediate_size:
+            tot["kept_shared_micro_experts"] += spec.shared_width
+            tot["original_shared_micro_experts"] += q.original_shared_intermediate_size
+        if sized:
+            assert hidden is not None and model_bytes is not None
+            original = q.num_experts * 3 * hidden * q.original_intermediate_size * model_bytes
+            stored = sum(stored_bytes(s, q.bits, hidden, q.group_size, model_bytes) for s in spec.expert_slabs)
+            kept_weights = 3 * hidden * sum(widths)
+            if spec.shared_slabs is not None and q.original_shared_intermediate_size:
+                original += 3 * hidden * q.original_shared_intermediate_size * model_bytes
+                stored += stored_bytes(spec.shared_slabs, q.bits, hidden, q.group_size, model_bytes)
+                kept_weights += 3 * hidden * sum(spec.shared_slabs)
+            entry.update(
+                original_bytes=original,
+                stored_bytes=stored,
+                bytes_saved=original - stored,
+                effective_bits_per_kept_weight=_ratio(8 * stored, kept_weights),
+            )
+            tot["original_bytes"] += original
+            tot["stored_bytes"] += stored
+        else:
+            entry.update(original_bytes=None, stored_bytes=None, bytes_saved=None,
+                         effective_bits_per_kept_weight=None)
+        if experts:
+            entry["expert_widths"] = widths
+            entry["expert_slabs"] = [list(s) for s in spec.expert_slabs]
+            if spec.shared_slabs is not None:
+                entry["shared_slabs"] = list(spec.shared_slabs)
+        layers.append(entry)
+
+    totals: dict[str, Any] = {
+        "scope": "routed and shared expert weights of the MoE layers (attention, embeddings and dense "
+                 "layers are not counted)",
+        "kept_micro_experts": tot["kept_micro_experts"],
+        "original_micro_experts": tot["original_micro_experts"],
+        "kept_fraction": _ratio(tot["kept_micro_experts"], tot["original_micro_experts"]),
+        "micro_experts_by_bits": by_bits_total,
+    }
+    if tot["original_shared_micro_experts"]:
+        totals["kept_shared_micro_experts"] = tot["kept_shared_micro_experts"]
+        totals["original_shared_micro_experts"] = tot["original_shared_micro_experts"]
+    if sized:
+        totals.update(
+            original_bytes=tot["original_bytes"],
+            stored_bytes=tot["stored_bytes"],
+            bytes_saved=tot["original_bytes"] - tot["stored_bytes"],
+            compression_ratio=_ratio(tot["original_bytes"], tot["stored_bytes"]),
+        )
+    else:
+        totals.update(original_bytes=None, stored_bytes=None, bytes_saved=None, compression_ratio=None)
+
+    return {
+        "quant_method": q.quant_method,
+        "format_version": q.format_version,
+        "scheme": q.scheme,
+        "bits": list(q.bits),
+        "group_size": q.group_size,
+        "architecture": q.architecture,
+        "num_experts": q.num_experts,
+        "original_intermediate_size": q.original_intermediate_size,
+        "original_shared_intermediate_size": q.original_shared_intermediate_size,
+        "hidden_size": hidden,
+        "checkpoint_dtype": dtype,
+        "num_moe_layers": len(layers),
+        "totals": totals,
+        "layers": layers,
+        "compression": dict(q.compression),
+    }
+
+
+def read_config_json(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.json of a local checkpoint directory."""
+    path = Path(model_dir) / CONFIG_FILE
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise CameraFormatError(f"{path}: expected a JSON object")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# Locating the served checkpoint (API-server process)
+# ------------------------------------------------------------------------------------------------
+def _served_model(engine_client: Any, args: Any) -> tuple[str | None, Any]:
+    """(model path or id, vLLM ModelConfig or None) of the running server."""
+    model_config = getattr(engine_client, "model_config", None) if engine_client is not None else None
+    model = getattr(model_config, "model", None)
+    if not model and args is not None:
+        model = getattr(args, "model", None) or getattr(args, "model_tag", None)
+    return (str(model) if model else None), model_config
+
+
+def _served_names(model_config: Any, args: Any, model: str | None) -> list[str]:
+    names = getattr(model_config, "served_model_name", None)
+    if names is None and args is not None:
+        names = getattr(args, "served_model_name", None)
+    if names is None:
+        names = model
+    if isinstance(names, str):
+        return [names]
+    return [str(n) for n in names or []]
+
+
+def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> dict[str, Any]:
+    """The /camera/stats payload, or raise NotACameraCheckpoint / CameraFormatError / OSError.
+
+    The checkpoint is found through the served model: a local directory's config.json
+    when the model is a path (the deployment case, e.g. ``/models/...``); otherwise the
+    config that vLLM itself loaded (``ModelConfig.hf_config``), e.g. for a hub id.
+    """
+    model, model_config = _served_model(engine_client, args)
+    if model is None:
+        raise NotACameraCheckpoint("the API server was started without a model")
+    if os.path.isdir(model):
+        config = read_config_json(model)
+        source = str(Path(model).resolve() / CONFIG_FILE)
+    else:
+        hf_config = getattr(model_config, "hf_config", None)
+        if hf_config is None:
+            raise NotACameraCheckpoint(f"model {model!r} is not a local directory and no loaded config is available")
+        config = hf_config.to_dict()
+        source = "vllm ModelConfig.hf_config"
+    stats = summarize_camera_config(config, experts=experts)
+    stats["model"] = {"path": model, "served_model_name": _served_names(model_config, args, model),
+                      "config_source": source}
+    try:
+        from .. import __version__
+
+        stats["camera_vllm_version"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Authentication (mirrors vLLM's AuthenticationMiddleware: --api-key wins over VLLM_API_KEY)
+# ------------------------------------------------------------------------------------------------
+def _api_key_hashes(args: Any) -> list[bytes]:
+    keys = getattr(args, "api_key", None) if args is not None else None
+    if isinstance(keys, str):
+        keys = [keys]
+    tokens = [k for k in (keys or [os.environ.get("VLLM_API_KEY")]) if k]
+    return [hashlib.sha256(t.encode("utf-8")).digest() for t in tokens]
+
+
+def _authorized(authorization: str | None, hashes: list[bytes]) -> bool:
+    if not hashes:
+        return True
+    if not authorization:
+        return False
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    digest = hashlib.sha256(token.encode("utf-8")).digest()
+    ok = False
+    for h in hashes:
+        ok |= secrets.compare_digest(digest, h)
+    return ok
+
+
+def _error(status: int, message: str, kind: str):
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM endpoint plugin (entry point group ``vllm.endpoint_plugins``)
+# ------------------------------------------------------------------------------------------------
+class CameraStatsPlugin:
+    """Endpoint plugin: adds ``GET /camera/stats`` to vLLM's OpenAI-compatible server.
+
+    Satisfies ``vllm.plugins.endpoint_plugins.interface.EndpointPlugin`` (a Protocol, so
+    nothing is imported from vLLM here).  Entry point::
+
+        [project.entry-points."vllm.endpoint_plugins"]
+        camera_stats = "camera_vllm.vllm_plugin.stats_api:CameraStatsPlugin"
+    """
+
+    name = PLUGIN_NAME
+    # Eligible for every server, including the engine-less render server (config.json is
+    # still readable from the args there).
+    required_tasks = None
+
+    def attach_router(self, app: "FastAPI") -> None:
+        router = APIRouter()
+
+        @router.get(STATS_PATH, tags=["camera"], summary="CAMERA checkpoint statistics")
+        async def camera_stats(request: Request, experts: bool = False):
+            return _handle(request, experts)
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        _init_state(state, engine_client, args)
+
+
+def _init_state(state: Any, engine_client: Any, args: Any) -> None:
+    """Compute the stats once (the checkpoint does not change under a running server)."""
+    state.camera_stats_auth = _api_key_hashes(args)
+    state.camera_stats_public = os.environ.get(PUBLIC_ENV, "0") == "1"
+    state.camera_stats_source = (engine_client, args)
+    state.camera_stats, state.camera_stats_error = None, None
+    try:
+        state.camera_stats = collect_stats(engine_client, args)
+    except NotACameraCheckpoint as err:
+        state.camera_stats_error = (404, str(err), "NotACameraCheckpoint")
+    except (CameraFormatError, OSError, ValueError) as err:
+        state.camera_stats_error = (500, f"cannot read the CAMERA checkpoint: {err}", type(err).__name__)
+
+
+def _handle(request: "Request", experts: bool):
+    state = request.app.state
+    if not hasattr(state, "camera_stats_auth"):  # init_state did not run (a custom app builder)
+        _init_state(state, getattr(state, "engine_client", None), getattr(state, "args", None))
+    if not state.camera_stats_public and not _authorized(
+        request.headers.get("authorization"), state.camera_stats_auth
+    ):
+        return _error(401, "Unauthorized", "Unauthorized")
+    if state.camera_stats_error is not None:
+        return _error(*state.camera_stats_error)
+    if experts:
+        try:
+            return JSONResponse(content=collect_stats(*state.camera_stats_source, experts=True))
+        except (NotACameraCheckpoint, CameraFormatError, OSError, ValueError) as err:
+            return _error(500, f"cannot read the CAMERA checkpoint: {err}", type(err).__name__)
+    return JSONResponse(content=state.camera_stats)
