@@ -1,0 +1,584 @@
+"""Runtime layout of one mixed-precision CAMERA MoE layer (the kernel/plugin contract).
+
+A layer has ``E`` experts, hidden size ``H``, group size ``G`` (a multiple of 32) and
+bit-widths ``B`` (distinct, descending, a subset of {1, 2, 3, 4, 8}).  Expert ``e``
+holds ``n[e][i]`` micro-experts at ``B[i]`` bits (may be 0; a whole expert may have
+width 0).  Inside an expert the intermediate activation is the concatenation of its
+slabs in ``B`` order.
+
+All experts' slabs of one bit-width are concatenated into one tensor per bit index
+``i`` (``b = B[i]``), so a layer is ``len(B)`` uniform-bit GEMM problems with ragged
+per-expert sizes.  With ``R_i = sum_e n[e][i]`` and
+
+* ``col_off[e][i]        = sum_{e' < e} n[e'][i]``
+* ``down_row_off[e][i]   = sum_{e' < e} packed_rows(n[e'][i], b)``
+* ``down_group_off[e][i] = sum_{e' < e} ceil(n[e'][i] / G)``
+
+the tensors are (bit layout: :mod:`.packing`, matrices stored ``W^T`` and packed
+along K):
+
+================  =====================================  =======  =====================================
+tensor            shape                                  dtype    expert ``e``'s part
+================  =====================================  =======  =====================================
+w13_qweight[i]    ``[packed_rows(H, b), 2 * R_i]``       int32    gate cols ``[2c, 2c + n)``, up cols
+                                                                  ``[2c + n, 2c + 2n)``, ``c = col_off``
+w13_scales[i]     ``[ceil(H / G), 2 * R_i]``             float16  same columns as ``w13_qweight``
+w13_zeros[i]      ``[ceil(H / G), 2 * R_i]``             float16  same columns as ``w13_qweight``
+w2_qweight[i]     ``[sum_e packed_rows(n[e][i], b), H]`` int32    rows ``[down_row_off, + packed_rows(n, b))``
+w2_scales[i]      ``[sum_e ceil(n[e][i] / G), H]``       float16  rows ``[down_group_off, + ceil(n / G))``
+w2_zeros[i]       ``[sum_e ceil(n[e][i] / G), H]``       float16  same rows as ``w2_scales``
+slab_sizes        ``[E, len(B)]``                        int32    ``n[e][i]``
+col_offsets       ``[E, len(B)]``                        int32    ``col_off[e][i]``
+down_row_offsets  ``[E, len(B)]``                        int32    ``down_row_off[e][i]``
+down_group_offsets ``[E, len(B)]``                       int32    ``down_group_off[e][i]``
+================  =====================================  =======  =====================================
+
+Each expert's down block is ``W_down[:, slab]^T`` (``K = n`` packed along dim 0 and
+padded to 32), so its groups start at the slab's first micro-expert and the last one
+may be shorter than ``G``: a group never straddles two slabs or two experts.
+
+Dequantization is ``w = (q - zero) * scale`` in fp32.  The expert MLP is
+``y = W_down (SiLU(W_gate x) * (W_up x))`` and the layer output is
+``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])``.
+
+A vLLM plugin typically allocates the concatenated tensors from a :class:`SlabLayout`
+(``layout.w13_qweight_shape(i)`` ...), copies each checkpoint tensor into
+``layout.gate_cols(e, i)`` / ``up_cols`` / ``down_rows`` / ``down_groups`` and then calls
+:meth:`SlabMoEWeights.from_layout`; or it hands the per-expert tensors over as they are
+to :meth:`SlabMoEWeights.from_expert_tensors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .packing import SUPPORTED_BITS, dequantize, num_groups, pack, packed_rows
+
+SCALE_DTYPE = torch.float16
+QWEIGHT_DTYPE = torch.int32
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Shapes and offsets of a slab MoE layer; holds no tensors.
+
+    :param hidden_size: ``H``.
+    :param group_size: ``G``, a positive multiple of 32.
+    :param bits: ``B``, distinct bit-widths in descending order.
+    :param sizes: ``n[e][i]``, one tuple of ``len(bits)`` non-negative ints per expert.
+    """
+
+    hidden_size: int
+    group_size: int
+    bits: tuple[int, ...]
+    sizes: tuple[tuple[int, ...], ...]
+    # Derived offsets, filled in __post_init__ (prefix sums over experts).
+    _col_off: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _row_off: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _grp_off: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _totals: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = tuple(int(b) for b in self.bits)
+        sizes = tuple(tuple(int(n) for n in row) for row in self.sizes)
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "sizes", sizes)
+        if self.hidden_size <= 0:
+            raise ValueError(f"hidden_size must be positive, got {self.hidden_size}")
+        if self.group_size <= 0 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+        if not bits:
+            raise ValueError("bits must not be empty")
+        if any(b not in SUPPORTED_BITS for b in bits):
+            raise ValueError(f"bits {bits} must be a subset of {SUPPORTED_BITS}")
+        if list(bits) != sorted(set(bits), reverse=True):
+            raise ValueError(f"bits {bits} must be distinct and in descending order")
+        if not sizes:
+            raise ValueError("a layer needs at least one expert")
+        for e, row in enumerate(sizes):
+            if len(row) != len(bits):
+                raise ValueError(f"expert {e} has {len(row)} slab sizes for {len(bits)} bit-widths")
+            if any(n < 0 for n in row):
+                raise ValueError(f"expert {e} has a negative slab size: {row}")
+        col, rows, grps, totals = [], [], [], []
+        for i, b in enumerate(bits):
+            c = r = g = 0
+            col_i, row_i, grp_i = [], [], []
+            for row in sizes:
+                col_i.append(c)
+                row_i.append(r)
+                grp_i.append(g)
+                c += row[i]
+                r += packed_rows(row[i], b)
+                g += num_groups(row[i], self.group_size)
+            col.append(col_i)
+            rows.append(row_i)
+            grps.append(grp_i)
+            totals.append((c, r, g))
+        # Stored [E][nb] like ``sizes``.
+        transpose = lambda per_bit: tuple(tuple(col_e) for col_e in zip(*per_bit))  # noqa: E731
+        object.__setattr__(self, "_col_off", transpose(col))
+        object.__setattr__(self, "_row_off", transpose(rows))
+        object.__setattr__(self, "_grp_off", transpose(grps))
+        object.__setattr__(self, "_totals", tuple(totals))
+
+    # ---- sizes ---------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_bits(self) -> int:
+        return len(self.bits)
+
+    def expert_width(self, e: int) -> int:
+        """Intermediate size of expert ``e`` (all slabs)."""
+        return sum(self.sizes[e])
+
+    def slab_total(self, i: int) -> int:
+        """``R_i``: micro-experts at bit index ``i`` over all experts."""
+        return self._totals[i][0]
+
+    def max_slab(self, i: int) -> int:
+        """Largest ``n[e][i]`` over experts (the kernel grid's column extent)."""
+        return max(row[i] for row in self.sizes)
+
+    def slab_start(self, e: int, i: int) -> int:
+        """Offset of slab ``i`` inside expert ``e``'s intermediate activation."""
+        return sum(self.sizes[e][:i])
+
+    # ---- offsets ---------------------------------------------------------------------
+    def col_offset(self, e: int, i: int) -> int:
+        return self._col_off[e][i]
+
+    def down_row_offset(self, e: int, i: int) -> int:
+        return self._row_off[e][i]
+
+    def down_group_offset(self, e: int, i: int) -> int:
+        return self._grp_off[e][i]
+
+    def gate_cols(self, e: int, i: int) -> slice:
+        """Columns of ``w13_*[i]`` that hold expert ``e``'s gate slab."""
+        c, n = 2 * self._col_off[e][i], self.sizes[e][i]
+        return slice(c, c + n)
+
+    def up_cols(self, e: int, i: int) -> slice:
+        """Columns of ``w13_*[i]`` that hold expert ``e``'s up slab."""
+        c, n = 2 * self._col_off[e][i], self.sizes[e][i]
+        return slice(c + n, c + 2 * n)
+
+    def down_rows(self, e: int, i: int) -> slice:
+        """Rows of ``w2_qweight[i]`` that hold expert ``e``'s packed down slab."""
+        r = self._row_off[e][i]
+        return slice(r, r + packed_rows(self.sizes[e][i], self.bits[i]))
+
+    def down_groups(self, e: int, i: int) -> slice:
+        """Rows of ``w2_scales[i]`` / ``w2_zeros[i]`` that hold expert ``e``'s groups."""
+        g = self._grp_off[e][i]
+        return slice(g, g + num_groups(self.sizes[e][i], self.group_size))
+
+    # ---- tensor shapes ----------------------------------------------------------------
+    def w13_qweight_shape(self, i: int) -> tuple[int, int]:
+        return (packed_rows(self.hidden_size, self.bits[i]), 2 * self.slab_total(i))
+
+    def w13_scales_shape(self, i: int) -> tuple[int, int]:
+        return (num_groups(self.hidden_size, self.group_size), 2 * self.slab_total(i))
+
+    def w2_qweight_shape(self, i: int) -> tuple[int, int]:
+        return (self._totals[i][1], self.hidden_size)
+
+    def w2_scales_shape(self, i: int) -> tuple[int, int]:
+        return (self._totals[i][2], self.hidden_size)
+
+    def metadata(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The int32 ``[E, len(B)]`` tensors the kernels index by expert and bit index."""
+        def t(rows: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.int32, device=device).reshape(self.num_experts, self.num_bits)
+
+        return {
+            "slab_sizes": t(self.sizes),
+            "col_offsets": t(self._col_off),
+            "down_row_offsets": t(self._row_off),
+            "down_group_offsets": t(self._grp_off),
+        }
+
+    def nbytes(self) -> int:
+        """Bytes of packed weights, scales and zeros (metadata excluded)."""
+        total = 0
+        for i in range(self.num_bits):
+            for shape, elem in (
+                (self.w13_qweight_shape(i), 4),
+                (self.w13_scales_shape(i), 4),  # scales + zeros, 2 bytes each
+                (self.w2_qweight_shape(i), 4),
+                (self.w2_scales_shape(i), 4),
+            ):
+                total += shape[0] * shape[1] * elem
+        return total
+
+    def avg_bits(self) -> float:
+        """Stored bits per weight, scale/zero overhead and K padding included."""
+        weights = 3 * self.hidden_size * sum(sum(row) for row in self.sizes)
+        return 8.0 * self.nbytes() / weights if weights else 0.0
+
+
+class SlabTensors(NamedTuple):
+    """Checkpoint tensors of one slab (one expert, one bit-width ``b``, ``n`` micro-experts).
+
+    Shapes as in ``camera_vllm.format.layout`` (``H`` hidden size, ``G`` group size):
+    gate/up ``qweight [packed_rows(H, b), n]`` int32, ``scales``/``zeros
+    [ceil(H/G), n]`` float16; down ``qweight [packed_rows(n, b), H]`` int32,
+    ``scales``/``zeros [ceil(n/G), H]`` float16.
+    """
+
+    gate_qweight: torch.Tensor
+    gate_scales: torch.Tensor
+    gate_zeros: torch.Tensor
+    up_qweight: torch.Tensor
+    up_scales: torch.Tensor
+    up_zeros: torch.Tensor
+    down_qweight: torch.Tensor
+    down_scales: torch.Tensor
+    down_zeros: torch.Tensor
+
+
+def quantize_rtn(w_t: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max asymmetric round-to-nearest of ``w_t [K, N]`` with groups along K.
+
+    Each group's range is ``[min(w, 0), max(w, 0)]`` split into ``2**bits - 1`` steps.
+
+    Returns ``(packed [packed_rows(K, bits), N] int32, scales [ceil(K/G), N] fp16,
+    zeros [ceil(K/G), N] fp16)``.  Zeros are integers in ``[0, 2**bits)``.  Codes are
+    computed from the fp16-rounded scale and zero, so dequantizing the stored tensors
+    reproduces exactly the values this function rounded to.  Meant for tests and
+    benchmarks; the compressor has its own RTN/GPTQ.
+    """
+    k, n = w_t.shape
+    ng = num_groups(k, group_size)
+    w = w_t.to(torch.float32)
+    padded = torch.full((ng * group_size, n), float("nan"), device=w.device)
+    padded[:k] = w
+    grouped = padded.view(ng, group_size, n)
+    nan = torch.isnan(grouped)
+    # The range must contain 0 so that an integer zero point exists (as in GPTQ).
+    lo = torch.where(nan, float("inf"), grouped).amin(dim=1).clamp(max=0.0)
+    hi = torch.where(nan, float("-inf"), grouped).amax(dim=1).clamp(min=0.0)
+    qmax = (1 << bits) - 1
+    # A constant group still needs a finite, representable scale.
+    scale = ((hi - lo) / qmax).clamp(min=1e-5).to(SCALE_DTYPE).to(torch.float32)
+    zero = torch.round(-lo / scale).clamp(0, qmax).to(SCALE_DTYPE).to(torch.float32)
+    idx = torch.arange(k, device=w.device) // group_size
+    q = torch.clamp(torch.round(w / scale[idx] + zero[idx]), 0, qmax).to(torch.int32)
+    return pack(q, bits), scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
+
+
+@dataclass(frozen=True, eq=False)
+class SlabMoEWeights:
+    """All tensors of one slab MoE layer, on one device (see the module docstring for shapes).
+
+    Per bit index ``i`` (tuples of ``len(layout.bits)`` tensors):
+    ``w13_qweight[i] [packed_rows(H, b), 2 R_i]`` int32, ``w13_scales[i]`` and
+    ``w13_zeros[i] [ceil(H/G), 2 R_i]`` float16, ``w2_qweight[i] [sum_e
+    packed_rows(n[e][i], b), H]`` int32, ``w2_scales[i]`` and ``w2_zeros[i] [sum_e
+    ceil(n[e][i]/G), H]`` float16.  Metadata ``slab_sizes``, ``col_offsets``,
+    ``down_row_offsets``, ``down_group_offsets``: int32 ``[E, len(B)]``.  Host-side
+    facts the launcher needs as Python ints (``max_slab``) come from ``layout``.
+    """
+
+    layout: SlabLayout
+    w13_qweight: tuple[torch.Tensor, ...]
+    w13_scales: tuple[torch.Tensor, ...]
+    w13_zeros: tuple[torch.Tensor, ...]
+    w2_qweight: tuple[torch.Tensor, ...]
+    w2_scales: tuple[torch.Tensor, ...]
+    w2_zeros: tuple[torch.Tensor, ...]
+    slab_sizes: torch.Tensor
+    col_offsets: torch.Tensor
+    down_row_offsets: torch.Tensor
+    down_group_offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        lay = self.layout
+        nb = lay.num_bits
+        device = self.slab_sizes.device
+        expected = {
+            "w13_qweight": (lay.w13_qweight_shape, QWEIGHT_DTYPE),
+            "w13_scales": (lay.w13_scales_shape, SCALE_DTYPE),
+            "w13_zeros": (lay.w13_scales_shape, SCALE_DTYPE),
+            "w2_qweight": (lay.w2_qweight_shape, QWEIGHT_DTYPE),
+            "w2_scales": (lay.w2_scales_shape, SCALE_DTYPE),
+            "w2_zeros": (lay.w2_scales_shape, SCALE_DTYPE),
+        }
+        for name, (shape_of, dtype) in expected.items():
+            tensors = tuple(getattr(self, name))
+            object.__setattr__(self, name, tensors)
+            if len(tensors) != nb:
+                raise ValueError(f"{name}: expected {nb} tensors (one per bit-width), got {len(tensors)}")
+            for i, t in enumerate(tensors):
+                if tuple(t.shape) != shape_of(i) or t.dtype != dtype:
+                    raise ValueError(
+                        f"{name}[{i}] (bits {lay.bits[i]}): expected {shape_of(i)} {dtype}, "
+                        f"got {tuple(t.shape)} {t.dtype}"
+                    )
+                if t.device != device:
+                    raise ValueError(f"{name}[{i}] is on {t.device}, metadata on {device}")
+                if not t.is_contiguous():
+                    raise ValueError(f"{name}[{i}] must be contiguous (the kernels assume row-major strides)")
+        for name in ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_offsets"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (lay.num_experts, nb) or t.dtype != torch.int32 or not t.is_contiguous():
+                raise ValueError(f"{name}: expected contiguous int32 {(lay.num_experts, nb)}, got {tuple(t.shape)} {t.dtype}")
+
+    # ---- convenience ------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.layout.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layout.hidden_size
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return self.layout.bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.slab_sizes.device
+
+    def to(self, device: torch.device | str) -> SlabMoEWeights:
+        """A copy of every tensor on ``device``."""
+        return SlabMoEWeights.from_layout(
+            self.layout,
+            *([t.to(device) for t in getattr(self, name)] for name in _TENSOR_FIELDS),
+            device=device,
+        )
+
+    # ---- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_layout(
+        cls,
+        layout: SlabLayout,
+        w13_qweight: Sequence[torch.Tensor],
+        w13_scales: Sequence[torch.Tensor],
+        w13_zeros: Sequence[torch.Tensor],
+        w2_qweight: Sequence[torch.Tensor],
+        w2_scales: Sequence[torch.Tensor],
+        w2_zeros: Sequence[torch.Tensor],
+        device: torch.device | str | None = None,
+    ) -> SlabMoEWeights:
+        """Wrap already concatenated per-bit tensors, building the int32 metadata on ``device``.
+
+        ``device`` defaults to the device of ``w13_qweight[0]``.  Tensors are checked
+        against ``layout`` (shape, dtype, device, contiguity) and not copied.
+        """
+        if device is None:
+            device = w13_qweight[0].device
+        meta = layout.metadata(device)
+        return cls(
+            layout,
+            tuple(w13_qweight),
+            tuple(w13_scales),
+            tuple(w13_zeros),
+            tuple(w2_qweight),
+            tuple(w2_scales),
+            tuple(w2_zeros),
+            **meta,
+        )
+
+    @classmethod
+    def from_expert_tensors(
+        cls,
+        experts: Sequence[Sequence[SlabTensors | None]],
+        bits: Sequence[int],
+        hidden_size: int,
+        group_size: int,
+        device: torch.device | str | None = None,
+    ) -> SlabMoEWeights:
+        """Assemble a layer from per-expert, per-bit checkpoint tensors.
+
+        :param experts: ``experts[e][i]`` is the :class:`SlabTensors` of expert ``e`` at
+            ``bits[i]``, or ``None`` for an empty slab (checkpoints do not store them).
+            Slab sizes are read from ``gate_qweight.shape[1]``; every other shape is
+            checked against it.  ``experts[e]`` may be empty for a width-0 expert.
+        :param bits: bit-widths, descending.
+        :param device: where the layer lives; defaults to the first tensor's device
+            (CPU for a layer with no slabs at all).
+        """
+        bits = tuple(int(b) for b in bits)
+        nb = len(bits)
+        # A width-0 expert may come as an empty sequence: normalise to one None per bit.
+        experts = [list(slabs) if len(slabs) else [None] * nb for slabs in experts]
+        sizes = []
+        for e, slabs in enumerate(experts):
+            if len(slabs) != nb:
+                raise ValueError(f"expert {e}: {len(slabs)} slabs for {nb} bit-widths")
+            sizes.append(tuple(0 if s is None else int(s.gate_qweight.shape[1]) for s in slabs))
+        layout = SlabLayout(hidden_size, group_size, bits, tuple(sizes))
+        if device is None:
+            first = next((s.gate_qweight for row in experts for s in row if s is not None), None)
+            device = first.device if first is not None else torch.device("cpu")
+        gh = num_groups(hidden_size, group_size)
+        w13_q, w13_s, w13_z, w2_q, w2_s, w2_z = [], [], [], [], [], []
+        for i, b in enumerate(bits):
+            parts: list[list[torch.Tensor]] = [[], [], [], [], [], []]
+            for e, slabs in enumerate(experts):
+                n = layout.sizes[e][i]
+                if n == 0:
+                    continue
+                s = slabs[i]
+                assert s is not None
+                want = {
+                    "gate_qweight": ((packed_rows(hidden_size, b), n), QWEIGHT_DTYPE),
+                    "gate_scales": ((gh, n), SCALE_DTYPE),
+                    "gate_zeros": ((gh, n), SCALE_DTYPE),
+                    "up_qweight": ((packed_rows(hidden_size, b), n), QWEIGHT_DTYPE),
+                    "up_scales": ((gh, n), SCALE_DTYPE),
+                    "up_zeros": ((gh, n), SCALE_DTYPE),
+                    "down_qweight": ((packed_rows(n, b), hidden_size), QWEIGHT_DTYPE),
+                    "down_scales": ((num_groups(n, group_size), hidden_size), SCALE_DTYPE),
+                    "down_zeros": ((num_groups(n, group_size), hidden_size), SCALE_DTYPE),
+                }
+                for name, (shape, dtype) in want.items():
+                    t = getattr(s, name)
+                    if tuple(t.shape) != shape or t.dtype != dtype:
+                        raise ValueError(
+                            f"expert {e}, {b}-bit slab ({n} micro-experts): {name} should be "
+                            f"{shape} {dtype}, got {tuple(t.shape)} {t.dtype}"
+                        )
+                parts[0].append(torch.cat([s.gate_qweight, s.up_qweight], dim=1))
+                parts[1].append(torch.cat([s.gate_scales, s.up_scales], dim=1))
+                parts[2].append(torch.cat([s.gate_zeros, s.up_zeros], dim=1))
+                parts[3].append(s.down_qweight)
+                parts[4].append(s.down_scales)
+                parts[5].append(s.down_zeros)
+            shapes = (
+                layout.w13_qweight_shape(i),
+                layout.w13_scales_shape(i),
+                layout.w13_scales_shape(i),
+                layout.w2_qweight_shape(i),
+                layout.w2_scales_shape(i),
+                layout.w2_scales_shape(i),
+            )
+            dtypes = (QWEIGHT_DTYPE, SCALE_DTYPE, SCALE_DTYPE, QWEIGHT_DTYPE, SCALE_DTYPE, SCALE_DTYPE)
+            for out, chunks, shape, dtype, dim in zip(
+                (w13_q, w13_s, w13_z, w2_q, w2_s, w2_z), parts, shapes, dtypes, (1, 1, 1, 0, 0, 0)
+            ):
+                if chunks:
+                    out.append(torch.cat([c.to(device) for c in chunks], dim=dim).contiguous())
+                else:
+                    out.append(torch.empty(shape, dtype=dtype, device=device))
+        return cls.from_layout(layout, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, device=device)
+
+    @classmethod
+    def from_dense(
+        cls,
+        gate: Sequence[torch.Tensor],
+        up: Sequence[torch.Tensor],
+        down: Sequence[torch.Tensor],
+        slab_sizes: Sequence[Sequence[int]],
+        bits: Sequence[int],
+        group_size: int,
+    ) -> SlabMoEWeights:
+        """Quantize dense experts with min-max asymmetric RTN (:func:`quantize_rtn`); for tests.
+
+        :param gate: per expert ``[n_e, H]`` (HF layout), rows already in slab order:
+            the first ``slab_sizes[e][0]`` rows are the ``bits[0]`` slab, and so on.
+        :param up: per expert ``[n_e, H]``, same row order.
+        :param down: per expert ``[H, n_e]``, same column order.
+        :param slab_sizes: ``[E][len(bits)]`` with ``sum(slab_sizes[e]) == n_e``.
+        """
+        if not (len(gate) == len(up) == len(down) == len(slab_sizes)):
+            raise ValueError("gate, up, down and slab_sizes must have one entry per expert")
+        hidden = int(gate[0].shape[1])
+        experts: list[list[SlabTensors | None]] = []
+        for e, (g, u, d, sizes) in enumerate(zip(gate, up, down, slab_sizes)):
+            width = sum(sizes)
+            if g.shape != (width, hidden) or u.shape != (width, hidden) or d.shape != (hidden, width):
+                raise ValueError(
+                    f"expert {e}: gate/up must be [{width}, {hidden}] and down [{hidden}, {width}], got "
+                    f"{tuple(g.shape)}, {tuple(u.shape)}, {tuple(d.shape)}"
+                )
+            row: list[SlabTensors | None] = []
+            start = 0
+            for n, b in zip(sizes, bits):
+                if n == 0:
+                    row.append(None)
+                    continue
+                sl = slice(start, start + n)
+                start += n
+                gq = quantize_rtn(g[sl].t(), b, group_size)
+                uq = quantize_rtn(u[sl].t(), b, group_size)
+                dq = quantize_rtn(d[:, sl].t(), b, group_size)
+                row.append(SlabTensors(*gq, *uq, *dq))
+            experts.append(row)
+        device = gate[0].device
+        return cls.from_expert_tensors(experts, bits, hidden, group_size, device=device)
+
+    # ---- dequantization (tests, debugging) ---------------------------------------------
+    def dequantize_slab(self, e: int, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``(gate [n, H], up [n, H], down [H, n])`` of expert ``e``'s slab ``i``."""
+        lay = self.layout
+        n, b, h, g = lay.sizes[e][i], lay.bits[i], lay.hidden_size, lay.group_size
+        if n == 0:
+            empty = torch.empty(0, h, dtype=torch.float32, device=self.device)
+            return empty, empty.clone(), empty.t().clone()
+        cols = slice(2 * lay.col_offset(e, i), 2 * lay.col_offset(e, i) + 2 * n)
+        w13 = dequantize(
+            self.w13_qweight[i][:, cols].contiguous(),
+            self.w13_scales[i][:, cols],
+            self.w13_zeros[i][:, cols],
+            b, h, g,
+        )  # [H, 2n]
+        rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
+        w2 = dequantize(self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g)  # [n, H]
+        return w13[:, :n].t(), w13[:, n:].t(), w2.t()
+
+    def dequantize_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``(gate [I_e, H], up [I_e, H], down [H, I_e])`` of expert ``e``, slabs in bit order."""
+        parts = [self.dequantize_slab(e, i) for i in range(self.layout.num_bits)]
+        return (
+            torch.cat([p[0] for p in parts], dim=0),
+            torch.cat([p[1] for p in parts], dim=0),
+            torch.cat([p[2] for p in parts], dim=1),
+        )
+
+
+_TENSOR_FIELDS = ("w13_qweight", "w13_scales", "w13_zeros", "w2_qweight", "w2_scales", "w2_zeros")
+
+
+def random_slab_weights(
+    sizes: Sequence[Sequence[int]],
+    bits: Sequence[int],
+    hidden_size: int,
+    group_size: int,
+    *,
+    std: float = 0.05,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> SlabMoEWeights:
+    """A random layer (Gaussian weights of ``std``, RTN-quantized) for tests and benchmarks.
+
+    Experts are generated and quantized one at a time, so only one dense expert is
+    ever held in memory (the benchmark shapes have about 10^9 weights per layer).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    experts: list[list[SlabTensors | None]] = []
+    for row in sizes:
+        slabs: list[SlabTensors | None] = []
+        for n, b in zip(row, bits):
+            if n == 0:
+                slabs.append(None)
+                continue
+            g, u, d = (torch.randn(shape, generator=gen, device=device) * std
+                       for shape in ((hidden_size, n), (hidden_size, n), (n, hidden_size)))
+            slabs.append(SlabTensors(*quantize_rtn(g, b, group_size), *quantize_rtn(u, b, group_size),
+                                     *quantize_rtn(d, b, group_size)))
+        experts.append(slabs)
+    return SlabMoEWeights.from_expert_tensors(experts, bits, hidden_size, group_size, device=device)
