@@ -45,6 +45,15 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _num_experts(cfg: Mapping[str, Any], *keys: str) -> int:
+    # transformers 5.x writes some configs under an alias (Qwen3-MoE: num_local_experts),
+    # original checkpoints use the other name: accept either.
+    for key in keys:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise KeyError(f"config.json has none of {keys}")
+
+
 def _architecture(cfg: Mapping[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     if not archs:
@@ -61,7 +70,7 @@ def moe_arch_from_config(cfg: Mapping[str, Any]) -> MoEArch:
     n_layers = int(cfg["num_hidden_layers"])
     hidden = int(cfg["hidden_size"])
     if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
-        n_exp = int(cfg["num_experts"])
+        n_exp = _num_experts(cfg, "num_experts", "num_local_experts")
         step = int(_get(cfg, "decoder_sparse_step", 1))
         dense = set(_get(cfg, "mlp_only_layers", []))
         layers = tuple(i for i in range(n_layers) if i not in dense and n_exp > 0 and (i + 1) % step == 0)
@@ -81,19 +90,21 @@ def moe_arch_from_config(cfg: Mapping[str, Any]) -> MoEArch:
         layers = tuple(i for i in range(n_layers) if i >= first_dense and i % freq == 0)
         n_shared = int(_get(cfg, "n_shared_experts", 0))
         return MoEArch(
-            arch, hidden, n_layers, int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"]),
+            arch, hidden, n_layers, _num_experts(cfg, "n_routed_experts", "num_experts"),
+            int(cfg["num_experts_per_tok"]),
             bool(_get(cfg, "norm_topk_prob", False)), int(cfg["moe_intermediate_size"]),
             n_shared * int(cfg["moe_intermediate_size"]) or None, False,
             float(_get(cfg, "routed_scaling_factor", 1.0)), layers,
         )
     if arch == "MixtralForCausalLM":
         return MoEArch(
-            arch, hidden, n_layers, int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), True,
+            arch, hidden, n_layers, _num_experts(cfg, "num_local_experts", "num_experts"),
+            int(cfg["num_experts_per_tok"]), True,
             int(cfg["intermediate_size"]), None, False, 1.0, tuple(range(n_layers)),
         )
     # OlmoeForCausalLM
     return MoEArch(
-        arch, hidden, n_layers, int(cfg["num_experts"]), int(cfg["num_experts_per_tok"]),
-        bool(_get(cfg, "norm_topk_prob", False)), int(cfg["intermediate_size"]), None, False, 1.0,
-        tuple(range(n_layers)),
+        arch, hidden, n_layers, _num_experts(cfg, "num_experts", "num_local_experts"),
+        int(cfg["num_experts_per_tok"]), bool(_get(cfg, "norm_topk_prob", False)), int(cfg["intermediate_size"]),
+        None, False, 1.0, tuple(range(n_layers)),
     )

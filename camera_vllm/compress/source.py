@@ -57,6 +57,12 @@ class SourceCheckpoint:
             raise KeyError(f"tensor {name!r} not found in {self.path}")
         return self._file(self.weight_map[name]).get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor, read from the safetensors header (no data loaded)."""
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} not found in {self.path}")
+        return tuple(self._file(self.weight_map[name]).get_slice(name).get_shape())
+
     @property
     def dtype(self) -> torch.dtype:
         name = next(n for n in self.weight_map if n.endswith("embed_tokens.weight"))
