@@ -1,0 +1,414 @@
+"""Check a CAMERA checkpoint directory against the format spec; summarise it.
+
+:func:`validate` collects every problem it finds (it does not stop at the first) and
+each message names the file and, where there is one, the tensor:
+
+* ``config.json`` present and parseable; its ``quantization_config`` parses
+  (:meth:`CameraQuantConfig.from_json_dict`) and agrees with the architecture facts;
+* no ``.camera_incomplete`` marker (the writer did not finish);
+* every safetensors header readable, and each file exactly as long as its header says
+  (a truncated file is named);
+* the index (if any) lists exactly the tensors the shards hold, each in its own shard;
+* every routed/shared expert tensor that :func:`layout.expert_tensors` expects is there
+  with that exact shape and dtype, and no other expert tensor is;
+* no NaN/inf in floating-point tensors (``check_values=False`` skips this read).
+
+Headers are parsed here directly (8-byte length + JSON) so that truncation is caught
+before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import names
+from .layout import QWEIGHT_DTYPE_NAME, SCALE_DTYPE_NAME, expert_tensors, stored_bytes
+from .schema import CameraFormatError, CameraQuantConfig
+
+# safetensors dtype tags
+_FLOAT_TAGS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+_LAYOUT_TAG = {SCALE_DTYPE_NAME: "F16", QWEIGHT_DTYPE_NAME: "I32"}
+_MODEL_DTYPE_TAG = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+_TAG_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I64": 8,
+    "U64": 8,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of :func:`validate`: ``ok`` when there are no errors."""
+
+    path: Path
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tensors_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.path}: {'OK' if self.ok else f'{len(self.errors)} error(s)'}"
+            f" ({self.tensors_checked} tensors checked)"
+        ]
+        lines += [f"  error: {e}" for e in self.errors]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def raise_for_errors(self) -> None:
+        """Raise :class:`CameraFormatError` listing every error, if any."""
+        if self.errors:
+            raise CameraFormatError(str(self))
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor name -> :class:`TensorInfo` from a safetensors file's header.
+
+    Raises :class:`CameraFormatError` naming the file when the header is unreadable or
+    the file is shorter than the header declares (truncated).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CameraFormatError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CameraFormatError(
+                f"{path.name}: truncated safetensors file (header of {n} bytes, file {size} bytes)"
+            )
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CameraFormatError(f"{path.name}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CameraFormatError(f"{path.name}: safetensors header is not a JSON object")
+    out: dict[str, TensorInfo] = {}
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(v) for v in meta["data_offsets"])
+            dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CameraFormatError(f"{path.name}: malformed header entry for tensor {name!r}") from None
+        out[name] = TensorInfo(path.name, dtype, shape, stop - start)
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CameraFormatError(
+            f"{path.name}: truncated safetensors file: data ends at byte {8 + n + end}, file has {size} bytes"
+        )
+    return out
+
+
+def _load_config(root: Path, report: ValidationReport) -> dict[str, Any] | None:
+    cfg_path = root / names.CONFIG_FILE
+    if not cfg_path.is_file():
+        report.errors.append(f"{names.CONFIG_FILE}: missing")
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        report.errors.append(f"{names.CONFIG_FILE}: not valid JSON ({err})")
+        return None
+    if not isinstance(cfg, dict):
+        report.errors.append(f"{names.CONFIG_FILE}: expected a JSON object")
+        return None
+    return cfg
+
+
+def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, with index consistency checks."""
+    tensors: dict[str, TensorInfo] = {}
+    index_path = root / names.INDEX_FILE
+    present = sorted(p.name for p in root.glob("*.safetensors"))
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            report.errors.append(f"{names.INDEX_FILE}: unreadable or has no 'weight_map'")
+            return tensors
+        files = sorted(set(weight_map.values()))
+        for stray in sorted(set(present) - set(files)):
+            report.warnings.append(f"{stray}: safetensors file not referenced by {names.INDEX_FILE}")
+    else:
+        weight_map = None
+        files = present
+        if not files:
+            report.errors.append("no safetensors weights (model.safetensors or an index) found")
+        elif len(files) > 1:
+            report.errors.append(f"{len(files)} safetensors files but no {names.INDEX_FILE}: {files}")
+    for fname in files:
+        fpath = root / fname
+        if not fpath.is_file():
+            report.errors.append(f"{fname}: listed in {names.INDEX_FILE} but missing")
+            continue
+        try:
+            header = read_safetensors_header(fpath)
+        except CameraFormatError as err:
+            report.errors.append(str(err))
+            continue
+        for name, info in header.items():
+            if name in tensors:
+                report.errors.append(f"{fname}: tensor {name} also stored in {tensors[name].file}")
+                continue
+            tensors[name] = info
+            if weight_map is not None and weight_map.get(name) != fname:
+                where = weight_map.get(name)
+                report.errors.append(
+                    f"{fname}: tensor {name} is not in {names.INDEX_FILE}"
+                    if where is None
+                    else f"{fname}: tensor {name} is indexed under {where}"
+                )
+    if weight_map is not None:
+        for name, fname in sorted(weight_map.items()):
+            if name not in tensors and (root / fname).is_file():
+                report.errors.append(
+                    f"{fname}: tensor {name} listed in {names.INDEX_FILE} is not in the file"
+                )
+    return tensors
+
+
+def _check_layout(
+    cfg: dict[str, Any], qc: CameraQuantConfig, tensors: dict[str, TensorInfo], report: ValidationReport
+) -> None:
+    """Expected expert/shared tensors present with exact shapes and dtypes; nothing else under experts."""
+    from ..arch import moe_arch_from_config
+
+    arch_name = qc.architecture
+    hidden = int(cfg.get("hidden_size", 0))
+    try:
+        arch = moe_arch_from_config(cfg)
+    except (KeyError, ValueError) as err:
+        report.errors.append(f"{names.CONFIG_FILE}: architecture facts unreadable ({err})")
+        arch = None
+    if arch is not None:
+        if arch.architecture != arch_name:
+            report.errors.append(
+                f"quantization_config.architecture {arch_name} != config architectures {arch.architecture}"
+            )
+        if arch.num_experts != qc.num_experts:
+            report.errors.append(
+                f"quantization_config.num_experts {qc.num_experts} != config's {arch.num_experts}"
+            )
+        if arch.intermediate_size != qc.original_intermediate_size:
+            report.errors.append(
+                f"quantization_config.original_intermediate_size {qc.original_intermediate_size}"
+                f" != config's expert width {arch.intermediate_size}"
+            )
+        missing_layers = sorted(set(arch.moe_layers) - set(qc.layers))
+        if missing_layers:
+            report.errors.append(f"quantization_config.layers lacks MoE layers {missing_layers}")
+        extra_layers = sorted(set(qc.layers) - set(arch.moe_layers))
+        if extra_layers:
+            report.errors.append(f"quantization_config.layers lists non-MoE layers {extra_layers}")
+    model_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+    model_tag = _MODEL_DTYPE_TAG.get(model_dtype)
+    if model_tag is None and qc.scheme == "prune":
+        report.warnings.append(
+            f"{names.CONFIG_FILE}: unknown model dtype {model_dtype!r}; expert dtypes not checked"
+        )
+
+    def check(name: str, shape: tuple[int, ...], layout_dtype: str) -> None:
+        info = tensors.get(name)
+        if info is None:
+            report.errors.append(f"tensor {name}: missing")
+            return
+        report.tensors_checked += 1
+        want = model_tag if layout_dtype == "model" else _LAYOUT_TAG.get(layout_dtype, layout_dtype)
+        if info.shape != shape:
+            report.errors.append(
+                f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}"
+            )
+        if want is not None and info.dtype != want:
+            report.errors.append(f"{info.file}: tensor {name} has dtype {info.dtype}, expected {want}")
+
+    for layer, spec in sorted(qc.layers.items()):
+        expected: set[str] = set()
+        for e, slabs in enumerate(spec.expert_slabs):
+            for proj, specs in expert_tensors(slabs, qc.bits, hidden, qc.group_size).items():
+                for t in specs:
+                    name = names.expert_tensor(arch_name, layer, e, proj, t.suffix)
+                    expected.add(name)
+                    check(name, t.shape, t.dtype)
+        prefixes = [names.moe_prefix(arch_name, layer) + ".experts."]
+        if spec.shared_slabs is not None:
+            prefixes.append(names.shared_prefix(arch_name, layer) + ".")
+            for proj, specs in expert_tensors(spec.shared_slabs, qc.bits, hidden, qc.group_size).items():
+                for t in specs:
+                    name = names.shared_tensor(arch_name, layer, proj, t.suffix)
+                    expected.add(name)
+                    check(name, t.shape, t.dtype)
+        for name in sorted(tensors):
+            if name not in expected and any(name.startswith(p) for p in prefixes):
+                report.errors.append(f"{tensors[name].file}: unexpected expert tensor {name}")
+
+
+def _check_values(root: Path, tensors: dict[str, TensorInfo], report: ValidationReport) -> None:
+    import torch
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, info in tensors.items():
+        if info.dtype in _FLOAT_TAGS:
+            by_file.setdefault(info.file, []).append(name)
+    for fname, tensor_names in sorted(by_file.items()):
+        with safe_open(str(root / fname), "pt") as f:
+            for name in sorted(tensor_names):
+                t = f.get_tensor(name)
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    report.errors.append(f"{fname}: tensor {name} has {bad} NaN/inf value(s)")
+
+
+def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> ValidationReport:
+    """Check a CAMERA checkpoint directory; see the module docstring for what is checked."""
+    root = Path(checkpoint_dir)
+    report = ValidationReport(root)
+    if not root.is_dir():
+        report.errors.append(f"{root}: not a directory")
+        return report
+    if (root / names.INCOMPLETE_MARKER).exists():
+        report.errors.append(
+            f"{names.INCOMPLETE_MARKER}: present - the checkpoint was not completely written"
+        )
+    cfg = _load_config(root, report)
+    qc = None
+    if cfg is not None:
+        raw = cfg.get("quantization_config")
+        if raw is None:
+            report.errors.append(f"{names.CONFIG_FILE}: no quantization_config (not a CAMERA checkpoint)")
+        else:
+            try:
+                qc = CameraQuantConfig.from_json_dict(raw, source=f"{names.CONFIG_FILE}: quantization_config")
+            except CameraFormatError as err:
+                report.errors.append(str(err))
+    tensors = _load_tensors(root, report)
+    if cfg is not None and qc is not None:
+        _check_layout(cfg, qc, tensors, report)
+    if check_values and tensors:
+        # Only files whose header (and length) checked out contributed to ``tensors``.
+        _check_values(root, tensors, report)
+    return report
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def summarize(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A JSON-able summary: scheme, bits, per-layer widths / bits / bytes, totals."""
+    root = Path(checkpoint_dir)
+    cfg = json.loads((root / names.CONFIG_FILE).read_text())
+    qc = CameraQuantConfig.from_json_dict(
+        cfg.get("quantization_config"), source=f"{root / names.CONFIG_FILE}"
+    )
+    scratch = ValidationReport(root)
+    tensors = _load_tensors(root, scratch)
+    model_bytes = _TAG_BYTES.get(
+        _MODEL_DTYPE_TAG.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16"), 2
+    )
+    hidden = int(cfg["hidden_size"])
+    layers: dict[str, Any] = {}
+    total_expert_bytes = 0
+    for layer, spec in sorted(qc.layers.items()):
+        widths = spec.expert_widths
+        per_bits = {str(b): sum(s[i] for s in spec.expert_slabs) for i, b in enumerate(qc.bits)}
+        if spec.shared_slabs is not None:
+            for i, b in enumerate(qc.bits):
+                per_bits[str(b)] += spec.shared_slabs[i]
+        kept = sum(per_bits.values())
+        nbytes = sum(stored_bytes(s, qc.bits, hidden, qc.group_size, model_bytes) for s in spec.expert_slabs)
+        if spec.shared_slabs is not None:
+            nbytes += stored_bytes(spec.shared_slabs, qc.bits, hidden, qc.group_size, model_bytes)
+        total_expert_bytes += nbytes
+        original = qc.num_experts * qc.original_intermediate_size + (
+            (qc.original_shared_intermediate_size or 0) if spec.shared_slabs is not None else 0
+        )
+        layers[str(layer)] = {
+            "widths": widths,
+            "min_width": min(widths, default=0),
+            "max_width": max(widths, default=0),
+            "zero_width_experts": sum(1 for w in widths if w == 0),
+            "shared_width": spec.shared_width,
+            "micro_experts_by_bits": per_bits,
+            "avg_bits": (sum(int(b) * n for b, n in per_bits.items()) / kept) if kept else 0.0,
+            "kept_fraction": kept / original if original else 1.0,
+            "expert_bytes": nbytes,
+        }
+    return {
+        "path": str(root),
+        "architecture": qc.architecture,
+        "format_version": qc.format_version,
+        "scheme": qc.scheme,
+        "bits": qc.bits,
+        "group_size": qc.group_size,
+        "num_experts": qc.num_experts,
+        "original_intermediate_size": qc.original_intermediate_size,
+        "original_shared_intermediate_size": qc.original_shared_intermediate_size,
+        "compression": qc.compression,
+        "layers": layers,
+        "expert_bytes": total_expert_bytes,
+        "total_bytes": sum(i.nbytes for i in tensors.values()),
+        "num_tensors": len(tensors),
+        "files": sorted({i.file for i in tensors.values()}),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable table of :func:`summarize` output."""
+    s = summary
+    lines = [
+        f"{s['path']}",
+        f"  architecture {s['architecture']}, CAMERA format v{s['format_version']}, scheme {s['scheme']},"
+        f" bits {s['bits']}" + (f", group size {s['group_size']}" if s["group_size"] else ""),
+        f"  {s['num_experts']} experts of original width {s['original_intermediate_size']}"
+        + (
+            f", shared width {s['original_shared_intermediate_size']}"
+            if s["original_shared_intermediate_size"]
+            else ""
+        ),
+        f"  {s['num_tensors']} tensors in {len(s['files'])} file(s), {s['total_bytes'] / 2**20:.2f} MiB"
+        f" (experts {s['expert_bytes'] / 2**20:.2f} MiB)",
+        "",
+        f"  {'layer':>5} {'kept':>6} {'min':>5} {'max':>5} {'zero':>5} {'shared':>6} {'avg bits':>8}"
+        f" {'MiB':>8}  micro-experts by bits",
+    ]
+    for layer, info in s["layers"].items():
+        shared = "-" if info["shared_width"] is None else str(info["shared_width"])
+        by_bits = " ".join(f"b{b}:{n}" for b, n in info["micro_experts_by_bits"].items())
+        lines.append(
+            f"  {layer:>5} {info['kept_fraction']:>6.1%} {info['min_width']:>5} {info['max_width']:>5}"
+            f" {info['zero_width_experts']:>5} {shared:>6} {info['avg_bits']:>8.2f}"
+            f" {info['expert_bytes'] / 2**20:>8.3f}  {by_bits}"
+        )
+    return "\n".join(lines)
