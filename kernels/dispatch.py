@@ -1,0 +1,84 @@
+"""The one backend chooser: ``slab_moe`` runs the Triton kernel on CUDA, the reference elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from .slab_weights import SlabMoEWeights
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_logged: set[tuple[str, str]] = set()
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
+    """``(backend, reason)`` for activations ``x``; ``backend`` is ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    ``auto`` picks ``triton`` for CUDA tensors of a supported dtype when triton is
+    installed, else ``reference``.  An explicit ``triton`` that cannot run raises
+    ``ValueError`` with the reason instead of falling back silently (on CPU it runs
+    only under ``TRITON_INTERPRET=1``, for tests).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "reference":
+        return "reference", "requested"
+    problem = None
+    if not _triton_available():
+        problem = "triton is not installed"
+    elif x.dtype not in _TRITON_DTYPES:
+        problem = f"the Triton kernel takes {', '.join(str(d) for d in _TRITON_DTYPES)}, not {x.dtype}"
+    elif not x.is_cuda and not (backend == "triton" and _interpreting()):
+        problem = f"tensors are on {x.device.type}, the Triton kernel needs CUDA"
+    if backend == "triton":
+        if problem:
+            raise ValueError(f"backend='triton' cannot run: {problem}")
+        return "triton", "requested" + (" (TRITON_INTERPRET=1)" if not x.is_cuda else "")
+    if problem:
+        return "reference", problem
+    return "triton", "CUDA tensors and triton available"
+
+
+def slab_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: SlabMoEWeights,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mixed-precision slab MoE layer: ``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])``.
+
+    :param x: ``[T, H]`` activations; the output has the same shape and dtype.
+    :param topk_weights: ``[T, K]`` router weights.
+    :param topk_ids: ``[T, K]`` int32/int64 expert ids (``-1`` or any id outside
+        ``[0, E)``: not a local expert, skipped).
+    :param weights: the layer (:class:`SlabMoEWeights`) on ``x``'s device.
+    :param backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :func:`choose_backend`;
+        the choice and its reason are logged once per distinct pair).
+    """
+    name, reason = choose_backend(x, backend)
+    if (name, reason) not in _logged:
+        _logged.add((name, reason))
+        level = logging.WARNING if (name == "reference" and x.is_cuda) else logging.INFO
+        logger.log(level, "camera slab MoE backend: %s (%s)", name, reason)
+    if name == "triton":
+        from .launch import slab_moe_triton
+
+        return slab_moe_triton(x, topk_weights, topk_ids, weights)
+    from .reference import slab_moe_reference
+
+    return slab_moe_reference(x, topk_weights, topk_ids, weights)

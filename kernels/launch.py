@@ -1,0 +1,186 @@
+"""Launcher of the Triton slab MoE: checks, expert sort, grids.  No host syncs.
+
+Everything the launcher decides (path, tiles, grid sizes, buffer shapes) comes from
+Python ints known before the call: tensor shapes and the layout's slab sizes.  No
+``.item()``, ``.tolist()`` or ``nonzero`` touches device data, so a call can be
+captured in a CUDA graph (vLLM captures one graph per batch size).
+
+Per call: ``out_buf [P, H]`` fp32 (``P = T * top_k``) starts at zero; for each bit
+index ``i`` the ``w13`` kernel writes ``act_i [P, max_e n[e][i]]`` and the ``w2``
+kernel adds ``topk_weight * act_i @ W_down_slab`` into ``out_buf``; finally
+``out = out_buf.view(T, top_k, H).sum(1)`` in ``x.dtype``.  Summing the top-k slots
+in torch (rather than with atomics) keeps the result deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .slab_weights import SlabMoEWeights
+from .tuning import MoEConfig, TileConfig, get_config
+
+__all__ = ["moe_align", "slab_moe_triton", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group (token, slot) pairs by expert into blocks of ``block_m`` rows, without host syncs.
+
+    :param topk_ids: ``[T, K]`` (or flat ``[P]``) expert ids; ids outside ``[0, E)`` are dropped.
+    :returns: ``sorted_ids [num_blocks * block_m]`` int32: pair ids ``p = t * K + k``,
+        expert by expert, each expert's run padded to a multiple of ``block_m`` with the
+        sentinel ``P``; and ``block_expert [num_blocks]`` int32: the expert of each block,
+        ``-1`` for the unused tail.  ``num_blocks`` is the static bound
+        ``cdiv(P + min(E, P) * (block_m - 1), block_m)``: at most ``min(E, P)`` experts
+        are non-empty and each wastes fewer than ``block_m`` padding rows.
+    """
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    num_pairs = ids.numel()
+    device = ids.device
+    num_blocks = -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
+    capacity = num_blocks * block_m
+    valid = (ids >= 0) & (ids < num_experts)
+    key = torch.where(valid, ids, torch.full_like(ids, num_experts))  # invalid -> bucket E
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))  # not bincount: that syncs on CUDA
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    run_start = torch.cumsum(counts, 0) - counts  # first sorted position of each expert
+    rank = torch.arange(num_pairs, device=device) - run_start[sorted_key]
+    blocks = (counts + block_m - 1) // block_m
+    blocks[num_experts] = 0  # the invalid bucket gets no blocks
+    block_end = torch.cumsum(blocks, 0)
+    block_start = block_end - blocks
+    # Invalid pairs are scattered to one extra slot past the end and cut off.
+    dest = torch.where(sorted_key < num_experts, block_start[sorted_key] * block_m + rank,
+                       torch.full_like(rank, capacity))
+    sorted_ids = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_idx = torch.arange(num_blocks, device=device)
+    block_expert = torch.searchsorted(block_end[:num_experts], block_idx, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, torch.full_like(block_expert, -1))
+    return sorted_ids[:capacity], block_expert.to(torch.int32)
+
+
+def _block_k(tile: TileConfig, group_size: int) -> int:
+    """Largest usable K tile: it must divide the group size (one scale row per tile)."""
+    for bk in (tile.block_k, 128, 64, 32):
+        if bk <= tile.block_k and group_size % bk == 0:
+            return bk
+    raise ValueError(f"group size {group_size} is not a multiple of 32")
+
+
+def _check(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: SlabMoEWeights) -> None:
+    if x.dim() != 2 or x.shape[1] != w.hidden_size:
+        raise ValueError(f"x must be [T, {w.hidden_size}], got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
+    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T, K], T={x.shape[0]}"
+        )
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    for name, t in (("x", x), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if t.device != w.device:
+            raise ValueError(f"{name} is on {t.device}, weights on {w.device}")
+
+
+def slab_moe_triton(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w: SlabMoEWeights,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Triton slab MoE: ``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])``.
+
+    :param x: ``[T, H]`` fp16, bf16 or fp32.
+    :param topk_weights: ``[T, K]`` any float dtype (read as fp32).
+    :param topk_ids: ``[T, K]`` int32/int64; ids outside ``[0, E)`` contribute nothing.
+    :param w: the layer, on ``x``'s device.
+    :param config: tiles and path; default :func:`.tuning.get_config` for this shape.
+    :returns: ``[T, H]`` in ``x.dtype``.
+    """
+    from . import moe_slab  # triton is imported here only, so the package works without it
+
+    _check(x, topk_weights, topk_ids, w)
+    lay = w.layout
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    if config is None:
+        device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else None
+        config = get_config(num_tokens, top_k, hidden, lay.num_experts, device_name)
+    x = x.contiguous()
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    out_buf = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    nb = lay.num_bits
+    bk13 = _block_k(config.w13, lay.group_size)
+    bk2 = _block_k(config.w2, lay.group_size)
+    # See moe_slab._dot: fp32 needs IEEE dots; the interpreter cannot multiply bf16.
+    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
+    if config.path == "sorted":
+        sorted_ids, block_expert = moe_align(ids, lay.num_experts, config.w13.block_m)
+        if config.w2.block_m == config.w13.block_m:
+            sorted_ids2, block_expert2 = sorted_ids, block_expert
+        else:
+            sorted_ids2, block_expert2 = moe_align(ids, lay.num_experts, config.w2.block_m)
+    for i, bits in enumerate(lay.bits):
+        max_n = lay.max_slab(i)
+        if max_n == 0:  # no expert has a slab at this bit-width
+            continue
+        common = dict(BITS=bits, GROUP_SIZE=lay.group_size)
+        if config.path == "gemv":
+            # fp32 intermediate: free at decode sizes and saves one rounding step.
+            act = torch.empty(num_pairs, max_n, dtype=torch.float32, device=x.device)
+            c13, c2 = config.w13, config.w2
+            moe_slab._w13_gemv_kernel[(num_pairs, _cdiv(max_n, c13.block_n))](
+                x, w.w13_qweight[i], w.w13_scales[i], w.w13_zeros[i], act, ids, w.slab_sizes, w.col_offsets,
+                hidden, lay.num_experts, top_k, i, nb,
+                x.stride(0), w.w13_qweight[i].stride(0), w.w13_scales[i].stride(0), act.stride(0),
+                BLOCK_N=c13.block_n, BLOCK_K=bk13, num_warps=c13.num_warps, num_stages=c13.num_stages, **common,
+            )
+            moe_slab._w2_gemv_kernel[(num_pairs, _cdiv(hidden, c2.block_n))](
+                act, w.w2_qweight[i], w.w2_scales[i], w.w2_zeros[i], out_buf, ids, weights,
+                w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
+                hidden, lay.num_experts, i, nb,
+                act.stride(0), w.w2_qweight[i].stride(0), w.w2_scales[i].stride(0), out_buf.stride(0),
+                BLOCK_N=c2.block_n, BLOCK_K=bk2, num_warps=c2.num_warps, num_stages=c2.num_stages, **common,
+            )
+        elif config.path == "sorted":
+            act = torch.empty(num_pairs, max_n, dtype=x.dtype, device=x.device)
+            c13, c2 = config.w13, config.w2
+            moe_slab._w13_sorted_kernel[(block_expert.numel(), _cdiv(max_n, c13.block_n))](
+                x, w.w13_qweight[i], w.w13_scales[i], w.w13_zeros[i], act, sorted_ids, block_expert,
+                w.slab_sizes, w.col_offsets,
+                hidden, num_pairs, top_k, i, nb,
+                x.stride(0), w.w13_qweight[i].stride(0), w.w13_scales[i].stride(0), act.stride(0),
+                BLOCK_M=c13.block_m, BLOCK_N=c13.block_n, BLOCK_K=bk13, IEEE=ieee,
+                num_warps=c13.num_warps, num_stages=c13.num_stages, **common,
+            )
+            moe_slab._w2_sorted_kernel[(block_expert2.numel(), _cdiv(hidden, c2.block_n))](
+                act, w.w2_qweight[i], w.w2_scales[i], w.w2_zeros[i], out_buf, sorted_ids2, block_expert2, weights,
+                w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
+                hidden, num_pairs, i, nb,
+                act.stride(0), w.w2_qweight[i].stride(0), w.w2_scales[i].stride(0), out_buf.stride(0),
+                BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=bk2, IEEE=ieee,
+                num_warps=c2.num_warps, num_stages=c2.num_stages, **common,
+            )
+        else:
+            raise ValueError(f"unknown kernel path {config.path!r}; expected 'gemv' or 'sorted'")
+    return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

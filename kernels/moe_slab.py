@@ -1,0 +1,256 @@
+"""Triton kernels of the mixed-precision slab MoE (``@triton.jit`` only; launch in :mod:`.launch`).
+
+One layer is ``len(B)`` uniform-bit problems (see :mod:`.slab_weights`); every kernel
+here handles one bit index ``i`` (``BITS = B[i]`` is a compile-time constant) and
+reads the ragged per-expert slab sizes/offsets from the int32 ``[E, NB]`` metadata:
+
+* ``w13`` kernels: ``act[p, c] = SiLU(x[t] . gate_c) * (x[t] . up_c)`` for the slab's
+  columns ``c < n[e][i]`` of pair ``p = t * top_k + k`` routed to expert ``e``.
+* ``w2`` kernels: ``out[p, :] += topk_weight[p] * act[p, :n] @ W_down_slab`` (split-K over
+  slabs: each bit index adds its partial; launches on one stream are ordered and each
+  output element is owned by one program per launch, so no atomics are needed).
+
+Two variants of each:
+
+* ``*_gemv`` (decode, few pairs): one program per (pair, column tile); dot products as
+  broadcast-multiply + reduction, fp32 throughout, no sorting.
+* ``*_sorted`` (prefill): pairs sorted by expert into blocks of ``BLOCK_M`` rows
+  (:func:`.launch.moe_align`); one program per (block, column tile); ``tl.dot``
+  tensor-core tiles with the weights dequantized to the activation dtype.
+
+Weights are unpacked with a gather per bit part: K row ``k`` of a slab lives in
+word row ``(k // 32) * BITS + shift + (k % 32) // (32 // width)`` at bit
+``(k % (32 // width)) * width`` (see :mod:`.packing`); neighbouring K rows load the
+same words, which the L1 cache serves.  ``BLOCK_K`` divides ``GROUP_SIZE`` so every
+K tile has exactly one scale/zero row per column.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q,
+                BITS: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr):
+    """int32 ``[BK, BN]``: bits ``[SHIFT, SHIFT + WIDTH)`` of the codes of K rows ``offs_k``."""
+    in_block = offs_k % 32
+    rows = row_base + (offs_k // 32) * BITS + SHIFT + in_block // (32 // WIDTH)
+    words = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0)
+    # Arithmetic shift of int32 is fine: the mask keeps only the WIDTH wanted bits.
+    return (words >> ((in_block % (32 // WIDTH)) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
+def _dequant_tile(q_ptr, s_ptr, z_ptr, row_base, group_row, offs_k, cols, col_ok, mask,
+                  stride_q, stride_s, BITS: tl.constexpr):
+    """fp32 ``[BK, BN]`` ``(q - zero) * scale`` of K rows ``offs_k`` (relative to the slab).
+
+    ``row_base``: the slab's first packed row; ``group_row``: the scale/zero row of this
+    K tile (one per tile since ``BLOCK_K`` divides the group size).
+    """
+    if BITS == 3:
+        # 3 bits = a 2-bit plane (rows 0-1 of each 32-value block) + a 1-bit plane (row 2).
+        q = _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, 3, 2, 0)
+        q = q | (_codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, 3, 1, 2) << 2)
+    else:
+        q = _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, BITS, BITS, 0)
+    scale = tl.load(s_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b``; ``IEEE``: multiply in fp32 with IEEE precision.
+
+    The launcher sets ``IEEE`` for fp32 activations (tl.dot would otherwise use TF32 on
+    GPUs) and for bf16 under ``TRITON_INTERPRET=1``, whose ``tl.dot`` multiplies the raw
+    uint16 storage of bf16 operands.  Operands are already rounded to the activation
+    dtype, and products of bf16 values are exact in fp32, so the upcast only changes
+    the summation order.
+    """
+    if IEEE:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _w13_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, act_ptr, topk_ids_ptr, sizes_ptr, col_off_ptr,
+    hidden, num_experts, top_k, bit_index, num_bits,
+    stride_x, stride_q, stride_s, stride_act,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode gate/up GEMV with fused SiLU-and-mul for one bit index.
+
+    Grid ``(P, cdiv(max_e n[e][i], BLOCK_N))`` with ``P = T * top_k``.
+    ``x [T, H]``; ``q [packed_rows(H, BITS), 2 R_i]`` int32; ``s``/``z [ceil(H/G), 2 R_i]``
+    fp16; ``act [P, >= max n]`` (written for ``c < n[e][i]``); ``topk_ids [P]`` int32/int64
+    (ids outside ``[0, E)`` skipped); ``sizes``/``col_off [E, num_bits]`` int32.
+    """
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int32)
+    if (e < 0) | (e >= num_experts):
+        return
+    n = tl.load(sizes_ptr + e * num_bits + bit_index)
+    if pid_n * BLOCK_N >= n:
+        return
+    c0 = tl.load(col_off_ptr + e * num_bits + bit_index)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    gate_cols = 2 * c0 + cols
+    up_cols = gate_cols + n
+    token = (pair // top_k).to(tl.int64)
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hidden
+        a = tl.load(x_ptr + token * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        mask = k_ok[:, None] & col_ok[None, :]
+        grp = k0 // GROUP_SIZE
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, gate_cols, col_ok, mask, stride_q, stride_s, BITS)
+        acc_g += tl.sum(a[:, None] * wg, axis=0)
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, up_cols, col_ok, mask, stride_q, stride_s, BITS)
+        acc_u += tl.sum(a[:, None] * wu, axis=0)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(act_ptr + pair.to(tl.int64) * stride_act + cols, h.to(act_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _w2_gemv_kernel(
+    act_ptr, q_ptr, s_ptr, z_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
+    hidden, num_experts, bit_index, num_bits,
+    stride_act, stride_q, stride_s, stride_out,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode down GEMV for one bit index: ``out[p, :] += w[p] * act[p, :n] @ W_down_slab``.
+
+    Grid ``(P, cdiv(H, BLOCK_N))``.  ``act [P, >= max n]``; ``q [sum_e packed_rows(n, BITS), H]``
+    int32; ``s``/``z [sum_e ceil(n/G), H]`` fp16; ``out [P, H]`` fp32 (read-modify-write);
+    ``topk_w [P]``; ``row_off``/``grp_off [E, num_bits]`` int32.
+    """
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int32)
+    if (e < 0) | (e >= num_experts):
+        return
+    n = tl.load(sizes_ptr + e * num_bits + bit_index)
+    if n == 0:
+        return
+    row0 = tl.load(row_off_ptr + e * num_bits + bit_index)
+    grp0 = tl.load(grp_off_ptr + e * num_bits + bit_index)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    pair64 = pair.to(tl.int64)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < n
+        a = tl.load(act_ptr + pair64 * stride_act + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        mask = k_ok[:, None] & col_ok[None, :]
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, offs_k, cols, col_ok, mask,
+                          stride_q, stride_s, BITS)
+        acc += tl.sum(a[:, None] * w, axis=0)
+    acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
+    out_ptrs = out_ptr + pair64 * stride_out + cols
+    tl.store(out_ptrs, tl.load(out_ptrs, mask=col_ok, other=0.0) + acc, mask=col_ok)
+
+
+@triton.jit
+def _w13_sorted_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, sizes_ptr, col_off_ptr,
+    hidden, num_pairs, top_k, bit_index, num_bits,
+    stride_x, stride_q, stride_s, stride_act,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Prefill gate/up GEMM with fused SiLU-and-mul for one bit index.
+
+    Grid ``(num_blocks, cdiv(max_e n[e][i], BLOCK_N))``.  ``sorted_ids [num_blocks *
+    BLOCK_M]`` int32 pair ids grouped by expert, padded with ``num_pairs``;
+    ``block_expert [num_blocks]`` int32 expert of each block (-1: unused block).
+    Other tensors as in :func:`_w13_gemv_kernel`; ``act`` has ``x``'s dtype.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    n = tl.load(sizes_ptr + e * num_bits + bit_index)
+    if pid_n * BLOCK_N >= n:
+        return
+    c0 = tl.load(col_off_ptr + e * num_bits + bit_index)
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    tokens = (pairs // top_k).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    gate_cols = 2 * c0 + cols
+    up_cols = gate_cols + n
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hidden
+        a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        mask = k_ok[:, None] & col_ok[None, :]
+        grp = k0 // GROUP_SIZE
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, gate_cols, col_ok, mask, stride_q, stride_s, BITS)
+        acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, up_cols, col_ok, mask, stride_q, stride_s, BITS)
+        acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    act_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * stride_act + cols[None, :]
+    tl.store(act_ptrs, h.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _w2_sorted_kernel(
+    act_ptr, q_ptr, s_ptr, z_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr,
+    sizes_ptr, row_off_ptr, grp_off_ptr,
+    hidden, num_pairs, bit_index, num_bits,
+    stride_act, stride_q, stride_s, stride_out,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Prefill down GEMM for one bit index: ``out[p, :] += w[p] * act[p, :n] @ W_down_slab``.
+
+    Grid ``(num_blocks, cdiv(H, BLOCK_N))``; tensors as in :func:`_w2_gemv_kernel` and
+    :func:`_w13_sorted_kernel`.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    n = tl.load(sizes_ptr + e * num_bits + bit_index)
+    if n == 0:
+        return
+    row0 = tl.load(row_off_ptr + e * num_bits + bit_index)
+    grp0 = tl.load(grp_off_ptr + e * num_bits + bit_index)
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    pairs64 = pairs.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < n
+        a = tl.load(act_ptr + pairs64[:, None] * stride_act + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        mask = k_ok[:, None] & col_ok[None, :]
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, offs_k, cols, col_ok, mask,
+                          stride_q, stride_s, BITS)
+        acc = _dot(a, w.to(a.dtype), acc, IEEE)
+    acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pairs64[:, None] * stride_out + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
