@@ -1,0 +1,208 @@
+"""Triton slab MoE == pure-torch reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter
+(``TRITON_INTERPRET=1``, set below before the kernels are compiled), which executes
+the same kernel code on CPU tensors with numpy; shapes are tiny to keep it fast.
+
+Tolerances (relative to the largest output magnitude, ``max|ref|``):
+
+* fp32: the kernel and the reference dequantize to the same fp32 weights and differ
+  only in summation order -> 1e-5.
+* GEMV path, fp16/bf16: all math in fp32 (intermediate included), so the only extra
+  error is the final rounding to the output dtype: half an ulp, 2^-11 (fp16) /
+  2^-8 (bf16), relative to each element; we allow 2 ulp of ``max|ref|``.
+* sorted (tensor-core) path, fp16/bf16: the dequantized weights and the SiLU*up
+  intermediate are rounded to the activation dtype before ``tl.dot`` (as in every
+  fp16/bf16 GEMM kernel).  Each rounding is <= half an ulp relative; over K terms of
+  random sign the errors add like a random walk and, after SiLU and two GEMMs, stay
+  within a few ulp of ``max|ref|`` (measured: up to 2.5 ulp): we allow 4 ulp
+  (fp16 2^-8 = 0.4%, bf16 2^-5 = 3%).
+  A wrong slab, group, column or bit plane errs by O(100%).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # Must happen before camera_kernels.moe_slab is imported: @triton.jit reads it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from camera_kernels import SlabMoEWeights, slab_moe, slab_moe_reference  # noqa: E402
+from camera_kernels.launch import slab_moe_triton  # noqa: E402
+from camera_kernels.slab_weights import random_slab_weights  # noqa: E402
+from camera_kernels.tuning import MoEConfig, TileConfig, get_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
+
+H = 64
+
+LAYERS = {
+    "421-ragged": ((4, 2, 1), ((8, 20, 5), (0, 0, 0), (33, 0, 7), (0, 10, 0))),
+    "8-uniform": ((8,), ((40,), (40,), (40,))),
+    "3-odd": ((3,), ((17,), (1,), (0,), (39,))),
+    "8431-mixed": ((8, 4, 3, 1), ((3, 5, 7, 9), (0, 12, 0, 30), (16, 0, 16, 0), (1, 1, 1, 1))),
+    "21-wide8": ((2, 1), tuple((4 * e % 13, (7 * e + 3) % 19) for e in range(8))),
+}
+
+# Small tiles so that both GEMMs need several K and N tiles (H = 64, slabs up to 40).
+GEMV = MoEConfig("gemv", TileConfig(1, 32, 32, 4, 1), TileConfig(1, 32, 32, 4, 1), "test")
+SORTED = MoEConfig("sorted", TileConfig(16, 32, 32, 4, 1), TileConfig(16, 32, 64, 4, 1), "test")
+CONFIGS = {"gemv": GEMV, "sorted": SORTED, "auto": None}
+
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # spacing at 1.0
+
+
+def tolerance(dtype: torch.dtype, path: str) -> float:
+    if dtype == torch.float32:
+        return 1e-5
+    return (4 if path == "sorted" else 2) * ULP[dtype]
+
+
+def routing(num_tokens: int, top_k: int, num_experts: int, seed: int, drop: float = 0.0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    if drop:
+        ids[torch.rand(ids.shape, generator=gen) < drop] = -1
+    w = torch.rand(ids.shape, generator=gen)
+    return (w / w.sum(1, keepdim=True)).to(DEVICE), ids.to(DEVICE)
+
+
+def check(w: SlabMoEWeights, num_tokens: int, top_k: int, dtype: torch.dtype, path: str,
+          seed: int = 0, drop: float = 0.0, ids_dtype: torch.dtype = torch.int64) -> None:
+    x = torch.randn(num_tokens, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    tw, ids = routing(num_tokens, top_k, w.num_experts, seed + 1, drop)
+    ids = ids.to(ids_dtype)
+    got = slab_moe_triton(x, tw, ids, w, CONFIGS[path])
+    want = slab_moe_reference(x, tw, ids, w).float()  # fp32 math from the same dtype-rounded x
+    assert got.dtype == dtype and got.shape == x.shape
+    scale = want.abs().max().item()
+    err = (got.float() - want).abs().max().item()
+    used = path if path != "auto" else get_config(num_tokens, top_k, H, w.num_experts).path
+    assert err <= tolerance(dtype, used) * scale + 1e-7, f"max err {err:.3g} vs max |ref| {scale:.3g}"
+
+
+# Each layer on both paths, cycling dtypes, group sizes and top-k so that every value of
+# each axis meets every bit mix at least once while the interpreter run stays short.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CASES = []
+for li, name in enumerate(sorted(LAYERS)):
+    for pi, path in enumerate(("gemv", "sorted")):
+        for j in range(2):
+            c = li * 4 + pi * 2 + j
+            CASES.append((name, path, DTYPES[c % 3], (32, 64)[(c // 3) % 2], 1 + c % 4))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name,path,dtype,group,top_k", CASES)
+def test_kernel_triton_matches_reference(name, path, dtype, group, top_k):
+    bits, sizes = LAYERS[name]
+    w = random_slab_weights(sizes, bits, H, group, seed=len(name) * 7 + group, device=DEVICE)
+    check(w, num_tokens=5, top_k=min(top_k, w.num_experts), dtype=dtype, path=path, seed=group + top_k, drop=0.15)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("top_k", range(1, 9))
+def test_kernel_triton_top_k_sweep(top_k):
+    """E = 8 experts, top-k 1..8, both paths and the default (auto) tiles."""
+    bits, sizes = LAYERS["21-wide8"]
+    w = random_slab_weights(sizes, bits, H, 32, seed=top_k, device=DEVICE)
+    path = ("gemv", "sorted", "auto")[top_k % 3]
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[top_k % 3]
+    check(w, num_tokens=3 + top_k % 3, top_k=top_k, dtype=dtype, path=path, seed=top_k,
+          ids_dtype=(torch.int32, torch.int64)[top_k % 2])
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+def test_kernel_triton_non_local_experts_contribute_nothing(path):
+    w = random_slab_weights(((16, 4), (0, 9)), (4, 2), H, 32, seed=9, device=DEVICE)
+    x = torch.randn(3, H, device=DEVICE)
+    ids = torch.tensor([[-1, 7], [1, -1], [-1, -1]], device=DEVICE)  # 7 >= E: another rank's expert
+    out = slab_moe_triton(x, torch.ones(3, 2, device=DEVICE), ids, w, CONFIGS[path])
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    one = slab_moe_reference(x[1:2], torch.ones(1, 1, device=DEVICE), ids[1:2, :1], w)
+    torch.testing.assert_close(out[1:2], one, rtol=1e-5, atol=1e-6)
+    assert out[1].abs().max() > 0
+
+
+@pytest.mark.kernel
+def test_kernel_triton_matches_dense_moe():
+    """End to end against unquantized fp32 experts (8-bit RTN): the kernel is wired like a real MoE."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = ((30, 2), (0, 0), (12, 1))
+    gate = [torch.randn(sum(s), H, generator=gen) * 0.2 for s in sizes]
+    up = [torch.randn(sum(s), H, generator=gen) * 0.2 for s in sizes]
+    down = [torch.randn(H, sum(s), generator=gen) * 0.2 for s in sizes]
+    w = SlabMoEWeights.from_dense(gate, up, down, sizes, (8, 4), 64).to(DEVICE)
+    x = torch.randn(4, H, generator=gen)
+    ids = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]])
+    tw = torch.rand(4, 2, generator=gen)
+    want = torch.zeros(4, H)
+    for t in range(4):
+        for k in range(2):
+            e = int(ids[t, k])
+            if sum(sizes[e]):
+                want[t] += tw[t, k] * (down[e] @ (F.silu(gate[e] @ x[t]) * (up[e] @ x[t])))
+    for cfg in (GEMV, SORTED):
+        got = slab_moe_triton(x.to(DEVICE), tw.to(DEVICE), ids.to(DEVICE), w, cfg).cpu()
+        rel = (got - want).norm() / want.norm()
+        assert rel < 0.04, rel  # RTN error (mostly 8-bit), see test_kernel_reference
+
+
+class _RecordingKernel:
+    """Stands in for a ``@triton.jit`` kernel: records ``kernel[grid](...)`` launches."""
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs["BITS"]))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+def test_kernel_triton_launcher_has_no_host_sync(monkeypatch, path):
+    """The launcher decides everything from shapes; reading device data on the host is an error.
+
+    (A CUDA graph cannot capture a host sync.)  The tensor-to-Python conversions a
+    launcher could use raise while the launcher and ``moe_align`` run; the kernels are
+    replaced by recorders so the check does not depend on the interpreter.
+    """
+    from camera_kernels import moe_slab
+
+    w = random_slab_weights(LAYERS["421-ragged"][1], (4, 2, 1), H, 32, seed=1, device=DEVICE)
+    x = torch.randn(4, H, device=DEVICE)
+    tw, ids = routing(4, 2, w.num_experts, seed=3)
+    launches: list = []
+    for name in ("_w13_gemv_kernel", "_w2_gemv_kernel", "_w13_sorted_kernel", "_w2_sorted_kernel"):
+        monkeypatch.setattr(moe_slab, name, _RecordingKernel(launches))
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("host sync in the launcher")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    slab_moe_triton(x, tw, ids, w, CONFIGS[path])
+    monkeypatch.undo()
+    # Two launches per bit-width; grid axis 1 spans the widest slab (w13) or H (w2).
+    assert [b for _, b in launches] == [4, 4, 2, 2, 1, 1]
+    assert launches[0][0][1] == -(-33 // CONFIGS[path].w13.block_n)
+    assert launches[1][0][1] == -(-H // CONFIGS[path].w2.block_n)
+
+
+@pytest.mark.kernel
+def test_kernel_dispatch_runs_triton_when_asked():
+    w = random_slab_weights(((8, 8),), (4, 1), H, 32, device=DEVICE)
+    x = torch.randn(2, H, device=DEVICE)
+    tw, ids = torch.ones(2, 1, device=DEVICE), torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
+    got = slab_moe(x, tw, ids, w, backend="triton")
+    torch.testing.assert_close(got, slab_moe_reference(x, tw, ids, w), rtol=1e-5, atol=1e-6)
