@@ -77,9 +77,7 @@ class LayerWeights:
     def shared_width(self) -> int | None:
         return None if self.shared is None else int(self.shared[0].shape[0])
 
-    def to(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> LayerWeights:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerWeights:
         def cv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype)
 

@@ -1,0 +1,233 @@
+"""``camera-vllm``: one console script, thin subcommands over the library.
+
+    camera-vllm analyze MODEL --calib FILE... --out SCORES.safetensors
+    camera-vllm prune MODEL --ratio R --calib FILE... --out DIR [--scope layer|expert]
+    camera-vllm validate DIR
+    camera-vllm inspect DIR [--json]
+
+Heavy imports (transformers, matplotlib) happen inside the handlers; building the parser
+imports only torch (for the default alpha).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    from .compress.score import DEFAULT_ALPHA
+
+    g = p.add_argument_group("calibration")
+    g.add_argument(
+        "--calib",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="calibration text: .txt (one document per file) or .jsonl (one document per line);"
+        " a directory means every file under it",
+    )
+    g.add_argument(
+        "--calib-format",
+        choices=("auto", "text", "jsonl"),
+        default="auto",
+        help="how to read --calib files (auto: .jsonl/.json are JSON lines, the rest plain text)",
+    )
+    g.add_argument("--text-key", default="text", help="JSON-lines field holding the text (default: text)")
+    g.add_argument(
+        "--num-seqs", type=int, default=128, help="calibration sequences (default 128, as the paper)"
+    )
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: min(2048, max_position_embeddings))",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for the window offsets (default 0)")
+    s = p.add_argument_group("energy")
+    s.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"weight of the max term in the CAMERA energy (default {DEFAULT_ALPHA}; 1.0 = max only)",
+    )
+    s.add_argument(
+        "--normalize-sum", action="store_true", help="divide the token sum by the number of tokens"
+    )
+    r = p.add_argument_group("execution")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--batch-size", type=int, default=4, help="sequences per layer forward (default 4)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _specs(args: argparse.Namespace):
+    from .compress.calibrate import CalibSpec, iter_files
+    from .compress.score import EnergySpec
+
+    calib = CalibSpec(
+        num_seqs=args.num_seqs,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        fmt=args.calib_format,
+        text_key=args.text_key,
+    )
+    return iter_files(args.calib), calib, EnergySpec(alpha=args.alpha, normalize_sum=args.normalize_sum)
+
+
+# -- analyze ---------------------------------------------------------------------------------------
+def _analyze(args: argparse.Namespace) -> int:
+    from .compress.pipeline import analyze
+
+    files, calib, energy = _specs(args)
+    path = analyze(
+        args.model,
+        files,
+        args.out,
+        calib=calib,
+        energy=energy,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(f"energies: {path}\nsettings: {path.with_suffix('.json')}")
+    return 0
+
+
+def _register_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="compute CAMERA energies of every micro-expert",
+        description="Score every micro-expert of an unmodified HF MoE model.",
+    )
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument(
+        "--out", required=True, help="output .safetensors file (a .json sidecar is written beside it)"
+    )
+    _add_calib_args(p)
+    p.set_defaults(handler=_analyze)
+
+
+# -- prune -----------------------------------------------------------------------------------------
+def _prune(args: argparse.Namespace) -> int:
+    from .compress.pipeline import run_camera_p
+
+    files, calib, energy = _specs(args)
+    out = run_camera_p(
+        args.model,
+        args.out,
+        args.ratio,
+        files,
+        scope=args.scope,
+        calib=calib,
+        energy=energy,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        scores_out=args.save_scores,
+        progress=not args.no_progress,
+    )
+    print(f"CAMERA-P checkpoint: {out}")
+    return 0
+
+
+def _register_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="CAMERA-P: remove low-energy micro-experts",
+        description="Structured micro-expert pruning; writes a servable checkpoint with a report.",
+    )
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument(
+        "--ratio", type=float, required=True, help="fraction of expert channels to remove, in [0, 1)"
+    )
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument(
+        "--scope",
+        choices=("layer", "expert"),
+        default="layer",
+        help="layer: rank routed+shared micro-experts of a layer together (the paper, default);"
+        " expert: the same ratio inside every expert",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--save-scores", default=None, metavar="FILE", help="also save the energies (.safetensors)"
+    )
+    _add_calib_args(p)
+    p.set_defaults(handler=_prune)
+
+
+# -- validate / inspect ----------------------------------------------------------------------------
+def _validate(args: argparse.Namespace) -> int:
+    from .format.validate import validate
+
+    report = validate(args.dir, check_values=not args.no_values)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _register_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a CAMERA checkpoint; exit 1 on any error")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--no-values", action="store_true", help="skip the NaN/inf scan (reads no tensor data)")
+    p.set_defaults(handler=_validate)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .format.validate import format_summary, summarize
+
+    summary = summarize(args.dir)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _register_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a CAMERA checkpoint (widths, bits, bytes per layer)")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_inspect)
+
+
+# Subcommands, in --help order.  CAMERA-Q adds ``_register_quantize`` (from its own
+# module under compress/quantize/) to this list; nothing here stands in for it.
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_analyze,
+    _register_prune,
+    _register_validate,
+    _register_inspect,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camera-vllm", description="CAMERA compression for MoE models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (errors print one line, exit 2)."""
+    from .format.schema import CameraFormatError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CameraFormatError) as err:
+        if args.verbose:
+            raise
+        print(f"camera-vllm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

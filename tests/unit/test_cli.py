@@ -1,0 +1,144 @@
+"""camera-vllm CLI end to end on a tiny model: analyze, prune (report + plots), validate, inspect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from camera_vllm.cli import main
+from camera_vllm.format import names
+from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs; avoid OpenMP spin-waits on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model = build_tiny_moe("deepseek_v2", root / "model", seed=2)
+    calib = root / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": _CORPUS[i:] + _CORPUS[:i]}) for i in range(0, 400, 40)))
+    return root, model, calib
+
+
+def _calib_args(calib: Path) -> list[str]:
+    return [
+        "--calib",
+        str(calib),
+        "--num-seqs",
+        "4",
+        "--seq-len",
+        "32",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+
+
+@pytest.fixture(scope="module")
+def pruned(setup) -> Path:
+    root, model, calib = setup
+    out = root / "pruned"
+    rc = main(
+        ["prune", str(model), "--ratio", "0.3", "--out", str(out), "--alpha", "0.8", *_calib_args(calib)]
+    )
+    assert rc == 0
+    return out
+
+
+def test_prune_writes_checkpoint_report_and_plots(pruned: Path) -> None:
+    report = json.loads((pruned / names.REPORT_FILE).read_text())
+    assert report["method"] == "CAMERA-P" and report["architecture"] == "DeepseekV2ForCausalLM"
+    assert report["settings"]["ratio"] == 0.3 and report["settings"]["alpha"] == 0.8
+    assert report["settings"]["scope"] == "layer"
+    assert report["calibration_tokens"] == 4 * 32
+    assert sorted(report["layers"]) == ["1", "2"]
+    n = 8 * 32 + 64
+    for info in report["layers"].values():
+        assert info["removed"] == round(0.3 * n)
+        assert sum(info["kept_widths"]) + info["shared_kept"] == n - round(0.3 * n)
+    assert report["params"]["experts_after"] < report["params"]["experts_before"]
+    assert report["params"]["model_before"] - report["params"]["model_after"] == (
+        report["params"]["experts_before"] - report["params"]["experts_after"]
+    )
+    assert sorted(report["plots"]) == ["camera_report_energy.png", "camera_report_widths.png"]
+    for png in report["plots"]:
+        assert (pruned / png).read_bytes()[:8] == PNG_MAGIC
+    # Tokenizer and generation files travel with the checkpoint.
+    assert (pruned / "tokenizer.json").is_file() and (pruned / "generation_config.json").is_file()
+
+
+def test_validate_and_inspect(pruned: Path, tmp_path: Path, capsys) -> None:
+    assert main(["validate", str(pruned)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["inspect", str(pruned)]) == 0
+    text = capsys.readouterr().out
+    assert "DeepseekV2ForCausalLM" in text and "scheme prune" in text
+    assert main(["inspect", str(pruned), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    qc = json.loads((pruned / "config.json").read_text())["quantization_config"]
+    assert summary["layers"]["1"]["widths"] == [w for [w] in qc["layers"]["1"]["expert_slabs"]]
+    # Damage one tensor: validate exits 1 and names it.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in pruned.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    with safe_open(str(broken / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    victim = names.shared_tensor("DeepseekV2ForCausalLM", 2, 1, "weight")
+    tensors[victim][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(broken / "model.safetensors"))
+    assert main(["validate", str(broken)]) == 1
+    assert f"tensor {victim} has 1 NaN/inf" in capsys.readouterr().out
+
+
+def test_analyze_writes_scores_and_sidecar(setup, capsys) -> None:
+    root, model, calib = setup
+    out = root / "scores.safetensors"
+    assert main(["analyze", str(model), "--out", str(out), "--normalize-sum", *_calib_args(calib)]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["energy"] == {"alpha": 0.9, "normalize_sum": True}
+    assert sidecar["settings"]["calibration"]["tokens"] == 4 * 32
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("layers.1.experts.energy").shape == (8, 32)
+        assert f.get_tensor("layers.2.shared.energy").shape == (64,)
+        assert int(f.get_tensor("layers.1.experts.tokens").sum()) == 4 * 32 * 2
+        assert "layers.0.experts.energy" not in f.keys()  # the dense first layer has no experts
+
+
+def test_errors_exit_2_with_a_message(setup, pruned: Path, capsys) -> None:
+    root, model, calib = setup
+    assert main(["prune", str(model), "--ratio", "0.3", "--out", str(pruned), *_calib_args(calib)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["prune", str(model), "--ratio", "1.5", "--out", str(root / "x"), *_calib_args(calib)]) == 2
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+    empty = root / "empty.txt"
+    empty.write_text("")
+    assert main(["analyze", str(model), "--out", str(root / "s.safetensors"), *_calib_args(empty)]) == 2
+    assert "empty.txt: calibration file has no text" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "camera_vllm.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("analyze", "prune", "validate", "inspect"):
+        assert cmd in res.stdout
