@@ -168,8 +168,11 @@ class CameraMoEBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = route(x, self.router, self.arch, self.shared_gate)
         if self.keep_inputs:
-            self.inputs.append(x.detach().float())
-            self.routings.append(routing)
+            # Kept on the CPU: T x H for all calibration tokens may not fit next to the layer.
+            self.inputs.append(x.detach().float().cpu())
+            r = routing
+            shared = None if r.shared_weight is None else r.shared_weight.cpu()
+            self.routings.append(Routing(r.topk_ids.cpu(), r.topk_weights.cpu(), shared))
         out = moe_forward(x, self.weights, routing, self.accumulator)
         return out.to(hidden_states.dtype).reshape(shape)
 
@@ -180,9 +183,11 @@ class MoELayerContext:
 
     ``moe_input`` (``[T, H]`` fp32, after the post-attention norm) and ``routing`` cover
     all ``T = num_seqs * seq_len`` calibration tokens, computed on the outputs of the
-    already-compressed earlier layers; they are None unless the streamer was asked to
-    keep them (``keep_moe_inputs=True``).  ``weights`` are the layer's current
-    (uncompressed) expert weights in the compute dtype.
+    already-compressed earlier layers; they live on the CPU and are None unless the
+    streamer was asked to keep them (``keep_moe_inputs=True``).  ``weights`` are the
+    layer's current (uncompressed) expert weights in the compute dtype, on the
+    streamer's device; ``energies`` are on the CPU.  Return new :class:`LayerWeights`
+    (any widths, any device) to have the layer re-run with them, or None to keep it.
     """
 
     layer: int
@@ -286,6 +291,11 @@ class LayerStreamer:
                 )
             loaded[key] = self.source.get(name).to(self.device, self.dtype)
         module.load_state_dict(loaded, strict=True, assign=True)
+        still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if still_meta:  # e.g. a non-persistent buffer this architecture builds at init
+            raise RuntimeError(
+                f"layer {layer}: {type(module).__name__} tensors not materialised: {still_meta[:5]}"
+            )
         # Every checkpoint tensor of the layer must be used, else a renamed weight would pass silently.
         used = {prefix + k for k in loaded} | (self._moe_tensor_names(layer) if moe else set())
         unused = sorted(n for n in self.source.weight_map if n.startswith(prefix) and n not in used)

@@ -199,7 +199,7 @@ def plot_kept_widths(arch: MoEArch, keeps: dict[int, LayerKeep]) -> bytes:
         if shared:
             n = keep.shared.numel() if keep.shared is not None else arch.shared_intermediate_size
             grid[r, -1] = float(n) / float(arch.shared_intermediate_size)  # type: ignore[arg-type]
-    fig = _figure((min(14, 3 + 0.12 * cols), min(12, 1.5 + 0.3 * len(layers))))
+    fig = _figure((max(5.0, min(14, 3 + 0.12 * cols)), max(3.0, min(12, 1.5 + 0.3 * len(layers)))))
     ax = fig.subplots()
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])

@@ -93,11 +93,12 @@ class LayerWeights:
         if len(keep.experts) != len(self.gates):
             raise ValueError(f"keep-set has {len(keep.experts)} experts, layer has {len(self.gates)}")
         parts = [
-            prune_expert(g, u, d, k) for g, u, d, k in zip(self.gates, self.ups, self.downs, keep.experts)
+            prune_expert(g, u, d, k.to(g.device))
+            for g, u, d, k in zip(self.gates, self.ups, self.downs, keep.experts)
         ]
         shared = self.shared
         if shared is not None and keep.shared is not None:
-            shared = prune_expert(*shared, keep.shared)
+            shared = prune_expert(*shared, keep.shared.to(shared[0].device))
         return LayerWeights([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], shared)
 
 
@@ -238,7 +239,13 @@ class EnergyAccumulator:
         stats.tokens += int(c.shape[0])
 
     def result(self, layer: int, spec: EnergySpec) -> LayerEnergies:
-        return LayerEnergies(layer, self.experts, self.shared, self.total_tokens, spec)
+        """The layer's statistics, moved to the CPU (ranking and reports run there)."""
+
+        def cpu(s: ChannelStats) -> ChannelStats:
+            return ChannelStats(s.sum_sq.cpu(), s.max_sq.cpu(), s.down_sq.cpu(), s.tokens)
+
+        shared = None if self.shared is None else cpu(self.shared)
+        return LayerEnergies(layer, [cpu(s) for s in self.experts], shared, self.total_tokens, spec)
 
 
 def moe_forward(
