@@ -100,7 +100,9 @@ def _deepseek_v2(vocab: int):
     cfg = DeepseekV2Config(
         **common,
         intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
-        num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True, topk_method="greedy",
+        # transformers' DeepseekV2 gate never renormalises while vLLM honours the flag:
+        # False keeps the two in agreement.
+        num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False, topk_method="greedy",
         routed_scaling_factor=1.0, n_group=1, topk_group=1,
         # vLLM's MLA accepts kv_lora_rank + qk_rope_head_dim in {320, 512, 576}.
         kv_lora_rank=256, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=16,
