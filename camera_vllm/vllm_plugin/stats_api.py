@@ -153,7 +153,9 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
         if sized:
             assert hidden is not None and model_bytes is not None
             original = q.num_experts * 3 * hidden * q.original_intermediate_size * model_bytes
-            stored = sum(stored_bytes(s, q.bits, hidden, q.group_size, model_bytes) for s in spec.expert_slabs)
+            stored = sum(
+                stored_bytes(s, q.bits, hidden, q.group_size, model_bytes) for s in spec.expert_slabs
+            )
             kept_weights = 3 * hidden * sum(widths)
             if spec.shared_slabs is not None and q.original_shared_intermediate_size:
                 original += 3 * hidden * q.original_shared_intermediate_size * model_bytes
@@ -266,7 +268,9 @@ def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> di
     else:
         hf_config = getattr(model_config, "hf_config", None)
         if hf_config is None:
-            raise NotACameraCheckpoint(f"model {model!r} is not a local directory and no loaded config is available")
+            raise NotACameraCheckpoint(
+                f"model {model!r} is not a local directory and no loaded config is available"
+            )
         config = hf_config.to_dict()
         source = "vllm ModelConfig.hf_config"
     stats = summarize_camera_config(config, experts=experts)
@@ -308,7 +312,8 @@ def _authorized(authorization: str | None, hashes: list[bytes]) -> bool:
 
 
 def _error(status: int, message: str, kind: str):
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(status_code=status, content=body)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -219,11 +219,11 @@ def test_deploy_server_completions_require_the_key(server):
 
 
 def test_deploy_server_camera_stats(server):
-    assert requests.get(server.url + "/camera/stats", timeout=30).status_code == 401
     r = requests.get(server.url + "/camera/stats", headers=server.auth, timeout=30)
     assert r.status_code == 200, (
         f"{r.status_code} {r.text[:300]} (is the vllm.endpoint_plugins entry point `camera_stats` installed?)"
     )
+    assert requests.get(server.url + "/camera/stats", timeout=30).status_code == 401
     stats = r.json()
     qc = json.loads((server.ckpt / "config.json").read_text())["quantization_config"]
     assert stats["format_version"] == qc["format_version"] == 1

@@ -180,7 +180,7 @@ def test_deploy_dockerfile_interface(dockerfile):
         assert "uninstall --yes torchvision torchaudio torchcodec" in text
         assert "+cpu.dist-info" in text and "Version: %s+cpu" in text
     user = [a for i, a in ins if i == "USER"]
-    assert len(user) == 1 and user[0] == "${CAMERA_UID}:${CAMERA_GID}", "final USER must be the numeric non-root uid"
+    assert len(user) == 1 and user[0] == "${CAMERA_UID}:${CAMERA_GID}", "numeric non-root USER"
     uid = re.search(r"ARG CAMERA_UID=(\d+)", text).group(1)
     assert int(uid) != 0
     entry = [json.loads(a) for i, a in ins if i == "ENTRYPOINT"]
@@ -232,8 +232,9 @@ def test_deploy_entrypoint_builds_the_serve_command(tmp_path):
     assert "k" not in argv and "API_KEY_SET=1" in lines
 
     # Model from CAMERA_MODEL, options only, custom port/name, caller's VLLM_PLUGINS kept.
-    r = _entry(["--dtype", "float32"], {"VLLM_API_KEY": "k", "CAMERA_MODEL": str(model), "CAMERA_PORT": "9001",
-                                        "CAMERA_SERVED_MODEL_NAME": "m", "VLLM_PLUGINS": "camera_vllm"}, tmp_path)
+    env = {"VLLM_API_KEY": "k", "CAMERA_MODEL": str(model), "CAMERA_PORT": "9001",
+           "CAMERA_SERVED_MODEL_NAME": "m", "VLLM_PLUGINS": "camera_vllm"}
+    r = _entry(["--dtype", "float32"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     argv = r.stdout.splitlines()
     assert argv[2] == str(model) and argv[argv.index("--port") + 1] == "9001"
@@ -367,14 +368,17 @@ def test_deploy_k8s_pods_are_hardened_and_probed():
             mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
             # Everything vLLM/Ray write goes to emptyDirs; the model is mounted read-only.
             for writable in ("/tmp", "/cache", "/home/camera", "/dev/shm"):
-                assert writable in mounts and "emptyDir" in volumes[mounts[writable]["name"]], (where, writable)
+                assert writable in mounts, (where, writable)
+                assert "emptyDir" in volumes[mounts[writable]["name"]], (where, writable)
             assert mounts["/models"]["readOnly"] is True, where
-            assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"] == "camera-vllm-models"
+            pvc = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]
+            assert pvc["claimName"] == "camera-vllm-models", where
             if c["name"] == "vllm":  # the API server containers
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert c[probe]["httpGet"]["path"] == "/health", (where, probe)
                 env = {e["name"]: e for e in c["env"]}
-                assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "camera-vllm-api-key", where
+                secret = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+                assert secret["name"] == "camera-vllm-api-key", where
                 assert "value" not in env["VLLM_API_KEY"], where
     assert seen == 3
 
@@ -392,7 +396,8 @@ def test_deploy_k8s_kustomization_and_hpa_wiring():
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     hpa = _docs(K8S / "hpa.yaml")[0]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "camera-vllm"}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "camera-vllm"}
+    assert hpa["spec"]["scaleTargetRef"] == target
     # HPA metric name = prometheus-adapter's rename of a gauge vLLM 0.32 really exports.
     rules = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
     exposed = {}

@@ -74,8 +74,13 @@ def test_deploy_stats_mixed_bytes_match_hand_count():
     # Expert 0: 8 micro-experts at 4 bits + 16 at 2 bits; expert 1 pruned away entirely.
     # gate/up slab (K=H=64, G=32): qweight 2*b rows x n int32 + scales/zeros 2 x n fp16 each;
     # down slab (K=n): ceil(n/32)*b rows x 64 int32 + 2 x ceil(n/32) x 64 fp16.
-    expert0 = (2 * (8 * 4 * 8 + 8 * 8) + (4 * 64 * 4 + 2 * 64 * 2)) + (2 * (8 * 2 * 16 + 8 * 16) + (2 * 64 * 4 + 2 * 64 * 2))
-    shared = (2 * (8 * 4 * 32 + 8 * 32) + (4 * 64 * 4 + 2 * 64 * 2)) + (2 * (8 * 2 * 32 + 8 * 32) + (2 * 64 * 4 + 2 * 64 * 2))
+    def slab(n, b):  # bytes of one slab: gate + up + down
+        gate_up = 2 * (8 * b * n + 8 * n)
+        down = ((n + 31) // 32) * (b * 64 * 4 + 2 * 64 * 2)
+        return gate_up + down
+
+    expert0 = slab(8, 4) + slab(16, 2)
+    shared = slab(32, 4) + slab(32, 2)
     assert (expert0, shared) == (3456, 6144)
     original = 2 * 3 * H * 64 * 2 + 3 * H * 96 * 2
     assert layer["stored_bytes"] == expert0 + shared
@@ -86,7 +91,8 @@ def test_deploy_stats_mixed_bytes_match_hand_count():
     assert layer["micro_experts_by_bits"] == {"4": 8, "2": 16}
     assert layer["shared_width"] == 64 and layer["shared_micro_experts_by_bits"] == {"4": 32, "2": 32}
     assert layer["kept_fraction"] == pytest.approx(24 / 128)
-    assert layer["effective_bits_per_kept_weight"] == pytest.approx(8 * (expert0 + shared) / (3 * H * (24 + 64)))
+    kept_weights = 3 * H * (24 + 64)
+    assert layer["effective_bits_per_kept_weight"] == pytest.approx(8 * (expert0 + shared) / kept_weights)
     t = s["totals"]
     assert t["bytes_saved"] == original - 9600 and t["stored_bytes"] == 9600
     assert t["compression_ratio"] == pytest.approx(original / 9600)
