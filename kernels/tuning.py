@@ -113,8 +113,10 @@ def _valid(table: Any) -> bool:
     return isinstance(table, dict) and "gemv" in table and "sorted" in table and "gemv_max_pairs" in table
 
 
-def _pick(table: dict[str, Any], num_tokens: int, top_k: int, source: str) -> MoEConfig:
-    if num_tokens * top_k <= int(table["gemv_max_pairs"]):
+def _pick(table: dict[str, Any], num_tokens: int, top_k: int, source: str, path: str | None) -> MoEConfig:
+    if path not in (None, "gemv", "sorted"):
+        raise ValueError(f"unknown kernel path {path!r}; expected 'gemv' or 'sorted'")
+    if path == "gemv" or (path is None and num_tokens * top_k <= int(table["gemv_max_pairs"])):
         g = table["gemv"]
         return MoEConfig("gemv", TileConfig.from_dict(g["w13"], True), TileConfig.from_dict(g["w2"], True), source)
     for entry in table["sorted"]:
@@ -134,18 +136,23 @@ def get_config(
     num_experts: int,
     device_name: str | None = None,
     config_dir: Path | None = None,
+    path: str | None = None,
 ) -> MoEConfig:
-    """Tile config for a call with ``num_tokens`` tokens (see the module docstring for the order)."""
+    """Tile config for a call with ``num_tokens`` tokens (see the module docstring for the order).
+
+    ``path`` forces ``"gemv"`` or ``"sorted"`` (benchmarks, tests); by default the table's
+    ``gemv_max_pairs`` decides.
+    """
     directory = config_dir or CONFIG_DIR
     if device_name:
         dev = _load(str(directory / device_file_name(device_name)))
         if dev is not None:
             shaped = dev.get("shapes", {}).get(shape_key(hidden_size, num_experts, top_k))
             if _valid(shaped):
-                return _pick(shaped, num_tokens, top_k, f"{device_file_name(device_name)}:{shape_key(hidden_size, num_experts, top_k)}")
+                return _pick(shaped, num_tokens, top_k, f"{device_file_name(device_name)}:{shape_key(hidden_size, num_experts, top_k)}", path)
             if _valid(dev):
-                return _pick(dev, num_tokens, top_k, device_file_name(device_name))
+                return _pick(dev, num_tokens, top_k, device_file_name(device_name), path)
     default = _load(str(directory / "default.json"))
     if _valid(default):
-        return _pick(default, num_tokens, top_k, "default.json")
-    return _pick(FALLBACK, num_tokens, top_k, "fallback")
+        return _pick(default, num_tokens, top_k, "default.json", path)
+    return _pick(FALLBACK, num_tokens, top_k, "fallback", path)
