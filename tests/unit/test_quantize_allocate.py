@@ -24,7 +24,8 @@ def _energies(n_experts: int, width: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     # Heavy-tailed within an expert, and experts differ in how often they are routed.
     return [
-        torch.exp(1.5 * torch.randn(width, generator=gen) + torch.randn((), generator=gen)) for _ in range(n_experts)
+        torch.exp(1.5 * torch.randn(width, generator=gen) + torch.randn((), generator=gen))
+        for _ in range(n_experts)
     ]
 
 
@@ -84,15 +85,22 @@ def test_explicit_fractions_layer_scope_with_pruning() -> None:
     assert alloc.fractions()[0] == pytest.approx(n_pruned / total)
     # Slab sizes are what the checkpoint config takes.
     CameraQuantConfig(
-        scheme="mixed", bits=list(alloc.bits), group_size=64, architecture="Qwen2MoeForCausalLM",
-        num_experts=6, original_intermediate_size=100, original_shared_intermediate_size=150,
+        scheme="mixed",
+        bits=list(alloc.bits),
+        group_size=64,
+        architecture="Qwen2MoeForCausalLM",
+        num_experts=6,
+        original_intermediate_size=100,
+        original_shared_intermediate_size=150,
         layers={0: {"expert_slabs": alloc.expert_slabs, "shared_slabs": alloc.shared_slabs}},
     )
 
 
 def test_explicit_fractions_expert_scope() -> None:
     energies = _energies(5, 96, seed=1)
-    alloc = allocate_layer(energies, H, 64, bits=[3, 2, 1], fractions=[0.25, 0.5, 0.25], scope="expert", prune_ratio=0.1)
+    alloc = allocate_layer(
+        energies, H, 64, bits=[3, 2, 1], fractions=[0.25, 0.5, 0.25], scope="expert", prune_ratio=0.1
+    )
     _check_structure(alloc)
     assert {e.slabs for e in alloc.experts} == {(22, 42, 22)}  # 86 kept of 96: round(21.5), round(64.5) - 22
     _monotone_in_scope(alloc, energies, "expert")

@@ -26,7 +26,9 @@ def _out_err(x: torch.Tensor, wt: torch.Tensor, deq: torch.Tensor) -> float:
     return float((ref - x @ deq).pow(2).sum() / ref.pow(2).sum())
 
 
-def _reference_gptq(wt: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, damp: float = 0.01) -> torch.Tensor:
+def _reference_gptq(
+    wt: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, damp: float = 0.01
+) -> torch.Tensor:
     """Unblocked OBS, written independently: after rounding row k, update every later row
     with the inverse Hessian of the remaining rows, then drop row k from it (fp64)."""
     w = wt.to(torch.float64).clone()
@@ -36,14 +38,14 @@ def _reference_gptq(wt: torch.Tensor, h: torch.Tensor, bits: int, group_size: in
     deq = torch.empty_like(w)
     for r in range(k):
         if r % group_size == 0:
-            s, z = fit_group_grid(w[r:r + group_size].to(torch.float32).unsqueeze(0), bits)
+            s, z = fit_group_grid(w[r : r + group_size].to(torch.float32).unsqueeze(0), bits)
             s, z = s[0].double(), z[0].double()
         q = quantize_to_grid(w[r].to(torch.float32), s.float(), z.float(), bits).double()
         deq[r] = (q - z) * s
         err = (w[r] - deq[r]) / hinv[r, r]
-        w[r + 1:] -= hinv[r + 1:, r:r + 1] * err.unsqueeze(0)
+        w[r + 1 :] -= hinv[r + 1 :, r : r + 1] * err.unsqueeze(0)
         # Remove row/column r from the inverse (Schur complement): the inverse Hessian of the rest.
-        hinv = hinv - hinv[:, r:r + 1] @ hinv[r:r + 1, :] / hinv[r, r]
+        hinv = hinv - hinv[:, r : r + 1] @ hinv[r : r + 1, :] / hinv[r, r]
     return deq.to(torch.float32)
 
 
@@ -61,7 +63,9 @@ def test_accumulator_matches_definition() -> None:
     torch.testing.assert_close(acc.hessian(), expected, rtol=1e-5, atol=1e-6)
     plain = HessianAccumulator(24, dtype=torch.float32)
     plain.add(x)
-    torch.testing.assert_close(plain.hessian().double(), 2 * x.double().T @ x.double() / 300, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        plain.hessian().double(), 2 * x.double().T @ x.double() / 300, rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(ValueError):
         acc.add(x[:, :10])
     with pytest.raises(ValueError):
@@ -135,7 +139,9 @@ def test_act_order_uses_static_rtn_grid_and_short_groups() -> None:
     assert torch.equal(qm.scales, rtn.scales) and torch.equal(qm.zeros, rtn.zeros)
     assert _out_err(x, wt, qm.dequantize()) < 0.8 * _out_err(x, wt, rtn.dequantize())
     dyn = gptq_quantize(wt, h, 4, g, block_size=48)
-    assert dyn.scales.shape == (4, n) and _out_err(x, wt, dyn.dequantize()) < _out_err(x, wt, rtn.dequantize())
+    assert dyn.scales.shape == (4, n) and _out_err(x, wt, dyn.dequantize()) < _out_err(
+        x, wt, rtn.dequantize()
+    )
 
 
 def test_prepared_hessian_reuse_and_rank_deficient() -> None:

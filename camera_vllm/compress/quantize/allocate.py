@@ -180,7 +180,11 @@ def drop_unused_bits(allocations: Sequence[LayerAllocation]) -> list[LayerAlloca
 
     def cut(e: ExpertAllocation) -> ExpertAllocation:
         return ExpertAllocation(
-            tuple(e.bits[i] for i in keep), tuple(e.slabs[i] for i in keep), e.perm, e.pruned, e.original_width
+            tuple(e.bits[i] for i in keep),
+            tuple(e.slabs[i] for i in keep),
+            e.perm,
+            e.pruned,
+            e.original_width,
         )
 
     return [
@@ -243,7 +247,7 @@ def _levels_by_rank(energy: Tensor, counts_desc: Sequence[int], levels_desc: Seq
     per_rank = torch.zeros(energy.numel(), dtype=torch.long)
     start = 0
     for n, b in zip(counts_desc, levels_desc):
-        per_rank[start:start + n] = b
+        per_rank[start : start + n] = b
         start += n
     out = torch.zeros(energy.numel(), dtype=torch.long)
     out[order] = per_rank
@@ -313,12 +317,18 @@ def allocate_layer(
     if group_size <= 0 or hidden <= 0:
         raise ValueError(f"hidden and group_size must be positive, got {hidden}, {group_size}")
     routed = [torch.as_tensor(e).detach().to("cpu", torch.float64).flatten() for e in energies]
-    shared = None if shared_energies is None else torch.as_tensor(shared_energies).detach().to("cpu", torch.float64).flatten()
+    shared = (
+        None
+        if shared_energies is None
+        else torch.as_tensor(shared_energies).detach().to("cpu", torch.float64).flatten()
+    )
     members = routed + ([shared] if shared is not None else [])
     for i, e in enumerate(members):
         if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
-            raise ValueError(f"energies of {'expert ' + str(i) if i < len(routed) else 'the shared expert'} "
-                             "must be finite and non-negative")
+            raise ValueError(
+                f"energies of {'expert ' + str(i) if i < len(routed) else 'the shared expert'} "
+                "must be finite and non-negative"
+            )
 
     if (avg_bits is None) == (fractions is None):
         raise ValueError("give exactly one of `fractions` (with `bits`) or `avg_bits`")
@@ -338,8 +348,16 @@ def allocate_layer(
         _check_bits_list(cand)
         bits_desc = tuple(sorted(cand, reverse=True))
         levels, info = _budget_levels(
-            members, len(routed), bits_desc, float(avg_bits), hidden, group_size, prune_ratio, scope,
-            dict(DEFAULT_LEVEL_ERROR if level_error is None else level_error), allow_prune,
+            members,
+            len(routed),
+            bits_desc,
+            float(avg_bits),
+            hidden,
+            group_size,
+            prune_ratio,
+            scope,
+            dict(DEFAULT_LEVEL_ERROR if level_error is None else level_error),
+            allow_prune,
         )
     experts = [_expert_from_levels(lv, bits_desc) for lv in levels]
     alloc = LayerAllocation(
@@ -392,7 +410,9 @@ def _budget_levels(
     missing = [b for b in set(bits_desc) | ({0} if allow_prune else set()) if b not in rho]
     if missing:
         raise ValueError(f"level_error lacks bit-width(s) {sorted(missing)}")
-    prob = _BudgetProblem(members, n_routed, list(bits_desc), avg_bits, hidden, group_size, prune_ratio, scope)
+    prob = _BudgetProblem(
+        members, n_routed, list(bits_desc), avg_bits, hidden, group_size, prune_ratio, scope
+    )
     best = None
     for r in range(1, len(bits_desc) + 1):
         for subset in _subsets(bits_desc, r):
@@ -468,7 +488,9 @@ class _BudgetProblem:
             n_items = flat.numel() - int(round(prune_ratio * flat.numel()))
             self.items = _rank(flat)[:n_items]
             weight = flat[self.items]
-            owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(self.widths, dtype=torch.long))
+            owner = torch.repeat_interleave(
+                torch.arange(len(members)), torch.tensor(self.widths, dtype=torch.long)
+            )
             item_owner = owner[self.items]
             # rank_of[m] = sorted item positions of member m (padded past the end).
             self.rank_of = torch.full((len(members), max(self.widths)), n_items + 1, dtype=torch.long)
@@ -478,17 +500,25 @@ class _BudgetProblem:
         else:
             routed_w = {m.numel() for m in members[:n_routed]}
             if len(routed_w) > 1:
-                raise ValueError(f"scope 'expert' needs routed experts of one width, got widths {sorted(routed_w)}")
+                raise ValueError(
+                    f"scope 'expert' needs routed experts of one width, got widths {sorted(routed_w)}"
+                )
             width = routed_w.pop() if routed_w else members[-1].numel()
             n_items = width - int(round(prune_ratio * width))
             sorted_e = [m[_rank(m)] for m in members[:n_routed]]
-            weight = torch.stack(sorted_e).sum(0)[:n_items] if sorted_e else torch.ones(n_items, dtype=torch.float64)
+            weight = (
+                torch.stack(sorted_e).sum(0)[:n_items]
+                if sorted_e
+                else torch.ones(n_items, dtype=torch.float64)
+            )
         self.n_items = n_items
         # Strictly decreasing weights in rank order (tiny tie-break), scaled to max 1, so that
         # the threshold rule follows the ranking even for zero or equal energies.
         top = float(weight.max()) if n_items else 1.0
         weight = weight / (top if top > 0 else 1.0)
-        self.weight = weight + 1e-12 * (n_items - torch.arange(n_items, dtype=torch.float64)) / max(n_items, 1)
+        self.weight = weight + 1e-12 * (n_items - torch.arange(n_items, dtype=torch.float64)) / max(
+            n_items, 1
+        )
         self.prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.weight, 0)]).tolist()
 
     # -- storage -----------------------------------------------------------------------------------
@@ -501,8 +531,10 @@ class _BudgetProblem:
         if self._table is None:
             n_max = max(self.widths)
             self._table = torch.tensor(
-                [[8 * stored_bytes([n], [b], self.hidden, self.group_size) for n in range(n_max + 1)]
-                 for b in self.bits_list],
+                [
+                    [8 * stored_bytes([n], [b], self.hidden, self.group_size) for n in range(n_max + 1)]
+                    for b in self.bits_list
+                ],
                 dtype=torch.long,
             )
         return self._table
@@ -536,7 +568,8 @@ class _BudgetProblem:
     def loss(self, hull: list[int], cut: list[int], rho: Mapping[int, float]) -> float:
         bnd = [0] + [cut[j] for j in range(len(hull) - 2, -1, -1)] + [self.n_items]
         return sum(
-            (self.prefix[bnd[i + 1]] - self.prefix[bnd[i]]) * rho[hull[len(hull) - 1 - i]] for i in range(len(hull))
+            (self.prefix[bnd[i + 1]] - self.prefix[bnd[i]]) * rho[hull[len(hull) - 1 - i]]
+            for i in range(len(hull))
         )
 
     # -- optimisation ------------------------------------------------------------------------------
@@ -550,11 +583,16 @@ class _BudgetProblem:
         if not fits([0] * top):
             return None
         neg_w = -self.weight  # ascending, for searchsorted
-        slope = [(self.cost[hull[j + 1]] - self.cost[hull[j]]) / (rho[hull[j]] - rho[hull[j + 1]]) for j in range(top)]
+        slope = [
+            (self.cost[hull[j + 1]] - self.cost[hull[j]]) / (rho[hull[j]] - rho[hull[j + 1]])
+            for j in range(top)
+        ]
 
         def at(lam: float) -> list[int]:
             # Item i sits above level j iff weight_i * d_rho_j > lam * d_cost_j.
-            return torch.searchsorted(neg_w, torch.tensor([-lam * s for s in slope], dtype=torch.float64)).tolist()
+            return torch.searchsorted(
+                neg_w, torch.tensor([-lam * s for s in slope], dtype=torch.float64)
+            ).tolist()
 
         # Bisect the multiplier in log space: small lambda -> everything at the top level.
         lo, hi = -60.0, 20.0  # log(lambda); weights are scaled to max 1
@@ -590,7 +628,7 @@ class _BudgetProblem:
                 for m in _FILL_SIZES:
                     if m > room:
                         break
-                    trial = cut[:j] + [cut[j] + m] + cut[j + 1:]
+                    trial = cut[:j] + [cut[j] + m] + cut[j + 1 :]
                     t = self.total_bits(self.counts_of(hull, trial))
                     if t > self.budget:
                         continue

@@ -53,7 +53,9 @@ class HessianAccumulator:
     :param k: input dim of the matrix.
     """
 
-    def __init__(self, k: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self, k: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+    ):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulator dtype must be float32 or float64, got {dtype}")
         self.k = k
@@ -143,7 +145,7 @@ def prepare_hessian(hessian: Tensor, damp: float = 0.01, act_order: bool = False
     mean_diag = float(torch.diagonal(h).mean()) if k else 1.0
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
     rel = damp if damp > 0 else 0.0
-    for attempt in range(4):
+    for _ in range(4):
         chol, info = torch.linalg.cholesky_ex(h + (rel * mean_diag) * eye)
         if int(info) == 0:
             break
@@ -186,7 +188,11 @@ def gptq_quantize(
     if group_size <= 0 or block_size <= 0:
         raise ValueError(f"group_size and block_size must be positive, got {group_size}, {block_size}")
     k, n = wt.shape
-    prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian.to(wt.device), damp, act_order)
+    prep = (
+        hessian
+        if isinstance(hessian, PreparedHessian)
+        else prepare_hessian(hessian.to(wt.device), damp, act_order)
+    )
     if prep.k != k:
         raise ValueError(f"Hessian is {prep.k}x{prep.k} but the matrix has K={k} input rows")
     device = wt.device
@@ -201,7 +207,9 @@ def gptq_quantize(
     if static:
         perm = prep.perm.to(device) if prep.perm is not None else torch.arange(k, device=device)
         for g in range(ng):
-            s, z = fit_group_grid(w[g * group_size:(g + 1) * group_size].unsqueeze(0), bits, clip_ratios=clip)
+            s, z = fit_group_grid(
+                w[g * group_size : (g + 1) * group_size].unsqueeze(0), bits, clip_ratios=clip
+            )
             scales[g], zeros[g] = s[0], z[0]
         w = w[perm]
         group_of = (perm // group_size).tolist()
@@ -225,14 +233,14 @@ def gptq_quantize(
                 cur_s, cur_z = scales[g], zeros[g]
             elif row % group_size == 0:
                 g = row // group_size
-                s, z = fit_group_grid(w1[i:i + group_size].unsqueeze(0), bits, clip_ratios=clip)
+                s, z = fit_group_grid(w1[i : i + group_size].unsqueeze(0), bits, clip_ratios=clip)
                 scales[g], zeros[g] = s[0], z[0]
                 cur_s, cur_z = scales[g], zeros[g]
             wr = w1[i]
             qr = quantize_to_grid(wr, cur_s, cur_z, bits)
             err = (wr - (qr.to(torch.float32) - cur_z) * cur_s) / u1[i, i]
             if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1.0)
             err1[i] = err
             q[row] = qr
         if i2 < k:
@@ -240,4 +248,6 @@ def gptq_quantize(
 
     if static:
         q = q[torch.argsort(perm)]
-    return QuantizedMatrix(q.contiguous(), scales.to(torch.float16), zeros.to(torch.float16), bits, group_size)
+    return QuantizedMatrix(
+        q.contiguous(), scales.to(torch.float16), zeros.to(torch.float16), bits, group_size
+    )

@@ -186,7 +186,11 @@ def fit_group_grid(
         s, z = _grid_from_range(mid - half * ratio, mid + half * ratio, bits)
         err = sq_err(s, z)
         better = err < best
-        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+        scale, zero, best = (
+            torch.where(better, s, scale),
+            torch.where(better, z, zero),
+            torch.minimum(err, best),
+        )
     return scale, zero
 
 
@@ -229,7 +233,9 @@ def quantize_rtn(
     if k == 0 or n == 0:
         g = num_groups(k, group_size)
         empty = torch.zeros(g, n, dtype=torch.float16, device=wt.device)
-        return QuantizedMatrix(torch.zeros(k, n, dtype=torch.int32, device=wt.device), empty + 1, empty, bits, group_size)
+        return QuantizedMatrix(
+            torch.zeros(k, n, dtype=torch.int32, device=wt.device), empty + 1, empty, bits, group_size
+        )
     wg, valid = _grouped(w, group_size)
     scale, zero = fit_group_grid(wg, bits, valid=valid, clip_ratios=clip_ratios if clip_search else None)
     q = quantize_to_grid(wg, scale.unsqueeze(1), zero.unsqueeze(1), bits).reshape(-1, n)[:k]
