@@ -60,8 +60,9 @@ def _common(vocab: int) -> dict:
         vocab_size=vocab,
         hidden_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # vLLM's CPU attention takes head sizes 32, 64, 80, ... only: 2 heads of 32.
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
@@ -75,7 +76,7 @@ def _qwen3_moe(vocab: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        **_common(vocab), head_dim=16, intermediate_size=128, moe_intermediate_size=64,
+        **_common(vocab), head_dim=32, intermediate_size=128, moe_intermediate_size=64,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
     )
     return Qwen3MoeForCausalLM(cfg)
@@ -103,9 +104,10 @@ def _deepseek_v2(vocab: int):
         # transformers' DeepseekV2 gate never renormalises while vLLM honours the flag:
         # False keeps the two in agreement.
         num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False, topk_method="greedy",
-        routed_scaling_factor=1.0, n_group=1, topk_group=1,
-        # vLLM's MLA accepts kv_lora_rank + qk_rope_head_dim in {320, 512, 576}.
-        kv_lora_rank=256, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=16,
+        routed_scaling_factor=1.5, n_group=1, topk_group=1,
+        # vLLM's MLA accepts kv_lora_rank + qk_rope_head_dim in {320, 512, 576}; serve with
+        # VLLM_MLA_DISABLE=1 on CPU (head size 16 + 64).
+        kv_lora_rank=256, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=32,
     )
     cfg.num_hidden_layers = 3  # one dense layer, then two MoE layers
     return DeepseekV2ForCausalLM(cfg)
@@ -114,7 +116,7 @@ def _deepseek_v2(vocab: int):
 def _mixtral(vocab: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(**_common(vocab), head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
+    cfg = MixtralConfig(**_common(vocab), head_dim=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
     return MixtralForCausalLM(cfg)
 
 

@@ -53,7 +53,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     out = {a: build_tiny_moe(a, root / a, seed=3) for a in ARCHITECTURES}
     shutil.copytree(out["deepseek_v2"], root / "deepseek_v2_norm")
     out["deepseek_v2_norm"] = root / "deepseek_v2_norm"
-    _patch_config(out["deepseek_v2_norm"], norm_topk_prob=True)
+    _patch_config(out["deepseek_v2_norm"], norm_topk_prob=True, routed_scaling_factor=1.0)
     _patch_config(out["deepseek_v2"], norm_topk_prob=False, routed_scaling_factor=2.5)
     return out
 
