@@ -9,12 +9,19 @@ Two plots go into the same directory:
   kept vs removed micro-experts;
 * ``camera_report_widths.png`` - kept width of every expert (and the shared expert) as
   a fraction of its original width, layers x experts.
+
+A CAMERA-Q run (:func:`build_quant_report`) writes the same report plus the bit
+allocation (slabs per layer, stored bytes, achieved average bits counting packed
+weights, scales and zeros) and a third plot:
+
+* ``camera_report_bits.png`` - mean bits per micro-expert of every expert (pruned = 0),
+  layers x experts, and the share of micro-experts at each bit-width per layer.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,8 +31,12 @@ from .prune import LayerKeep
 from .score import LayerEnergies
 from .source import SourceCheckpoint
 
+if TYPE_CHECKING:  # only for annotations: report.py stays importable without the quantize package
+    from .quantize.allocate import LayerAllocation
+
 ENERGY_PLOT = "camera_report_energy.png"
 WIDTHS_PLOT = "camera_report_widths.png"
+BITS_PLOT = "camera_report_bits.png"
 
 
 def expert_param_counts(arch: MoEArch, keeps: dict[int, LayerKeep] | None = None) -> int:
@@ -219,3 +230,147 @@ def render_prune_plots(
         ENERGY_PLOT: plot_energy_distribution(energies, keeps),
         WIDTHS_PLOT: plot_kept_widths(arch, keeps),
     }
+
+
+# -- CAMERA-Q --------------------------------------------------------------------------------------
+def keeps_from_allocations(allocations: dict[int, LayerAllocation]) -> dict[int, LayerKeep]:
+    """The CAMERA-P view of a bit allocation: kept micro-experts (any bit-width), sorted."""
+    return {
+        layer: LayerKeep(
+            tuple(torch.sort(e.perm).values for e in a.experts),
+            None if a.shared is None else torch.sort(a.shared.perm).values,
+        )
+        for layer, a in allocations.items()
+    }
+
+
+def _micro_experts_by_bits(a: LayerAllocation) -> dict[str, int]:
+    out = {str(b): 0 for b in a.bits}
+    total = 0
+    for e in a.all_experts():
+        total += e.original_width
+        for b, n in zip(e.bits, e.slabs):
+            out[str(b)] += n
+    out["0"] = total - sum(out.values())  # pruned
+    return out
+
+
+def build_quant_report(
+    source: SourceCheckpoint,
+    allocations: dict[int, LayerAllocation],
+    energies: dict[int, LayerEnergies],
+    settings: dict[str, Any],
+    timings: dict[str, float],
+    *,
+    group_size: int,
+    expert_bytes: int,
+    output_rel_errors: dict[int, float] | None = None,
+    calibration_tokens: int,
+    plots: list[str] | None = None,
+) -> dict[str, Any]:
+    """The JSON report of a CAMERA-Q run: the CAMERA-P report plus the bit allocation.
+
+    ``expert_bytes`` is what was actually stored for the expert matrices (packed weights,
+    scales, zeros); ``avg_bits_achieved`` divides it (in bits) by the parameter count of the
+    original expert matrices, shared experts included, the accounting of ``--avg-bits``.
+    """
+    arch = source.arch
+    hidden = arch.hidden_size
+    keeps = keeps_from_allocations(allocations)
+    report = build_prune_report(
+        source, keeps, energies, settings, timings, calibration_tokens=calibration_tokens, plots=plots
+    )
+    report["method"] = "CAMERA-Q"
+    dense_params = 0
+    code_bits = kept = 0
+    for layer, a in sorted(allocations.items()):
+        info = report["layers"][str(layer)]
+        layer_params = a.dense_params(hidden)
+        dense_params += layer_params
+        by_bits = _micro_experts_by_bits(a)
+        layer_kept = sum(n for b, n in by_bits.items() if b != "0")
+        kept += layer_kept
+        code_bits += sum(int(b) * n for b, n in by_bits.items())
+        info.update(
+            {
+                "bits": list(a.bits),
+                "expert_slabs": a.expert_slabs,
+                "shared_slabs": a.shared_slabs,
+                "micro_experts_by_bits": by_bits,
+                "avg_bits": a.bits_per_weight(hidden, group_size),
+                "avg_code_bits_kept": (
+                    sum(int(b) * n for b, n in by_bits.items()) / layer_kept if layer_kept else 0.0
+                ),
+                "expert_bytes": a.stored_bytes(hidden, group_size),
+                "dense_expert_params": layer_params,
+                "output_rel_error": None if output_rel_errors is None else output_rel_errors.get(layer),
+                "allocation": {k: v for k, v in a.info.items()},
+            }
+        )
+    elem = torch.empty(0, dtype=source.dtype).element_size()
+    report.update(
+        {
+            "bits": list(next(iter(allocations.values())).bits) if allocations else [],
+            "group_size": group_size,
+            "avg_bits_target": settings.get("avg_bits"),
+            "avg_bits_achieved": 8.0 * expert_bytes / dense_params if dense_params else 0.0,
+            "avg_code_bits_kept": code_bits / kept if kept else 0.0,
+            "expert_bytes": expert_bytes,
+            "dense_expert_params": dense_params,
+            "dense_expert_bytes": dense_params * elem,
+            "dense_dtype": str(source.dtype).replace("torch.", ""),
+        }
+    )
+    return report
+
+
+def plot_bits(arch: MoEArch, allocations: dict[int, LayerAllocation], group_size: int) -> bytes:
+    """PNG: mean bits per micro-expert (layers x experts, pruned = 0) and bit-width shares per layer."""
+    layers = sorted(allocations)
+    shared = arch.has_shared_expert
+    cols = arch.num_experts + (1 if shared else 0)
+    grid = torch.zeros(len(layers), cols)
+    for r, layer in enumerate(layers):
+        for c, e in enumerate(allocations[layer].all_experts()):
+            grid[r, c] = sum(b * n for b, n in zip(e.bits, e.slabs)) / max(e.original_width, 1)
+    top = max((max(a.bits) for a in allocations.values()), default=1)
+    fig = _figure((max(7.0, min(14, 3 + 0.12 * cols)), max(6.0, min(14, 4 + 0.5 * len(layers)))))
+    ax1, ax2 = fig.subplots(2, 1)
+    im = ax1.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+    ax1.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax1.set_ylabel("MoE layer")
+    ax1.set_xlabel("expert" + (" (last column: shared)" if shared else ""))
+    ax1.set_title("Mean code bits per micro-expert (pruned = 0)")
+    fig.colorbar(im, ax=ax1, fraction=0.04)
+
+    all_bits = sorted({b for a in allocations.values() for b in a.bits} | {0}, reverse=True)
+    colours = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown"]
+    cmap = dict(zip(all_bits, colours))
+    cmap[0] = "lightgrey"
+    bottom = [0.0] * len(layers)
+    for b in all_bits:
+        share = [allocations[layer].fractions().get(b, 0.0) for layer in layers]
+        label = "pruned" if b == 0 else f"{b} bit"
+        ax2.bar(range(len(layers)), share, bottom=bottom, color=cmap.get(b, "black"), label=label)
+        bottom = [x + y for x, y in zip(bottom, share)]
+    for i, layer in enumerate(layers):
+        bpw = allocations[layer].bits_per_weight(arch.hidden_size, group_size)
+        ax2.text(i, 1.01, f"{bpw:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.set_xticks(range(len(layers)), [str(x) for x in layers])
+    ax2.set_ylim(0, 1.1)
+    ax2.set_xlabel("MoE layer (numbers: stored bits per weight, scales and zeros included)")
+    ax2.set_ylabel("share of micro-experts")
+    ax2.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render_quant_plots(
+    arch: MoEArch,
+    energies: dict[int, LayerEnergies],
+    keeps: dict[int, LayerKeep],
+    allocations: dict[int, LayerAllocation],
+    group_size: int,
+) -> dict[str, bytes]:
+    """The CAMERA-P plots plus :data:`BITS_PLOT`: file name -> PNG bytes."""
+    return {**render_prune_plots(arch, energies, keeps), BITS_PLOT: plot_bits(arch, allocations, group_size)}
