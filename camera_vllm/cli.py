@@ -2,6 +2,7 @@
 
     camera-vllm analyze MODEL --calib FILE... --out SCORES.safetensors
     camera-vllm prune MODEL --ratio R --calib FILE... --out DIR [--scope layer|expert]
+    camera-vllm quantize MODEL --calib FILE... --out DIR (--avg-bits B | --bits 4,2,1 --fractions F,F,F)
     camera-vllm validate DIR
     camera-vllm inspect DIR [--json]
 
@@ -161,6 +162,143 @@ def _register_prune(sub) -> None:
     p.set_defaults(handler=_prune)
 
 
+# -- quantize --------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .compress.quantize.pipeline import run_camera_q
+    from .compress.quantize.slabs import SlabQuantOptions
+    from .format import names
+
+    files, calib, energy = _specs(args)
+    if args.fractions is not None and args.bits is None:
+        raise ValueError("--fractions needs --bits (one fraction per bit-width)")
+    out = run_camera_q(
+        args.model,
+        args.out,
+        files,
+        avg_bits=args.avg_bits,
+        bits=args.bits,
+        fractions=args.fractions,
+        group_size=args.group_size,
+        method=args.method,
+        scope=args.scope,
+        prune_ratio=args.prune_ratio,
+        allow_prune=args.allow_prune,
+        router_weighted=not args.no_router_weighting,
+        sequential=not args.no_sequential,
+        options=SlabQuantOptions(damp=args.damp, act_order=args.act_order),
+        calib=calib,
+        energy=energy,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        scores_out=args.save_scores,
+        progress=not args.no_progress,
+    )
+    report = json.loads((out / names.REPORT_FILE).read_text())
+    print(
+        f"CAMERA-Q checkpoint: {out}\n"
+        f"bits {report['bits']}, group size {report['group_size']}: "
+        f"{report['avg_bits_achieved']:.4f} bits per expert weight (scales and zeros included)"
+    )
+    return 0
+
+
+def _register_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="CAMERA-Q: micro-experts at mixed bit-widths by energy (optionally pruned too)",
+        description="Energy-ranked mixed-precision quantization of expert channels (GPTQ or RTN); writes a"
+        " servable checkpoint with a report.",
+    )
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--avg-bits",
+        type=float,
+        default=None,
+        help="budget: stored bits per original expert weight, packed weights + fp16 scales + zeros"
+        " (e.g. 2.25 ~ 2-bit codes at group size 128); met in every layer",
+    )
+    mode.add_argument(
+        "--fractions",
+        type=_float_list,
+        default=None,
+        help="explicit split: share of the kept micro-experts per --bits entry, e.g. 0.25,0.5,0.25",
+    )
+    p.add_argument(
+        "--bits",
+        type=_int_list,
+        default=None,
+        help="bit-widths, e.g. 4,2,1: with --fractions the explicit groups; with --avg-bits the candidates"
+        " (default 4,3,2,1)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="quantization group along each matrix's input dim, a multiple of 32 (default 128)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("gptq", "rtn"),
+        default="gptq",
+        help="gptq (default, the paper's; keeps RTN per matrix where that is better on calibration data)"
+        " or rtn (no Hessians, faster)",
+    )
+    p.add_argument(
+        "--scope",
+        choices=("layer", "expert"),
+        default="layer",
+        help="layer: rank routed+shared micro-experts of a layer together (default, as prune);"
+        " expert: the same split inside every expert",
+    )
+    p.add_argument(
+        "--prune-ratio",
+        type=float,
+        default=0.0,
+        help="also remove this fraction of micro-experts first, lowest energy (0 bits); default 0",
+    )
+    p.add_argument(
+        "--allow-prune",
+        action="store_true",
+        help="with --avg-bits: let the allocator prune (0 bits) where that is the cheapest way to the budget",
+    )
+    q = p.add_argument_group("GPTQ")
+    q.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    q.add_argument("--act-order", action="store_true", help="visit inputs by decreasing Hessian diagonal")
+    q.add_argument(
+        "--no-router-weighting",
+        action="store_true",
+        help="Hessians weight every routed token 1 instead of its squared router weight",
+    )
+    q.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="down's Hessian from the original gate/up activations, not the quantized ones",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--save-scores", default=None, metavar="FILE", help="also save the energies (.safetensors)"
+    )
+    _add_calib_args(p)
+    p.set_defaults(handler=_quantize)
+
+
 # -- validate / inspect ----------------------------------------------------------------------------
 def _validate(args: argparse.Namespace) -> int:
     from .format.validate import validate
@@ -192,11 +330,12 @@ def _register_inspect(sub) -> None:
     p.set_defaults(handler=_inspect)
 
 
-# Subcommands, in --help order.  CAMERA-Q adds ``_register_quantize`` (from its own
-# module under compress/quantize/) to this list; nothing here stands in for it.
+# Subcommands, in --help order.  The CAMERA-Q handler lives here like the others (the
+# library side is compress/quantize/pipeline.py): compress must not import the CLI.
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_analyze,
     _register_prune,
+    _register_quantize,
     _register_validate,
     _register_inspect,
 ]
