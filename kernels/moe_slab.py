@@ -18,11 +18,16 @@ Two variants of each:
   (:func:`.launch.moe_align`); one program per (block, column tile); ``tl.dot``
   tensor-core tiles with the weights dequantized to the activation dtype.
 
-Weights are unpacked with a gather per bit part: K row ``k`` of a slab lives in
-word row ``(k // 32) * BITS + shift + (k % 32) // (32 // width)`` at bit
-``(k % (32 // width)) * width`` (see :mod:`.packing`); neighbouring K rows load the
-same words, which the L1 cache serves.  ``BLOCK_K`` divides ``GROUP_SIZE`` so every
-K tile has exactly one scale/zero row per column.
+Weights are unpacked in registers: each packed int32 word of a tile is loaded once
+(``BLOCK_K * BITS / 32`` rows of ``BN`` words, coalesced along N) and expanded with
+shifts and a reshape (:func:`_codes_part`; bit layout in :mod:`.packing`).  Loading
+the codes row by row instead (one gathered int32 per K row) would stage
+``32 / width`` times more bytes in shared memory when pipelined - too much for a
+3-bit ``BLOCK_K = 128`` tile on an H100.
+
+Constraints: ``BLOCK_K`` is a multiple of 32 that divides ``GROUP_SIZE`` (one
+scale/zero row per K tile); ``BLOCK_M``, ``BLOCK_N`` >= 16 for ``tl.dot``; all
+block sizes powers of two.  fp32 accumulation everywhere.
 """
 
 from __future__ import annotations
@@ -32,30 +37,43 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q,
-                BITS: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr):
-    """int32 ``[BK, BN]``: bits ``[SHIFT, SHIFT + WIDTH)`` of the codes of K rows ``offs_k``."""
-    in_block = offs_k % 32
-    rows = row_base + (offs_k // 32) * BITS + SHIFT + in_block // (32 // WIDTH)
-    words = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0)
+def _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q,
+                BLOCK_K: tl.constexpr, BITS: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr):
+    """int32 ``[BLOCK_K, BN]``: bits ``[SHIFT, SHIFT + WIDTH)`` of the codes of K rows ``k0 + [0, BLOCK_K)``.
+
+    Loads each packed word once (``[BLOCK_K / 32, WIDTH, BN]`` words) and expands it in
+    registers: word ``w`` of a 32-value block holds values ``w * (32 // WIDTH) + p`` at
+    bit ``p * WIDTH``, so ``[blocks, WIDTH, 32 // WIDTH, BN]`` flattens to K order.
+    Blocks starting at or past ``k_limit`` are masked (their rows do not exist).
+    """
+    blk = tl.arange(0, BLOCK_K // 32)
+    word = tl.arange(0, WIDTH)
+    rows = row_base + (k0 // 32 + blk)[:, None] * BITS + SHIFT + word[None, :]  # [NB, WIDTH]
+    block_ok = (k0 + blk * 32) < k_limit
+    words = tl.load(q_ptr + rows[:, :, None] * stride_q + cols[None, None, :],
+                    mask=block_ok[:, None, None] & col_ok[None, None, :], other=0)  # [NB, WIDTH, BN]
+    shifts = tl.arange(0, 32 // WIDTH) * WIDTH
     # Arithmetic shift of int32 is fine: the mask keeps only the WIDTH wanted bits.
-    return (words >> ((in_block % (32 // WIDTH)) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
+    vals = (words[:, :, None, :] >> shifts[None, None, :, None]) & ((1 << WIDTH) - 1)
+    return tl.reshape(vals, [BLOCK_K, cols.shape[0]])
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, row_base, group_row, offs_k, cols, col_ok, mask,
-                  stride_q, stride_s, BITS: tl.constexpr):
-    """fp32 ``[BK, BN]`` ``(q - zero) * scale`` of K rows ``offs_k`` (relative to the slab).
+def _dequant_tile(q_ptr, s_ptr, z_ptr, row_base, group_row, k0, k_limit, cols, col_ok,
+                  stride_q, stride_s, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """fp32 ``[BLOCK_K, BN]`` ``(q - zero) * scale`` of K rows ``k0 + [0, BLOCK_K)`` of a slab.
 
-    ``row_base``: the slab's first packed row; ``group_row``: the scale/zero row of this
-    K tile (one per tile since ``BLOCK_K`` divides the group size).
+    ``row_base``: the slab's first packed row; ``k_limit``: the slab's K (rows past it
+    in the last 32-block are the packing's zero padding and get finite values, which
+    callers multiply by masked-to-zero activations); ``group_row``: the scale/zero row
+    of this K tile (one per tile since ``BLOCK_K`` divides the group size).
     """
     if BITS == 3:
-        # 3 bits = a 2-bit plane (rows 0-1 of each 32-value block) + a 1-bit plane (row 2).
-        q = _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, 3, 2, 0)
-        q = q | (_codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, 3, 1, 2) << 2)
+        # 3 bits = a 2-bit plane (words 0-1 of each 32-value block) + a 1-bit plane (word 2).
+        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 2, 0)
+        q = q | (_codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 1, 2) << 2)
     else:
-        q = _codes_part(q_ptr, row_base, offs_k, cols, mask, stride_q, BITS, BITS, 0)
+        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, BITS, BITS, 0)
     scale = tl.load(s_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
     return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
@@ -112,11 +130,12 @@ def _w13_gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < hidden
         a = tl.load(x_ptr + token * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        mask = k_ok[:, None] & col_ok[None, :]
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, gate_cols, col_ok, mask, stride_q, stride_s, BITS)
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_q, stride_s,
+                           BLOCK_K, BITS)
         acc_g += tl.sum(a[:, None] * wg, axis=0)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, up_cols, col_ok, mask, stride_q, stride_s, BITS)
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_q, stride_s,
+                           BLOCK_K, BITS)
         acc_u += tl.sum(a[:, None] * wu, axis=0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + pair.to(tl.int64) * stride_act + cols, h.to(act_ptr.dtype.element_ty), mask=col_ok)
@@ -153,9 +172,8 @@ def _w2_gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < n
         a = tl.load(act_ptr + pair64 * stride_act + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        mask = k_ok[:, None] & col_ok[None, :]
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, offs_k, cols, col_ok, mask,
-                          stride_q, stride_s, BITS)
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
+                          stride_q, stride_s, BLOCK_K, BITS)
         acc += tl.sum(a[:, None] * w, axis=0)
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
     out_ptrs = out_ptr + pair64 * stride_out + cols
@@ -200,11 +218,12 @@ def _w13_sorted_kernel(
         k_ok = offs_k < hidden
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        mask = k_ok[:, None] & col_ok[None, :]
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, gate_cols, col_ok, mask, stride_q, stride_s, BITS)
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_q, stride_s,
+                           BLOCK_K, BITS)
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, offs_k, up_cols, col_ok, mask, stride_q, stride_s, BITS)
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_q, stride_s,
+                           BLOCK_K, BITS)
         acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     act_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * stride_act + cols[None, :]
@@ -246,9 +265,8 @@ def _w2_sorted_kernel(
         k_ok = offs_k < n
         a = tl.load(act_ptr + pairs64[:, None] * stride_act + offs_k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        mask = k_ok[:, None] & col_ok[None, :]
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, offs_k, cols, col_ok, mask,
-                          stride_q, stride_s, BITS)
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
+                          stride_q, stride_s, BLOCK_K, BITS)
         acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + pairs64[:, None] * stride_out + cols[None, :]
