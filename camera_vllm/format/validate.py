@@ -4,14 +4,24 @@
 each message names the file and, where there is one, the tensor:
 
 * ``config.json`` present and parseable; its ``quantization_config`` parses
-  (:meth:`CameraQuantConfig.from_json_dict`) and agrees with the architecture facts;
+  (:meth:`CameraQuantConfig.from_json_dict`) and agrees with config.json's own
+  architecture facts (:func:`camera_vllm.arch.moe_arch_from_config`): architecture,
+  num_experts, original_intermediate_size, original_shared_intermediate_size, the MoE
+  layers, and ``shared_slabs`` in every layer exactly when the model has a shared expert;
 * no ``.camera_incomplete`` marker (the writer did not finish);
 * every safetensors header readable, and each file exactly as long as its header says
-  (a truncated file is named);
+  (a truncated file, or one with trailing bytes, is named); every tensor's byte range
+  matches its shape and dtype, and the ranges tile the data area without gaps or overlaps;
 * the index (if any) lists exactly the tensors the shards hold, each in its own shard;
 * every routed/shared expert tensor that :func:`layout.expert_tensors` expects is there
-  with that exact shape and dtype, and no other expert tensor is;
-* no NaN/inf in floating-point tensors (``check_values=False`` skips this read).
+  with that exact shape and dtype, and no other expert tensor is; the embedding, final
+  norm, LM head (unless tied) and every MoE layer's router are there with their shapes;
+* no NaN/inf in floating-point tensors and every quantization scale > 0
+  (``check_values=False`` skips this read);
+* warnings (not errors): a width in ``bits`` that no slab uses, stray shards.
+
+:func:`validate_for_serving` is the same check as the vLLM plugin runs it before the
+engine is built: it raises :class:`CameraFormatError` listing every problem.
 
 Headers are parsed here directly (8-byte length + JSON) so that truncation is caught
 before any tensor is read.
@@ -20,6 +30,10 @@ before any tensor is read.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +42,13 @@ from typing import Any
 from . import names
 from .layout import QWEIGHT_DTYPE_NAME, SCALE_DTYPE_NAME, expert_tensors, stored_bytes
 from .schema import CameraFormatError, CameraQuantConfig
+
+log = logging.getLogger(__name__)
+
+# Environment switch of :func:`validate_for_serving`: "0" skips the NaN/inf/scale scan
+# (which reads every tensor once) for very large checkpoints already validated offline.
+VALUES_ENV = "CAMERA_VALIDATE_VALUES"
+_SCALES_RE = re.compile(rf"\.{names.SCALES}_b\d+$")
 
 # safetensors dtype tags
 _FLOAT_TAGS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -114,7 +135,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise CameraFormatError(f"{path.name}: safetensors header is not a JSON object")
     out: dict[str, TensorInfo] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -123,11 +144,35 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
             dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
         except (KeyError, TypeError, ValueError):
             raise CameraFormatError(f"{path.name}: malformed header entry for tensor {name!r}") from None
+        if dtype not in _TAG_BYTES:
+            raise CameraFormatError(f"{path.name}: tensor {name} has unknown dtype {dtype!r}")
+        if any(d < 0 for d in shape) or start < 0 or stop < start:
+            raise CameraFormatError(
+                f"{path.name}: tensor {name} has a malformed header entry (shape {list(shape)},"
+                f" data_offsets [{start}, {stop}])"
+            )
+        want = math.prod(shape) * _TAG_BYTES[dtype]
+        if stop - start != want:
+            raise CameraFormatError(
+                f"{path.name}: tensor {name} spans {stop - start} bytes but shape {list(shape)} {dtype}"
+                f" needs {want}"
+            )
         out[name] = TensorInfo(path.name, dtype, shape, stop - start)
-        end = max(end, stop)
+        spans.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap at byte {end}"
+            raise CameraFormatError(f"{path.name}: tensor {name} data ({start}..{stop}) {what}")
+        end = stop
     if 8 + n + end > size:
         raise CameraFormatError(
             f"{path.name}: truncated safetensors file: data ends at byte {8 + n + end}, file has {size} bytes"
+        )
+    if 8 + n + end < size:
+        raise CameraFormatError(
+            f"{path.name}: {size - 8 - n - end} trailing bytes after the last tensor (data ends at byte"
+            f" {8 + n + end}, file has {size}); the file is corrupt or was overwritten in place"
         )
     return out
 
@@ -201,45 +246,110 @@ def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]
     return tensors
 
 
+def _int_field(cfg: dict[str, Any], key: str, report: ValidationReport) -> int | None:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        report.errors.append(f"{names.CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
+        return None
+    return value
+
+
+def _check_arch_facts(cfg: dict[str, Any], qc: CameraQuantConfig, report: ValidationReport) -> Any:
+    """quantization_config vs config.json's own architecture facts; returns the MoEArch (or None)."""
+    from ..arch import moe_arch_from_config
+
+    prefix = f"{names.CONFIG_FILE}: quantization_config"
+    try:
+        arch = moe_arch_from_config(cfg)
+    except (KeyError, ValueError, TypeError) as err:
+        report.errors.append(f"{names.CONFIG_FILE}: architecture facts unreadable ({err})")
+        return None
+    if arch.architecture != qc.architecture:
+        report.errors.append(
+            f"{prefix}.architecture {qc.architecture} != config.json architectures {arch.architecture}"
+        )
+    if arch.num_experts != qc.num_experts:
+        report.errors.append(f"{prefix}.num_experts {qc.num_experts} != config.json's {arch.num_experts}")
+    if arch.intermediate_size != qc.original_intermediate_size:
+        report.errors.append(
+            f"{prefix}.original_intermediate_size {qc.original_intermediate_size}"
+            f" != config.json's expert width {arch.intermediate_size}"
+        )
+    shared = arch.shared_intermediate_size if arch.has_shared_expert else None
+    if qc.original_shared_intermediate_size != shared:
+        report.errors.append(
+            f"{prefix}.original_shared_intermediate_size {qc.original_shared_intermediate_size}"
+            f" != config.json's shared expert width {shared}"
+        )
+    missing_layers = sorted(set(arch.moe_layers) - set(qc.layers))
+    if missing_layers:
+        report.errors.append(f"{prefix}.layers lacks MoE layers {missing_layers}")
+    extra_layers = sorted(set(qc.layers) - set(arch.moe_layers))
+    if extra_layers:
+        report.errors.append(f"{prefix}.layers lists non-MoE layers {extra_layers}")
+    for layer, spec in sorted(qc.layers.items()):
+        if shared is not None and spec.shared_slabs is None:
+            report.errors.append(
+                f"{prefix}.layers.{layer}.shared_slabs missing: {arch.architecture} has a shared expert"
+                f" (width {shared}) in every MoE layer"
+            )
+        elif shared is None and spec.shared_slabs is not None:
+            report.errors.append(
+                f"{prefix}.layers.{layer}.shared_slabs given but {arch.architecture} (config.json) has no"
+                " shared expert"
+            )
+    return arch
+
+
+def _check_core(
+    cfg: dict[str, Any], arch: Any, tensors: dict[str, TensorInfo], report: ValidationReport
+) -> None:
+    """Embedding, final norm, LM head (unless tied) and the router of every MoE layer, with their shapes."""
+    hidden, vocab = arch.hidden_size, cfg.get("vocab_size")
+    want: dict[str, tuple[int, ...] | None] = {
+        "model.embed_tokens.weight": (vocab, hidden) if isinstance(vocab, int) else None,
+        "model.norm.weight": (hidden,),
+    }
+    if not cfg.get("tie_word_embeddings", False):
+        want["lm_head.weight"] = want["model.embed_tokens.weight"]
+    for layer in arch.moe_layers:
+        want[f"{names.moe_prefix(arch.architecture, layer)}.gate.weight"] = (arch.num_experts, hidden)
+    for name, shape in want.items():
+        info = tensors.get(name)
+        if info is None:
+            report.errors.append(f"tensor {name}: missing")
+        elif shape is not None and info.shape != shape:
+            report.errors.append(
+                f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}"
+            )
+
+
 def _check_layout(
     cfg: dict[str, Any], qc: CameraQuantConfig, tensors: dict[str, TensorInfo], report: ValidationReport
 ) -> None:
     """Expected expert/shared tensors present with exact shapes and dtypes; nothing else under experts."""
-    from ..arch import moe_arch_from_config
-
     arch_name = qc.architecture
-    hidden = int(cfg.get("hidden_size", 0))
-    try:
-        arch = moe_arch_from_config(cfg)
-    except (KeyError, ValueError) as err:
-        report.errors.append(f"{names.CONFIG_FILE}: architecture facts unreadable ({err})")
-        arch = None
-    if arch is not None:
-        if arch.architecture != arch_name:
-            report.errors.append(
-                f"quantization_config.architecture {arch_name} != config architectures {arch.architecture}"
-            )
-        if arch.num_experts != qc.num_experts:
-            report.errors.append(
-                f"quantization_config.num_experts {qc.num_experts} != config's {arch.num_experts}"
-            )
-        if arch.intermediate_size != qc.original_intermediate_size:
-            report.errors.append(
-                f"quantization_config.original_intermediate_size {qc.original_intermediate_size}"
-                f" != config's expert width {arch.intermediate_size}"
-            )
-        missing_layers = sorted(set(arch.moe_layers) - set(qc.layers))
-        if missing_layers:
-            report.errors.append(f"quantization_config.layers lacks MoE layers {missing_layers}")
-        extra_layers = sorted(set(qc.layers) - set(arch.moe_layers))
-        if extra_layers:
-            report.errors.append(f"quantization_config.layers lists non-MoE layers {extra_layers}")
+    hidden = _int_field(cfg, "hidden_size", report)
+    arch = _check_arch_facts(cfg, qc, report)
+    if arch is not None and tensors:
+        _check_core(cfg, arch, tensors, report)
+    all_slabs = [s for spec in qc.layers.values() for s in [*spec.expert_slabs, spec.shared_slabs] if s]
+    used = [any(s[i] for s in all_slabs) for i in range(len(qc.bits))]
+    unused = [b for b, u in zip(qc.bits, used) if not u]
+    if unused and qc.layers:
+        report.warnings.append(
+            f"{names.CONFIG_FILE}: quantization_config.bits lists width(s) {unused} that no slab of any"
+            " layer uses"
+        )
+    if hidden is None:
+        return
     model_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
     model_tag = _MODEL_DTYPE_TAG.get(model_dtype)
     if model_tag is None and qc.scheme == "prune":
         report.warnings.append(
             f"{names.CONFIG_FILE}: unknown model dtype {model_dtype!r}; expert dtypes not checked"
         )
+    shared_module = names.shared_expert_module(arch_name)
 
     def check(name: str, shape: tuple[int, ...], layout_dtype: str) -> None:
         info = tensors.get(name)
@@ -264,8 +374,12 @@ def _check_layout(
                     expected.add(name)
                     check(name, t.shape, t.dtype)
         prefixes = [names.moe_prefix(arch_name, layer) + ".experts."]
-        if spec.shared_slabs is not None:
+        if shared_module is not None:
+            # Every tensor under the shared expert is checked, described or not: a shared
+            # expert that quantization_config forgot must not slip through unchecked.
             prefixes.append(names.shared_prefix(arch_name, layer) + ".")
+        # shared_slabs without a shared expert is reported by _check_arch_facts.
+        if spec.shared_slabs is not None and shared_module is not None:
             for proj, specs in expert_tensors(spec.shared_slabs, qc.bits, hidden, qc.group_size).items():
                 for t in specs:
                     name = names.shared_tensor(arch_name, layer, proj, t.suffix)
@@ -277,20 +391,32 @@ def _check_layout(
 
 
 def _check_values(root: Path, tensors: dict[str, TensorInfo], report: ValidationReport) -> None:
+    """No NaN/inf in any floating-point tensor; every quantization scale > 0."""
     import torch
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
     for name, info in tensors.items():
-        if info.dtype in _FLOAT_TAGS:
+        if info.dtype in _FLOAT_TAGS and not info.dtype.startswith("F8"):
             by_file.setdefault(info.file, []).append(name)
     for fname, tensor_names in sorted(by_file.items()):
-        with safe_open(str(root / fname), "pt") as f:
-            for name in sorted(tensor_names):
-                t = f.get_tensor(name)
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    report.errors.append(f"{fname}: tensor {name} has {bad} NaN/inf value(s)")
+        try:
+            with safe_open(str(root / fname), "pt") as f:
+                for name in sorted(tensor_names):
+                    t = f.get_tensor(name)
+                    finite = torch.isfinite(t)
+                    bad = int((~finite).sum())
+                    if bad:
+                        report.errors.append(f"{fname}: tensor {name} has {bad} NaN/inf value(s)")
+                    if _SCALES_RE.search(name):
+                        nonpos = int((finite & (t <= 0)).sum())
+                        if nonpos:
+                            report.errors.append(
+                                f"{fname}: tensor {name} has {nonpos} zero or negative scale(s);"
+                                " scales must be > 0"
+                            )
+        except Exception as err:  # noqa: BLE001 - safetensors' own checks, reported against the file
+            report.errors.append(f"{fname}: unreadable by safetensors ({type(err).__name__}: {err})")
 
 
 def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> ValidationReport:
@@ -311,6 +437,13 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
         if raw is None:
             report.errors.append(f"{names.CONFIG_FILE}: no quantization_config (not a CAMERA checkpoint)")
         else:
+            method = raw.get("quant_method") if isinstance(raw, dict) else None
+            if isinstance(raw, dict) and str(method).lower() != names.QUANT_METHOD:
+                report.errors.append(
+                    f"{names.CONFIG_FILE}: quantization_config.quant_method is {method!r}, not"
+                    f" {names.QUANT_METHOD!r}: this is not a CAMERA checkpoint"
+                    " (or its config.json was replaced)"
+                )
             try:
                 qc = CameraQuantConfig.from_json_dict(raw, source=f"{names.CONFIG_FILE}: quantization_config")
             except CameraFormatError as err:
@@ -321,6 +454,54 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
     if check_values and tensors:
         # Only files whose header (and length) checked out contributed to ``tensors``.
         _check_values(root, tensors, report)
+    return report
+
+
+def _resolve_local(model: str | Path, revision: str | None) -> Path | None:
+    """The local directory of ``model``: itself, or its Hugging Face cache snapshot (no download)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (yet) or not a hub id
+        return None
+
+
+def validate_for_serving(
+    model: str | Path, *, revision: str | None = None, check_values: bool | None = None
+) -> ValidationReport | None:
+    """Validate a CAMERA checkpoint before vLLM builds an engine for it; raise on any error.
+
+    This is the hook the vLLM plugin calls (``CameraConfig.maybe_update_config``, run
+    while vLLM builds its config, before any engine process starts).  ``model`` is
+    vLLM's model argument: a local directory or a Hugging Face id already in the local
+    cache; for an id whose files are not cached yet nothing can be checked here and
+    ``None`` is returned after a warning.
+
+    :param check_values: scan tensor values (NaN/inf, scales > 0; reads every tensor once).
+        Default: on, unless the environment sets ``CAMERA_VALIDATE_VALUES=0``.
+    :raises CameraFormatError: listing every problem, each naming its file/tensor/field.
+    """
+    root = _resolve_local(model, revision)
+    if root is None:
+        log.warning(
+            "camera-vllm: %s is not a local directory or cached snapshot; not validated before loading", model
+        )
+        return None
+    if check_values is None:
+        check_values = os.environ.get(VALUES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    report = validate(root, check_values=check_values)
+    for warning in report.warnings:
+        log.warning("camera-vllm: %s: %s", root, warning)
+    if not report.ok:
+        raise CameraFormatError(
+            f"refusing to serve {root}: the CAMERA checkpoint is invalid ({len(report.errors)} error(s);"
+            " run `camera-vllm validate` on it for the full report):\n"
+            + "\n".join(f"  error: {e}" for e in report.errors)
+        )
     return report
 
 

@@ -225,9 +225,15 @@ def test_mixed_precision_layout(tmp_path: Path) -> None:
         for proj, specs in expert_tensors(s, bits, hidden, gs).items():
             for t in specs:
                 dtype = torch.int32 if t.dtype == "int32" else torch.float16
-                tensors[names.expert_tensor("Qwen3MoeForCausalLM", 0, e, proj, t.suffix)] = torch.zeros(
+                fill = torch.ones if t.suffix.startswith(names.SCALES) else torch.zeros  # scales must be > 0
+                tensors[names.expert_tensor("Qwen3MoeForCausalLM", 0, e, proj, t.suffix)] = fill(
                     t.shape, dtype=dtype
                 )
+    # The non-expert tensors validate() also requires: embedding, final norm, LM head, router.
+    tensors["model.embed_tokens.weight"] = torch.zeros(10, hidden)
+    tensors["lm_head.weight"] = torch.zeros(10, hidden)
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    tensors["model.layers.0.mlp.gate.weight"] = torch.zeros(3, hidden)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     save_file(tensors, str(tmp_path / "model.safetensors"))
     report = validate(tmp_path)
