@@ -91,6 +91,25 @@ class ValidationReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tensors_checked: int = 0
+    # Weight files (or the index) that could not be read: their tensors are unknown, so
+    # "missing" is reported once for all of them instead of once per tensor.
+    unreadable: list[str] = field(default_factory=list)
+    _not_found: int = 0
+
+    def missing(self, name: str) -> None:
+        """Record an expected tensor that no readable file holds."""
+        if self.unreadable:
+            self._not_found += 1
+        else:
+            self.errors.append(f"tensor {name}: missing")
+
+    def finish(self) -> None:
+        if self._not_found:
+            self.errors.append(
+                f"{self._not_found} expected tensor(s) not found in the readable files; not checked"
+                f" because {', '.join(self.unreadable)} could not be read"
+            )
+            self._not_found = 0
 
     @property
     def ok(self) -> bool:
@@ -204,6 +223,7 @@ def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]
             assert isinstance(weight_map, dict)
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             report.errors.append(f"{names.INDEX_FILE}: unreadable or has no 'weight_map'")
+            report.unreadable.append(names.INDEX_FILE)
             return tensors
         files = sorted(set(weight_map.values()))
         for stray in sorted(set(present) - set(files)):
@@ -213,17 +233,20 @@ def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]
         files = present
         if not files:
             report.errors.append("no safetensors weights (model.safetensors or an index) found")
+            report.unreadable.append("model.safetensors (absent)")
         elif len(files) > 1:
             report.errors.append(f"{len(files)} safetensors files but no {names.INDEX_FILE}: {files}")
     for fname in files:
         fpath = root / fname
         if not fpath.is_file():
             report.errors.append(f"{fname}: listed in {names.INDEX_FILE} but missing")
+            report.unreadable.append(fname)
             continue
         try:
             header = read_safetensors_header(fpath)
         except CameraFormatError as err:
             report.errors.append(str(err))
+            report.unreadable.append(fname)
             continue
         for name, info in header.items():
             if name in tensors:
@@ -317,7 +340,7 @@ def _check_core(
     for name, shape in want.items():
         info = tensors.get(name)
         if info is None:
-            report.errors.append(f"tensor {name}: missing")
+            report.missing(name)
         elif shape is not None and info.shape != shape:
             report.errors.append(
                 f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}"
@@ -354,7 +377,7 @@ def _check_layout(
     def check(name: str, shape: tuple[int, ...], layout_dtype: str) -> None:
         info = tensors.get(name)
         if info is None:
-            report.errors.append(f"tensor {name}: missing")
+            report.missing(name)
             return
         report.tensors_checked += 1
         want = model_tag if layout_dtype == "model" else _LAYOUT_TAG.get(layout_dtype, layout_dtype)
@@ -454,6 +477,7 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
     if check_values and tensors:
         # Only files whose header (and length) checked out contributed to ``tensors``.
         _check_values(root, tensors, report)
+    report.finish()
     return report
 
 
