@@ -5,11 +5,12 @@ Python ints known before the call: tensor shapes and the layout's slab sizes.  N
 ``.item()``, ``.tolist()`` or ``nonzero`` touches device data, so a call can be
 captured in a CUDA graph (vLLM captures one graph per batch size).
 
-Per call: ``out_buf [P, H]`` fp32 (``P = T * top_k``) starts at zero; for each bit
-index ``i`` the ``w13`` kernel writes ``act_i [P, max_e n[e][i]]`` and the ``w2``
-kernel adds ``topk_weight * act_i @ W_down_slab`` into ``out_buf``; finally
-``out = out_buf.view(T, top_k, H).sum(1)`` in ``x.dtype``.  Summing the top-k slots
-in torch (rather than with atomics) keeps the result deterministic.
+Per call (two kernel launches, whatever the number of bit-widths): the ``w13``
+kernel writes ``act [P, sum_s max_e n[e][s]]`` (``P = T * top_k``, one column range per
+bit-width slot), the ``w2`` kernel writes ``out_buf [P, H]`` fp32 =
+``topk_weight * sum_s act_s @ W_down_s``, and ``out = out_buf.view(T, top_k, H).sum(1)``
+in ``x.dtype``.  Summing the top-k slots in torch (rather than with atomics) keeps
+the result deterministic.
 """
 
 from __future__ import annotations
@@ -117,64 +118,67 @@ def slab_moe_triton(
     if config is None:
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else None
         config = get_config(num_tokens, top_k, hidden, lay.num_experts, device_name)
+    if config.path not in ("gemv", "sorted"):
+        raise ValueError(f"unknown kernel path {config.path!r}; expected 'gemv' or 'sorted'")
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    out_buf = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    nb = lay.num_bits
-    bk13 = _block_k(config.w13, lay.group_size)
-    bk2 = _block_k(config.w2, lay.group_size)
-    # See moe_slab._dot: fp32 needs IEEE dots; the interpreter cannot multiply bf16.
-    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
-    if config.path == "sorted":
-        sorted_ids, block_expert = moe_align(ids, lay.num_experts, config.w13.block_m)
-        if config.w2.block_m == config.w13.block_m:
+    gemv = config.path == "gemv"
+    c13, c2 = config.w13, config.w2
+    bk13 = _block_k(c13, lay.group_size)
+    bk2 = _block_k(c2, lay.group_size)
+
+    # Slots: the bit-widths some expert uses (empty per-bit tensors are never passed).
+    slots = [i for i in range(lay.num_bits) if lay.max_slab(i) > 0]
+    if not slots:
+        return torch.zeros_like(x)
+    widths = [lay.max_slab(i) for i in slots]
+    act_cols = tuple(sum(widths[:j]) for j in range(len(slots)))
+    tile_starts = tuple(sum(_cdiv(n, c13.block_n) for n in widths[:j]) for j in range(len(slots) + 1))
+    kernel_args = dict(BITS=tuple(lay.bits[i] for i in slots), COLS=tuple(slots), GROUP_SIZE=lay.group_size)
+    w13 = (tuple(w.w13_qweight[i] for i in slots), tuple(w.w13_scales[i] for i in slots),
+           tuple(w.w13_zeros[i] for i in slots))
+    w13_strides = tuple(w.w13_qweight[i].stride(0) for i in slots)
+    w2 = (tuple(w.w2_qweight[i] for i in slots), tuple(w.w2_scales[i] for i in slots),
+          tuple(w.w2_zeros[i] for i in slots))
+
+    # GEMV: fp32 intermediate (free at decode sizes, one rounding fewer) and every
+    # out row written by the w2 kernel.  Sorted: activation-dtype intermediate (tl.dot
+    # operand) and rows of non-local pairs left to the zero fill.
+    act = torch.empty(num_pairs, sum(widths), dtype=torch.float32 if gemv else x.dtype, device=x.device)
+    out_buf = (torch.empty if gemv else torch.zeros)(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    if gemv:
+        moe_slab._w13_gemv_kernel[(num_pairs, tile_starts[-1])](
+            x, *w13, w13_strides, act, act_cols, tile_starts, ids, w.slab_sizes, w.col_offsets,
+            hidden, lay.num_experts, top_k, lay.num_bits, x.stride(0), act.stride(0),
+            BLOCK_N=c13.block_n, BLOCK_K=bk13, num_warps=c13.num_warps, num_stages=c13.num_stages, **kernel_args,
+        )
+        moe_slab._w2_gemv_kernel[(num_pairs, _cdiv(hidden, c2.block_n))](
+            act, *w2, act_cols, out_buf, ids, weights, w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
+            hidden, lay.num_experts, lay.num_bits, act.stride(0), out_buf.stride(0),
+            BLOCK_N=c2.block_n, BLOCK_K=bk2, num_warps=c2.num_warps, num_stages=c2.num_stages, **kernel_args,
+        )
+    else:
+        # See moe_slab._dot: fp32 needs IEEE dots; the interpreter cannot multiply bf16.
+        ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
+        sorted_ids, block_expert = moe_align(ids, lay.num_experts, c13.block_m)
+        if c2.block_m == c13.block_m:
             sorted_ids2, block_expert2 = sorted_ids, block_expert
         else:
-            sorted_ids2, block_expert2 = moe_align(ids, lay.num_experts, config.w2.block_m)
-    for i, bits in enumerate(lay.bits):
-        max_n = lay.max_slab(i)
-        if max_n == 0:  # no expert has a slab at this bit-width
-            continue
-        common = dict(BITS=bits, GROUP_SIZE=lay.group_size)
-        if config.path == "gemv":
-            # fp32 intermediate: free at decode sizes and saves one rounding step.
-            act = torch.empty(num_pairs, max_n, dtype=torch.float32, device=x.device)
-            c13, c2 = config.w13, config.w2
-            moe_slab._w13_gemv_kernel[(num_pairs, _cdiv(max_n, c13.block_n))](
-                x, w.w13_qweight[i], w.w13_scales[i], w.w13_zeros[i], act, ids, w.slab_sizes, w.col_offsets,
-                hidden, lay.num_experts, top_k, i, nb,
-                x.stride(0), w.w13_qweight[i].stride(0), w.w13_scales[i].stride(0), act.stride(0),
-                BLOCK_N=c13.block_n, BLOCK_K=bk13, num_warps=c13.num_warps, num_stages=c13.num_stages, **common,
-            )
-            moe_slab._w2_gemv_kernel[(num_pairs, _cdiv(hidden, c2.block_n))](
-                act, w.w2_qweight[i], w.w2_scales[i], w.w2_zeros[i], out_buf, ids, weights,
-                w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
-                hidden, lay.num_experts, i, nb,
-                act.stride(0), w.w2_qweight[i].stride(0), w.w2_scales[i].stride(0), out_buf.stride(0),
-                BLOCK_N=c2.block_n, BLOCK_K=bk2, num_warps=c2.num_warps, num_stages=c2.num_stages, **common,
-            )
-        elif config.path == "sorted":
-            act = torch.empty(num_pairs, max_n, dtype=x.dtype, device=x.device)
-            c13, c2 = config.w13, config.w2
-            moe_slab._w13_sorted_kernel[(block_expert.numel(), _cdiv(max_n, c13.block_n))](
-                x, w.w13_qweight[i], w.w13_scales[i], w.w13_zeros[i], act, sorted_ids, block_expert,
-                w.slab_sizes, w.col_offsets,
-                hidden, num_pairs, top_k, i, nb,
-                x.stride(0), w.w13_qweight[i].stride(0), w.w13_scales[i].stride(0), act.stride(0),
-                BLOCK_M=c13.block_m, BLOCK_N=c13.block_n, BLOCK_K=bk13, IEEE=ieee,
-                num_warps=c13.num_warps, num_stages=c13.num_stages, **common,
-            )
-            moe_slab._w2_sorted_kernel[(block_expert2.numel(), _cdiv(hidden, c2.block_n))](
-                act, w.w2_qweight[i], w.w2_scales[i], w.w2_zeros[i], out_buf, sorted_ids2, block_expert2, weights,
-                w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
-                hidden, num_pairs, i, nb,
-                act.stride(0), w.w2_qweight[i].stride(0), w.w2_scales[i].stride(0), out_buf.stride(0),
-                BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=bk2, IEEE=ieee,
-                num_warps=c2.num_warps, num_stages=c2.num_stages, **common,
-            )
-        else:
-            raise ValueError(f"unknown kernel path {config.path!r}; expected 'gemv' or 'sorted'")
+            sorted_ids2, block_expert2 = moe_align(ids, lay.num_experts, c2.block_m)
+        moe_slab._w13_sorted_kernel[(block_expert.numel(), tile_starts[-1])](
+            x, *w13, w13_strides, act, act_cols, tile_starts, sorted_ids, block_expert, w.slab_sizes, w.col_offsets,
+            hidden, num_pairs, top_k, lay.num_bits, x.stride(0), act.stride(0),
+            BLOCK_M=c13.block_m, BLOCK_N=c13.block_n, BLOCK_K=bk13, IEEE=ieee,
+            num_warps=c13.num_warps, num_stages=c13.num_stages, **kernel_args,
+        )
+        moe_slab._w2_sorted_kernel[(block_expert2.numel(), _cdiv(hidden, c2.block_n))](
+            act, *w2, act_cols, out_buf, sorted_ids2, block_expert2, weights,
+            w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
+            hidden, num_pairs, lay.num_bits, act.stride(0), out_buf.stride(0),
+            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=bk2, IEEE=ieee,
+            num_warps=c2.num_warps, num_stages=c2.num_stages, **kernel_args,
+        )
     return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 

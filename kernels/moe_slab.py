@@ -1,14 +1,20 @@
 """Triton kernels of the mixed-precision slab MoE (``@triton.jit`` only; launch in :mod:`.launch`).
 
-One layer is ``len(B)`` uniform-bit problems (see :mod:`.slab_weights`); every kernel
-here handles one bit index ``i`` (``BITS = B[i]`` is a compile-time constant) and
-reads the ragged per-expert slab sizes/offsets from the int32 ``[E, NB]`` metadata:
+A layer is ``len(B)`` uniform-bit problems with ragged per-expert sizes (see
+:mod:`.slab_weights`).  Each kernel covers all bit-widths in one launch: per-bit
+tensors come as tuples (one entry per *slot*, i.e. per bit-width that some expert
+uses), ``BITS`` is a constexpr tuple so every slot's unpacking is specialised at
+compile time, and ``COLS`` gives each slot's column in the int32 ``[E, META_COLS]``
+metadata (``slab_sizes``, ``col_offsets``, ``down_row_offsets``, ``down_group_offsets``).
 
-* ``w13`` kernels: ``act[p, c] = SiLU(x[t] . gate_c) * (x[t] . up_c)`` for the slab's
-  columns ``c < n[e][i]`` of pair ``p = t * top_k + k`` routed to expert ``e``.
-* ``w2`` kernels: ``out[p, :] += topk_weight[p] * act[p, :n] @ W_down_slab`` (split-K over
-  slabs: each bit index adds its partial; launches on one stream are ordered and each
-  output element is owned by one program per launch, so no atomics are needed).
+* ``w13`` kernels: ``act[p, act_cols[s] + c] = SiLU(x[t] . gate_c) * (x[t] . up_c)`` for the
+  columns ``c < n[e][s]`` of each slot ``s``, pair ``p = t * top_k + k`` routed to expert
+  ``e``.  Grid axis 1 enumerates column tiles of all slots back to back
+  (``tile_starts[s] <= pid < tile_starts[s + 1]``), so one launch fills the GPU even
+  when each slab alone is narrow.
+* ``w2`` kernels: ``out[p, :] = topk_weight[p] * sum_s act_s[p, :n] @ W_down_s``: the
+  down GEMM's K (the expert's intermediate) is split over slabs, each at its own
+  bits, summed in one fp32 accumulator inside the program; one store per tile.
 
 Two variants of each:
 
@@ -27,7 +33,7 @@ the codes row by row instead (one gathered int32 per K row) would stage
 
 Constraints: ``BLOCK_K`` is a multiple of 32 that divides ``GROUP_SIZE`` (one
 scale/zero row per K tile); ``BLOCK_M``, ``BLOCK_N`` >= 16 for ``tl.dot``; all
-block sizes powers of two.  fp32 accumulation everywhere.
+block sizes powers of two; weight tensors contiguous.  fp32 accumulation everywhere.
 """
 
 from __future__ import annotations
@@ -97,117 +103,107 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _w13_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, act_ptr, topk_ids_ptr, sizes_ptr, col_off_ptr,
-    hidden, num_experts, top_k, bit_index, num_bits,
-    stride_x, stride_q, stride_s, stride_act,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Decode gate/up GEMV with fused SiLU-and-mul for one bit index.
-
-    Grid ``(P, cdiv(max_e n[e][i], BLOCK_N))`` with ``P = T * top_k``.
-    ``x [T, H]``; ``q [packed_rows(H, BITS), 2 R_i]`` int32; ``s``/``z [ceil(H/G), 2 R_i]``
-    fp16; ``act [P, >= max n]`` (written for ``c < n[e][i]``); ``topk_ids [P]`` int32/int64
-    (ids outside ``[0, E)`` skipped); ``sizes``/``col_off [E, num_bits]`` int32.
-    """
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(topk_ids_ptr + pair).to(tl.int32)
-    if (e < 0) | (e >= num_experts):
-        return
-    n = tl.load(sizes_ptr + e * num_bits + bit_index)
-    if pid_n * BLOCK_N >= n:
-        return
-    c0 = tl.load(col_off_ptr + e * num_bits + bit_index)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _w13_gemv_tile(x_row_ptr, q_ptr, s_ptr, z_ptr, stride_w, act_row_ptr, c0, n, tile, hidden,
+                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pair, one column tile of one slab: ``act[c] = SiLU(x . gate_c) * (x . up_c)``."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     gate_cols = 2 * c0 + cols
     up_cols = gate_cols + n
-    token = (pair // top_k).to(tl.int64)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < hidden
-        a = tl.load(x_ptr + token * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_q, stride_s,
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w,
                            BLOCK_K, BITS)
         acc_g += tl.sum(a[:, None] * wg, axis=0)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_q, stride_s,
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w,
                            BLOCK_K, BITS)
         acc_u += tl.sum(a[:, None] * wu, axis=0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(act_ptr + pair.to(tl.int64) * stride_act + cols, h.to(act_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(act_row_ptr + cols, h.to(act_row_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _w2_gemv_kernel(
-    act_ptr, q_ptr, s_ptr, z_ptr, out_ptr, topk_ids_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
-    hidden, num_experts, bit_index, num_bits,
-    stride_act, stride_q, stride_s, stride_out,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _w13_gemv_kernel(
+    x_ptr, q_ptrs, s_ptrs, z_ptrs, w_strides, act_ptr, act_cols, tile_starts,
+    topk_ids_ptr, sizes_ptr, col_off_ptr,
+    hidden, num_experts, top_k, meta_cols, stride_x, stride_act,
+    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Decode down GEMV for one bit index: ``out[p, :] += w[p] * act[p, :n] @ W_down_slab``.
+    """Decode gate/up GEMV with fused SiLU-and-mul, all slots in one launch.
 
-    Grid ``(P, cdiv(H, BLOCK_N))``.  ``act [P, >= max n]``; ``q [sum_e packed_rows(n, BITS), H]``
-    int32; ``s``/``z [sum_e ceil(n/G), H]`` fp16; ``out [P, H]`` fp32 (read-modify-write);
-    ``topk_w [P]``; ``row_off``/``grp_off [E, num_bits]`` int32.
+    Grid ``(P, tile_starts[-1])``, ``P = T * top_k``.  ``x [T, H]``; per slot ``s``:
+    ``q_ptrs[s] [packed_rows(H, BITS[s]), 2 R]`` int32, ``s_ptrs[s]``/``z_ptrs[s] [ceil(H/G),
+    2 R]`` fp16, all with row stride ``w_strides[s] = 2 R``; ``act [P, sum_s max n]``
+    (slot ``s`` at column ``act_cols[s]``, written for ``c < n[e][s]``); ``topk_ids [P]``
+    int32/int64 (ids outside ``[0, E)`` skipped); ``sizes``/``col_off [E, meta_cols]`` int32.
     """
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(topk_ids_ptr + pair).to(tl.int32)
     if (e < 0) | (e >= num_experts):
         return
-    n = tl.load(sizes_ptr + e * num_bits + bit_index)
-    if n == 0:
-        return
-    row0 = tl.load(row_off_ptr + e * num_bits + bit_index)
-    grp0 = tl.load(grp_off_ptr + e * num_bits + bit_index)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    pair64 = pair.to(tl.int64)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < n
-        a = tl.load(act_ptr + pair64 * stride_act + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
-                          stride_q, stride_s, BLOCK_K, BITS)
-        acc += tl.sum(a[:, None] * w, axis=0)
-    acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
-    out_ptrs = out_ptr + pair64 * stride_out + cols
-    tl.store(out_ptrs, tl.load(out_ptrs, mask=col_ok, other=0.0) + acc, mask=col_ok)
+    x_row_ptr = x_ptr + (pair // top_k).to(tl.int64) * stride_x
+    act_row_ptr = act_ptr + pair.to(tl.int64) * stride_act
+    for s in tl.static_range(len(BITS)):
+        tile = pid_n - tile_starts[s]
+        if (tile >= 0) & (pid_n < tile_starts[s + 1]):
+            n = tl.load(sizes_ptr + e * meta_cols + COLS[s])
+            if tile * BLOCK_N < n:
+                c0 = tl.load(col_off_ptr + e * meta_cols + COLS[s])
+                _w13_gemv_tile(x_row_ptr, q_ptrs[s], s_ptrs[s], z_ptrs[s], w_strides[s], act_row_ptr + act_cols[s],
+                               c0, n, tile, hidden, BITS[s], GROUP_SIZE, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _w13_sorted_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, sizes_ptr, col_off_ptr,
-    hidden, num_pairs, top_k, bit_index, num_bits,
-    stride_x, stride_q, stride_s, stride_act,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+def _w2_gemv_kernel(
+    act_ptr, q_ptrs, s_ptrs, z_ptrs, act_cols, out_ptr,
+    topk_ids_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
+    hidden, num_experts, meta_cols, stride_act, stride_out,
+    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Prefill gate/up GEMM with fused SiLU-and-mul for one bit index.
+    """Decode down GEMV, split-K over the slots: ``out[p] = w[p] * sum_s act_s[p, :n] @ W_down_s``.
 
-    Grid ``(num_blocks, cdiv(max_e n[e][i], BLOCK_N))``.  ``sorted_ids [num_blocks *
-    BLOCK_M]`` int32 pair ids grouped by expert, padded with ``num_pairs``;
-    ``block_expert [num_blocks]`` int32 expert of each block (-1: unused block).
-    Other tensors as in :func:`_w13_gemv_kernel`; ``act`` has ``x``'s dtype.
+    Grid ``(P, cdiv(H, BLOCK_N))``.  Per slot: ``q_ptrs[s] [sum_e packed_rows(n, BITS[s]),
+    H]`` int32, ``s_ptrs[s]``/``z_ptrs[s] [sum_e ceil(n/G), H]`` fp16 (row stride ``H``);
+    ``act`` as written by :func:`_w13_gemv_kernel`; ``out [P, H]`` fp32, fully written
+    (zeros for pairs of non-local or width-0 experts); ``topk_w [P]``;
+    ``row_off``/``grp_off [E, meta_cols]`` int32.
     """
-    pid_m = tl.program_id(0)
+    pair = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
-        return
-    n = tl.load(sizes_ptr + e * num_bits + bit_index)
-    if pid_n * BLOCK_N >= n:
-        return
-    c0 = tl.load(col_off_ptr + e * num_bits + bit_index)
-    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pairs < num_pairs
-    tokens = (pairs // top_k).to(tl.int64)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int32)
+    valid = (e >= 0) & (e < num_experts)
+    e = tl.where(valid, e, 0)  # keeps the metadata loads in bounds
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    act_row_ptr = act_ptr + pair.to(tl.int64) * stride_act
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(len(BITS)):
+        n = tl.where(valid, tl.load(sizes_ptr + e * meta_cols + COLS[s]), 0)
+        row0 = tl.load(row_off_ptr + e * meta_cols + COLS[s])
+        grp0 = tl.load(grp_off_ptr + e * meta_cols + COLS[s])
+        for k0 in range(0, n, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
+            w = _dequant_tile(q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
+                              hidden, hidden, BLOCK_K, BITS[s])
+            acc += tl.sum(a[:, None] * w, axis=0)
+    acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_out + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _w13_sorted_tile(x_ptr, tokens, row_ok, q_ptr, s_ptr, z_ptr, stride_w, act_ptrs, c0, n, tile, hidden, stride_x,
+                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """One block of rows, one column tile of one slab, on tensor cores."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     gate_cols = 2 * c0 + cols
     up_cols = gate_cols + n
@@ -215,60 +211,89 @@ def _w13_sorted_kernel(
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < hidden
         a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & (offs_k < hidden)[None, :], other=0.0)
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_q, stride_s,
+        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w,
                            BLOCK_K, BITS)
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_q, stride_s,
+        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w,
                            BLOCK_K, BITS)
         acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    act_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * stride_act + cols[None, :]
-    tl.store(act_ptrs, h.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(act_ptrs + cols[None, :], h.to(act_ptrs.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _w2_sorted_kernel(
-    act_ptr, q_ptr, s_ptr, z_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr,
-    sizes_ptr, row_off_ptr, grp_off_ptr,
-    hidden, num_pairs, bit_index, num_bits,
-    stride_act, stride_q, stride_s, stride_out,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+def _w13_sorted_kernel(
+    x_ptr, q_ptrs, s_ptrs, z_ptrs, w_strides, act_ptr, act_cols, tile_starts,
+    sorted_ids_ptr, block_expert_ptr, sizes_ptr, col_off_ptr,
+    hidden, num_pairs, top_k, meta_cols, stride_x, stride_act,
+    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Prefill down GEMM for one bit index: ``out[p, :] += w[p] * act[p, :n] @ W_down_slab``.
+    """Prefill gate/up GEMM with fused SiLU-and-mul, all slots in one launch.
 
-    Grid ``(num_blocks, cdiv(H, BLOCK_N))``; tensors as in :func:`_w2_gemv_kernel` and
-    :func:`_w13_sorted_kernel`.
+    Grid ``(num_blocks, tile_starts[-1])``.  ``sorted_ids [num_blocks * BLOCK_M]`` int32
+    pair ids grouped by expert, padded with ``num_pairs``; ``block_expert [num_blocks]``
+    int32 expert of each block (-1: unused block).  Other tensors as in
+    :func:`_w13_gemv_kernel`; ``act`` has ``x``'s dtype.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
-    n = tl.load(sizes_ptr + e * num_bits + bit_index)
-    if n == 0:
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    tokens = (pairs // top_k).to(tl.int64)
+    act_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * stride_act
+    for s in tl.static_range(len(BITS)):
+        tile = pid_n - tile_starts[s]
+        if (tile >= 0) & (pid_n < tile_starts[s + 1]):
+            n = tl.load(sizes_ptr + e * meta_cols + COLS[s])
+            if tile * BLOCK_N < n:
+                c0 = tl.load(col_off_ptr + e * meta_cols + COLS[s])
+                _w13_sorted_tile(x_ptr, tokens, row_ok, q_ptrs[s], s_ptrs[s], z_ptrs[s], w_strides[s],
+                                 act_ptrs + act_cols[s], c0, n, tile, hidden, stride_x,
+                                 BITS[s], GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _w2_sorted_kernel(
+    act_ptr, q_ptrs, s_ptrs, z_ptrs, act_cols, out_ptr,
+    sorted_ids_ptr, block_expert_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
+    hidden, num_pairs, meta_cols, stride_act, stride_out,
+    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Prefill down GEMM, split-K over the slots: ``out[p] = w[p] * sum_s act_s[p, :n] @ W_down_s``.
+
+    Grid ``(num_blocks, cdiv(H, BLOCK_N))``; tensors as in :func:`_w2_gemv_kernel` and
+    :func:`_w13_sorted_kernel`.  Rows of pairs that no block holds (non-local experts)
+    are not written: the launcher zero-fills ``out``.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
         return
-    row0 = tl.load(row_off_ptr + e * num_bits + bit_index)
-    grp0 = tl.load(grp_off_ptr + e * num_bits + bit_index)
     pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pairs < num_pairs
     pairs64 = pairs.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < n
-        a = tl.load(act_ptr + pairs64[:, None] * stride_act + offs_k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
-                          stride_q, stride_s, BLOCK_K, BITS)
-        acc = _dot(a, w.to(a.dtype), acc, IEEE)
+    for s in tl.static_range(len(BITS)):
+        n = tl.load(sizes_ptr + e * meta_cols + COLS[s])
+        row0 = tl.load(row_off_ptr + e * meta_cols + COLS[s])
+        grp0 = tl.load(grp_off_ptr + e * meta_cols + COLS[s])
+        for k0 in range(0, n, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(act_ptr + pairs64[:, None] * stride_act + act_cols[s] + offs_k[None, :],
+                        mask=row_ok[:, None] & (offs_k < n)[None, :], other=0.0)
+            w = _dequant_tile(q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
+                              hidden, hidden, BLOCK_K, BITS[s])
+            acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + pairs64[:, None] * stride_out + cols[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
+    tl.store(out_ptr + pairs64[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])

@@ -25,14 +25,14 @@ pytest.importorskip("triton")
 H100_SHARED_BYTES = 232448  # 227 KiB per block
 KERNELS = Path(__file__).resolve().parents[2] / "kernels" / "moe_slab.py"
 
-# (kernel, activation dtype, bits, tiles, warps, stages): the default.json tiles.
+# (kernel, activation dtype, bit-width slots, tiles, warps, stages): the default.json tiles.
 VARIANTS = [
-    ("_w13_gemv_kernel", "bf16", 3, dict(BLOCK_N=64, BLOCK_K=128), 4, 2),
-    ("_w2_gemv_kernel", "bf16", 1, dict(BLOCK_N=128, BLOCK_K=64), 4, 2),
-    ("_w13_sorted_kernel", "bf16", 3, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False), 4, 3),
-    ("_w13_sorted_kernel", "fp16", 8, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=False), 4, 3),
-    ("_w2_sorted_kernel", "bf16", 2, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, IEEE=False), 8, 3),
-    ("_w2_sorted_kernel", "fp32", 4, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, IEEE=True), 4, 3),
+    ("_w13_gemv_kernel", "bf16", (4, 2, 1), dict(BLOCK_N=64, BLOCK_K=128), 4, 2),
+    ("_w2_gemv_kernel", "bf16", (4, 2, 1), dict(BLOCK_N=128, BLOCK_K=64), 4, 2),
+    ("_w13_sorted_kernel", "bf16", (8, 3), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False), 4, 3),
+    ("_w13_sorted_kernel", "fp16", (4, 2, 1), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=False), 4, 3),
+    ("_w2_sorted_kernel", "bf16", (4, 3, 2, 1), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, IEEE=False), 8, 3),
+    ("_w2_sorted_kernel", "fp32", (4,), dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, IEEE=True), 4, 3),
 ]
 
 COMPILER = r"""
@@ -45,17 +45,22 @@ path, variants = sys.argv[1], json.loads(sys.argv[2])
 spec = importlib.util.spec_from_file_location("moe_slab_aot", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-ptrs = {
-    "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "sizes_ptr": "*i32", "col_off_ptr": "*i32",
-    "row_off_ptr": "*i32", "grp_off_ptr": "*i32", "topk_ids_ptr": "*i64", "topk_w_ptr": "*fp32",
-    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", "out_ptr": "*fp32",
+scalar_ptrs = {
+    "sizes_ptr": "*i32", "col_off_ptr": "*i32", "row_off_ptr": "*i32", "grp_off_ptr": "*i32",
+    "topk_ids_ptr": "*i64", "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+    "out_ptr": "*fp32",
 }
 results = []
 for kernel, dtype, bits, tiles, warps, stages in variants:
     fn = getattr(module, kernel)
     act = "*" + dtype
-    types = dict(ptrs, x_ptr=act, act_ptr="*fp32" if "gemv" in kernel else act)
-    consts = dict(tiles, BITS=bits, GROUP_SIZE=128)
+    slots = len(bits)
+    types = dict(
+        scalar_ptrs, x_ptr=act, act_ptr="*fp32" if "gemv" in kernel else act,
+        q_ptrs=("*i32",) * slots, s_ptrs=("*fp16",) * slots, z_ptrs=("*fp16",) * slots,
+        w_strides=("i32",) * slots, act_cols=("i32",) * slots, tile_starts=("i32",) * (slots + 1),
+    )
+    consts = dict(tiles, BITS=tuple(bits), COLS=tuple(range(slots)), GROUP_SIZE=128)
     sig = {name: types.get(name, "constexpr" if name in consts else "i32") for name in fn.arg_names}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -83,7 +88,7 @@ def compiled() -> list[dict]:
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[f"{v[0]}-{v[1]}-b{v[2]}" for v in VARIANTS])
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[f"{v[0]}-{v[1]}-b{''.join(map(str, v[2]))}" for v in VARIANTS])
 def test_kernel_compiles_for_h100(compiled, index):
     result = compiled[index]
     assert result["ok"], result.get("error")

@@ -51,6 +51,8 @@ LAYERS = {
     "3-odd": ((3,), ((17,), (1,), (0,), (39,))),
     "8431-mixed": ((8, 4, 3, 1), ((3, 5, 7, 9), (0, 12, 0, 30), (16, 0, 16, 0), (1, 1, 1, 1))),
     "21-wide8": ((2, 1), tuple((4 * e % 13, (7 * e + 3) % 19) for e in range(8))),
+    # No expert uses the middle bit-width: the kernels get two slots, metadata columns 0 and 2.
+    "4x1-unused-slot": ((4, 2, 1), ((8, 0, 5), (3, 0, 0), (0, 0, 36))),
 }
 
 # Small tiles so that both GEMMs need several K and N tiles (H = 64, slabs up to 40).
@@ -165,7 +167,7 @@ class _RecordingKernel:
         self.launches = launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, kwargs["BITS"]))
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs["BITS"], kwargs["COLS"]))
 
 
 @pytest.mark.kernel
@@ -193,9 +195,11 @@ def test_kernel_triton_launcher_has_no_host_sync(monkeypatch, path):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     slab_moe_triton(x, tw, ids, w, CONFIGS[path])
     monkeypatch.undo()
-    # Two launches per bit-width; grid axis 1 spans the widest slab (w13) or H (w2).
-    assert [b for _, b in launches] == [4, 4, 2, 2, 1, 1]
-    assert launches[0][0][1] == -(-33 // CONFIGS[path].w13.block_n)
+    # Two launches for all three bit-widths; w13's grid axis 1 spans the column tiles of
+    # each bit's widest slab (33, 20, 7 micro-experts), w2's the hidden size.
+    assert [(b, c) for _, b, c in launches] == [((4, 2, 1), (0, 1, 2))] * 2
+    bn = CONFIGS[path].w13.block_n
+    assert launches[0][0][1] == sum(-(-n // bn) for n in (33, 20, 7))
     assert launches[1][0][1] == -(-H // CONFIGS[path].w2.block_n)
 
 
