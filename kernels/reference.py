@@ -48,9 +48,10 @@ def dequantize_fast(
     """
     ng = num_groups(k, group_size)
     n = packed.shape[1]
-    q = _unpack_codes(packed, bits, ng * group_size).to(torch.float32).view(ng, group_size, n)
-    q.sub_(zeros.to(torch.float32).unsqueeze(1)).mul_(scales.to(torch.float32).unsqueeze(1))
-    return q.view(ng * group_size, n)[:k]
+    codes = _unpack_codes(packed, bits, ng * group_size).view(ng, group_size, n)
+    # int32 - fp32 promotes to fp32: the conversion rides along with the subtraction.
+    w = torch.sub(codes, zeros.to(torch.float32).unsqueeze(1)).mul_(scales.to(torch.float32).unsqueeze(1))
+    return w.view(ng * group_size, n)[:k]
 
 
 def slab_moe_reference(
