@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -299,6 +300,34 @@ def _register_quantize(sub) -> None:
     p.set_defaults(handler=_quantize)
 
 
+# -- convert --------------------------------------------------------------------------------------
+def _convert(args: argparse.Namespace) -> int:
+    from .compress.convert import convert_zero_masked
+
+    out = convert_zero_masked(args.model, args.out, state_dict_path=args.state_dict, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def _register_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="zero-masked pruning output (CAMERA reference code) -> CAMERA-P checkpoint",
+        description=(
+            "Turn the CAMERA reference code's zero-masked output into a CAMERA-P checkpoint. MODEL is "
+            "either the zero-masked HF directory, or, with --state-dict, the ORIGINAL model whose config "
+            "and tokenizer go with prune_model_dict.pt. A channel is dropped only when its gate row, up "
+            "row and down column are all exactly zero."
+        ),
+    )
+    p.add_argument("model", help="zero-masked HF model directory, or the original model with --state-dict")
+    p.add_argument("--state-dict", type=Path, default=None,
+                   help="the reference code's prune_model_dict.pt (read with torch.load(weights_only=True))")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_convert)
+
+
 # -- validate / inspect ----------------------------------------------------------------------------
 def _validate(args: argparse.Namespace) -> int:
     from .format.validate import validate
@@ -336,6 +365,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_analyze,
     _register_prune,
     _register_quantize,
+    _register_convert,
     _register_validate,
     _register_inspect,
 ]
