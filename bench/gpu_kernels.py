@@ -20,7 +20,9 @@ where the other layers run in between); eager timing if capture fails (recorded)
 It imports ``kernels/`` by path as the package ``camera_kernels`` (the GPU machine
 has torch and triton but no camera packages) and uses no Triton feature newer than
 3.6.  ``--dry-run`` runs tiny shapes on CPU under ``TRITON_INTERPRET=1`` to prove the
-script end to end without a GPU.
+script end to end without a GPU.  ``--tune`` times a few candidate tile configs per
+shape and token count instead and writes ``kernels/configs/<device>.json`` (read by
+``camera_kernels.tuning``; commit it).
 
 Output: ``bench/results/gpu-kernels-<device>.json``: ``{"device", "torch",
 "triton", "git_commit", "copy_bandwidth_GBps", "complete", "correctness": [...],
@@ -239,6 +241,115 @@ def git_commit() -> str:
         return "unknown"
 
 
+GEMV_CANDIDATES = (  # (w13 BLOCK_N, BLOCK_K, warps), (w2 BLOCK_N, BLOCK_K, warps)
+    ((64, 128, 4), (128, 64, 4)),
+    ((32, 128, 4), (64, 128, 4)),
+    ((32, 64, 2), (128, 128, 4)),
+    ((128, 128, 8), (256, 64, 8)),
+)
+SORTED_CANDIDATES = (  # BLOCK_M, (w13 BLOCK_N, BLOCK_K, warps, stages), (w2 BLOCK_N, BLOCK_K, warps, stages)
+    (16, (64, 128, 4, 3), (128, 64, 4, 3)),
+    (16, (128, 64, 4, 4), (128, 128, 4, 3)),
+    (32, (64, 64, 4, 3), (128, 64, 4, 3)),
+    (64, (64, 64, 4, 3), (128, 64, 8, 3)),
+    (64, (128, 64, 8, 3), (128, 128, 8, 3)),
+    (128, (64, 64, 8, 3), (128, 64, 8, 4)),
+)
+
+
+def candidate_configs(path: str, group: int):
+    """MoEConfigs to try for ``path``; BLOCK_K is capped at the group size (as the launcher does)."""
+    from camera_kernels.tuning import MoEConfig, TileConfig
+
+    out = []
+    if path == "gemv":
+        for (n13, k13, w13), (n2, k2, w2) in GEMV_CANDIDATES:
+            cfg = MoEConfig("gemv", TileConfig(1, n13, min(k13, group), w13, 2),
+                            TileConfig(1, n2, min(k2, group), w2, 2), "tune")
+            if cfg not in out:
+                out.append(cfg)
+    else:
+        for bm, (n13, k13, w13, s13), (n2, k2, w2, s2) in SORTED_CANDIDATES:
+            cfg = MoEConfig("sorted", TileConfig(bm, n13, min(k13, group), w13, s13),
+                            TileConfig(bm, n2, min(k2, group), w2, s2), "tune")
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def tune_table(results: dict[int, dict[str, tuple[float, object]]], top_k: int) -> dict:
+    """A configs/<device>.json table from ``{tokens: {path: (best ms, MoEConfig)}}``."""
+    gemv_max_pairs = 0
+    for nt, by_path in sorted(results.items()):
+        if "gemv" in by_path and ("sorted" not in by_path or by_path["gemv"][0] <= by_path["sorted"][0]):
+            gemv_max_pairs = nt * top_k
+        else:
+            break
+    from camera_kernels.tuning import FALLBACK
+
+    # The GEMV tiles of the smallest token count (decode is what the GEMV path is for).
+    gemv_runs = [results[nt]["gemv"] for nt in sorted(results) if "gemv" in results[nt]]
+    table: dict = {"gemv_max_pairs": gemv_max_pairs, "gemv": FALLBACK["gemv"], "sorted": FALLBACK["sorted"]}
+    if gemv_runs:
+        table["gemv"] = {"w13": gemv_runs[0][1].w13.to_dict(), "w2": gemv_runs[0][1].w2.to_dict()}
+    sorted_entries = []
+    token_counts = sorted(nt for nt, v in results.items() if "sorted" in v)
+    for j, nt in enumerate(token_counts):
+        cfg = results[nt]["sorted"][1]
+        # Bucket boundaries halfway (geometrically) between the measured token counts.
+        limit = None if j == len(token_counts) - 1 else int((nt * token_counts[j + 1]) ** 0.5)
+        sorted_entries.append({"max_tokens": limit, "w13": cfg.w13.to_dict(), "w2": cfg.w2.to_dict()})
+    if sorted_entries:
+        table["sorted"] = sorted_entries
+    return table
+
+
+def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> int:
+    """Time candidate tiles per shape and token count; write kernels/configs/<device>.json."""
+    import torch
+
+    from camera_kernels.launch import slab_moe_triton
+    from camera_kernels.slab_weights import random_slab_weights
+    from camera_kernels.tuning import CONFIG_DIR, FALLBACK, device_file_name, shape_key
+
+    started = time.time()
+    doc: dict = {"_comment": f"Tuned by bench/gpu_kernels.py --tune on {device_name}, torch {torch.__version__}, "
+                             f"git {git_commit()}; mix {MIXES['2.5']} of {BITS}-bit, group {group}.",
+                 "shapes": {}}
+    for shape in shapes:
+        sizes = slab_sizes(shape, MIXES["2.5"], seed=7, align=32 if not args.dry_run else 8)
+        w = random_slab_weights(sizes, BITS, shape.hidden, group, seed=3, device=device)
+        results: dict[int, dict[str, tuple[float, object]]] = {}
+        for nt in tokens_list:
+            x = torch.randn(nt, shape.hidden, device=device, dtype=dtype)
+            routes = routings(nt, shape, args.reps, device, seed=nt)
+            paths = ["gemv", "sorted"] if nt * shape.top_k <= args.both_paths_max_pairs else ["sorted"]
+            results[nt] = {}
+            for path in paths:
+                best = None
+                for cfg in candidate_configs(path, group):
+                    calls = [lambda tw=tw, ids=ids, c=cfg: slab_moe_triton(x, tw, ids, w, c) for tw, ids in routes]
+                    try:
+                        ms, _ = time_calls(calls, device, args.iters, not args.no_graph)
+                    except Exception as err:  # noqa: BLE001 - a tile that does not fit is skipped, not fatal
+                        print(f"  {shape.name} T={nt} {path} {cfg.w13} failed: {type(err).__name__}: {err}")
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                if best is not None:
+                    results[nt][path] = best
+                    print(f"  {shape.name} T={nt:5d} {path:6s} best {best[0]:.4f} ms: w13 {best[1].w13.to_dict()} "
+                          f"w2 {best[1].w2.to_dict()}", flush=True)
+        doc["shapes"][shape_key(shape.hidden, shape.experts, shape.top_k)] = tune_table(results, shape.top_k)
+        del w
+    # The top level serves shapes that were not tuned: the fallback tiles, untouched.
+    doc.update({k: v for k, v in FALLBACK.items()})
+    out = Path(args.out) if args.out else CONFIG_DIR / device_file_name(device_name)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out} in {time.time() - started:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -250,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--both-paths-max-pairs", type=int, default=512,
                         help="also time the other kernel path when tokens*top_k is at most this")
     parser.add_argument("--no-graph", action="store_true", help="time eagerly")
-    parser.add_argument("--out", default=None, help="output JSON (default bench/results/gpu-kernels-<device>.json)")
+    parser.add_argument("--out", default=None, help="output JSON (default bench/results/gpu-kernels-<device>.json; "
+                        "with --tune kernels/configs/<device>.json)")
+    parser.add_argument("--tune", action="store_true",
+                        help="time candidate tiles instead of benchmarking and write kernels/configs/<device>.json "
+                             "(about 2-4 min per shape on an H100; restrict with --shapes)")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -288,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     use_graph = not args.no_graph
     dev_name = device_name if device.type == "cuda" else None  # selects configs/<device>.json
+    if args.tune:
+        return run_tune(args, shapes, tokens_list, group, device, device_name, dtype)
     started = time.time()
     copy_bw = copy_bandwidth(device)
     print(f"device {device_name}; torch {torch.__version__}; triton {triton_version}; copy bandwidth "

@@ -2,6 +2,7 @@
 # One command for the GPU kernel benchmark (about 3-5 minutes on one H100):
 #   bash bench/run_gpu_bench.sh            # all shapes -> bench/results/gpu-kernels-<device>.json
 #   bash bench/run_gpu_bench.sh --dry-run  # tiny shapes on CPU under TRITON_INTERPRET=1
+#   bash bench/run_gpu_bench.sh --tune --shapes Qwen3-30B-A3B   # writes kernels/configs/<device>.json
 # Needs only python3 with torch and triton (>= 3.6); kernels/ is imported by path, so
 # nothing from this repository has to be installed.  Extra arguments go to
 # bench/gpu_kernels.py (--shapes, --tokens, --iters, --no-graph, --out ...).
