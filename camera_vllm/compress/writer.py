@@ -1,15 +1,22 @@
 """Write a CAMERA checkpoint atomically as a normal Hugging Face model directory.
 
 Everything goes into a temporary sibling directory that carries an
-``.camera_incomplete`` marker; only a complete directory is renamed into place. A run
-killed half-way therefore never leaves something at ``out_dir`` that looks valid.
+``.camera_incomplete`` marker; only a complete directory that passes
+:func:`~camera_vllm.format.validate.validate` (headers, shapes, config) is renamed into
+place.  A run killed half-way therefore never leaves something at ``out_dir`` that looks
+valid.  What a killed run leaves behind (``.<name>.tmp-<pid>``, or ``.<name>.old-<pid>``
+when it was replacing an existing directory) is removed by the next writer of the same
+``out_dir`` once process ``<pid>`` is gone (see :func:`remove_stale_temp_dirs`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +24,60 @@ import torch
 from safetensors.torch import save_file
 
 from ..format import names
-from ..format.schema import CameraQuantConfig
+from ..format.schema import CameraFormatError, CameraQuantConfig
 
 # Files of the source model that are not weights and travel unchanged.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {names.CONFIG_FILE, names.INDEX_FILE, names.REPORT_FILE, names.INCOMPLETE_MARKER}
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+
+log = logging.getLogger(__name__)
+
+_MARKER_TEXT = "camera-vllm: this checkpoint is being written by pid {pid} on host {host}\n"
+_MARKER_HOST = re.compile(r" by pid \d+ on host (?P<host>\S+)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: str | Path) -> list[Path]:
+    """Remove what killed writers of ``out_dir`` left behind; returns the removed paths.
+
+    A sibling ``.<name>.tmp-<pid>`` or ``.<name>.old-<pid>`` is stale when no process
+    ``<pid>`` runs on this host.  A temporary directory whose marker names another host
+    (a shared filesystem) is left alone; one without a marker (killed between removing
+    the marker and the final rename) is judged by its pid alone.
+    """
+    out = Path(out_dir).resolve()
+    host = socket.gethostname()
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    for item in sorted(out.parent.iterdir()):
+        m = pattern.match(item.name)
+        if m is None or not item.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        marker = item / names.INCOMPLETE_MARKER
+        if marker.is_file():
+            owner = _MARKER_HOST.search(marker.read_text(errors="replace"))
+            if owner is not None and owner.group("host") != host:
+                continue
+        log.warning("removing %s, left by a killed camera-vllm run (pid %d)", item, pid)
+        shutil.rmtree(item, ignore_errors=True)
+        removed.append(item)
+    return removed
 
 
 class CheckpointWriter:
@@ -55,10 +109,13 @@ class CheckpointWriter:
 
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
+        remove_stale_temp_dirs(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
-        (self.tmp_dir / names.INCOMPLETE_MARKER).write_text("camera-vllm: this checkpoint is being written\n")
+        (self.tmp_dir / names.INCOMPLETE_MARKER).write_text(
+            _MARKER_TEXT.format(pid=os.getpid(), host=socket.gethostname())
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -127,8 +184,20 @@ class CheckpointWriter:
         for fname, data in (extra_files or {}).items():
             (self.tmp_dir / fname).write_bytes(data)
 
+        marker = self.tmp_dir / names.INCOMPLETE_MARKER
+        marker_text = marker.read_text()
+        marker.unlink()
+        # Nothing that fails validation is ever published (headers, shapes, config; values
+        # are the caller's choice: they need a full read).
+        from ..format.validate import validate
+
+        check = validate(self.tmp_dir, check_values=False)
+        if not check.ok:
+            marker.write_text(marker_text)
+            raise CameraFormatError(
+                f"the checkpoint written for {self.out_dir} does not validate; not published:\n{check}"
+            )
         _fsync_dir(self.tmp_dir)
-        (self.tmp_dir / names.INCOMPLETE_MARKER).unlink()
         if self.out_dir.exists():
             if not self.overwrite:
                 raise FileExistsError(f"{self.out_dir} appeared while writing; not replacing it")
@@ -138,12 +207,22 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             self.tmp_dir.rename(self.out_dir)
+        _fsync_path(self.out_dir.parent)  # the rename itself
         return self.out_dir
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    # Make the shard files durable before the rename publishes the directory.
+    # Make the shard files (and the directory entries) durable before the rename publishes them.
     for item in path.iterdir():
         if item.is_file():
             with open(item, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_path(path)

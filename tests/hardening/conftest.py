@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hardening_catalogue import ZERO_WIDTH_EXPERT  # noqa: E402
+from hardening_catalogue import Q_ARGS, ZERO_WIDTH_EXPERT  # noqa: E402
 
 from camera_vllm.compress.calibrate import CalibSpec  # noqa: E402
 from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint  # noqa: E402
@@ -26,7 +26,6 @@ from camera_vllm.compress.source import SourceCheckpoint  # noqa: E402
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe  # noqa: E402
 
 CALIB = CalibSpec(num_seqs=4, seq_len=32, seed=1)
-Q_ARGS = dict(bits=[4, 2], fractions=[0.5, 0.5], group_size=32, method="rtn", prune_ratio=0.1)
 
 
 @pytest.fixture(scope="session", autouse=True)

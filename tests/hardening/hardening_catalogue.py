@@ -30,6 +30,8 @@ from camera_vllm.format import names
 ARCH = "Qwen2MoeForCausalLM"
 ST = "model.safetensors"
 ZERO_WIDTH_EXPERT = 5  # the good CAMERA-P checkpoint prunes this expert of layer 0 to width 0
+# run_camera_q settings of the good CAMERA-Q checkpoint (and of the interrupted/determinism runs).
+Q_ARGS: dict[str, Any] = dict(bits=[4, 2], fractions=[0.5, 0.5], group_size=32, method="rtn", prune_ratio=0.1)
 
 
 def E(layer: int, expert: int, proj: int, suffix: str) -> str:  # noqa: N802 - reads like the template
