@@ -460,13 +460,8 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
         if raw is None:
             report.errors.append(f"{names.CONFIG_FILE}: no quantization_config (not a CAMERA checkpoint)")
         else:
-            method = raw.get("quant_method") if isinstance(raw, dict) else None
-            if isinstance(raw, dict) and str(method).lower() != names.QUANT_METHOD:
-                report.errors.append(
-                    f"{names.CONFIG_FILE}: quantization_config.quant_method is {method!r}, not"
-                    f" {names.QUANT_METHOD!r}: this is not a CAMERA checkpoint"
-                    " (or its config.json was replaced)"
-                )
+            if isinstance(raw, dict) and str(raw.get("quant_method")).lower() != names.QUANT_METHOD:
+                report.errors.append(_foreign_method_message(raw.get("quant_method")))
             try:
                 qc = CameraQuantConfig.from_json_dict(raw, source=f"{names.CONFIG_FILE}: quantization_config")
             except CameraFormatError as err:
@@ -479,6 +474,31 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
         _check_values(root, tensors, report)
     report.finish()
     return report
+
+
+def _foreign_method_message(method: Any) -> str:
+    return (
+        f"{names.CONFIG_FILE}: quantization_config.quant_method is {method!r}, not {names.QUANT_METHOD!r}:"
+        " this is not a CAMERA checkpoint (or its config.json was replaced)"
+    )
+
+
+# Keys only a CAMERA quantization_config has together (format_version, scheme, per-layer slabs).
+_CAMERA_KEYS = {"format_version", "scheme", "layers", "original_intermediate_size"}
+
+
+def refuse_foreign_quant_method(quant_cfg: Any) -> None:
+    """Raise :class:`CameraFormatError` for a CAMERA quantization_config under another quant_method.
+
+    For vLLM's ``QuantizationConfig.override_quantization_method`` hook, which vLLM calls on
+    every registered method (custom ones first) before it picks one by ``quant_method``:
+    without it such a checkpoint reaches e.g. GPTQ and fails with an unrelated message.
+    Anything else (a real GPTQ/AWQ/... config, or a CAMERA one) passes.
+    """
+    if not isinstance(quant_cfg, dict) or not _CAMERA_KEYS <= quant_cfg.keys():
+        return
+    if str(quant_cfg.get("quant_method", "")).lower() != names.QUANT_METHOD:
+        raise CameraFormatError(_foreign_method_message(quant_cfg.get("quant_method")))
 
 
 def _resolve_local(model: str | Path, revision: str | None) -> Path | None:

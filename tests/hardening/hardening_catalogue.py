@@ -5,8 +5,8 @@ Every case is a function ``corrupt(dir) -> fragments``: it damages the checkpoin
 returns the message fragments that must appear in the refusal (file, tensor or field
 names).  The same catalogue is run through ``camera-vllm validate`` and through vLLM's
 config building with the plugin loaded (``vllm_refuse.py``).  ``vllm_fragments``, where
-given, replaces the fragments for vLLM: those cases fail in vLLM or transformers before
-the plugin runs, with their own wording.
+given, replaces the fragments for vLLM; ``before_plugin`` marks the cases that vLLM or
+transformers refuse before the plugin can run, in their own words.
 
 Nothing here imports vLLM.
 """
@@ -111,16 +111,23 @@ class Case:
     id: str
     base: str  # "P" (CAMERA-P) or "Q" (CAMERA-Q)
     corrupt: Callable[[Path], tuple[str, ...]]
-    vllm_fragments: tuple[str, ...] | None = None  # fails before the plugin runs: vLLM's own words
+    vllm_fragments: tuple[str, ...] | None = None  # what vLLM's refusal says, where it differs
+    before_plugin: bool = False  # refused by vLLM/transformers before the plugin runs
     quantization: str | None = None  # --quantization passed to vLLM for this case
 
 
 CASES: list[Case] = []
 
 
-def case(base: str, *, vllm: tuple[str, ...] | None = None, quantization: str | None = None):
+def case(
+    base: str,
+    *,
+    vllm: tuple[str, ...] | None = None,
+    before_plugin: bool = False,
+    quantization: str | None = None,
+):
     def register(fn: Callable[[Path], tuple[str, ...]]) -> Callable[[Path], tuple[str, ...]]:
-        CASES.append(Case(fn.__name__, base, fn, vllm, quantization))
+        CASES.append(Case(fn.__name__, base, fn, vllm, before_plugin, quantization))
         return fn
 
     return register
@@ -219,13 +226,13 @@ def incomplete_marker(d: Path) -> tuple[str, ...]:
 
 
 # ---- config.json
-@case("P", vllm=("config.json",))
+@case("P", vllm=("Invalid repository ID or local directory", "'config.json'"), before_plugin=True)
 def config_missing(d: Path) -> tuple[str, ...]:
     (d / names.CONFIG_FILE).unlink()
     return ("config.json: missing",)
 
 
-@case("P", vllm=("config.json",))
+@case("P", vllm=("config.json' is not a valid JSON file",), before_plugin=True)
 def config_invalid_json(d: Path) -> tuple[str, ...]:
     text = (d / names.CONFIG_FILE).read_text()
     (d / names.CONFIG_FILE).write_text(text[: len(text) // 2])
@@ -240,7 +247,9 @@ def camera_tensors_without_quantization_config(d: Path) -> tuple[str, ...]:
 
 
 # ---- quantization_config: structure
-@case("P", vllm=("quantization_config",))
+# transformers fails on this while reading config.json, before vLLM asks any quantization
+# method; its message does not name the field (a known limitation, see docs/security.md).
+@case("P", vllm=("'list' object has no attribute 'to_dict'",), before_plugin=True)
 def qc_not_a_dict(d: Path) -> tuple[str, ...]:
     edit_config(d, lambda cfg: cfg.update(quantization_config=["camera"]))
     return ("quantization_config: expected a JSON object, got list",)
@@ -264,7 +273,7 @@ def qc_layer_key_not_an_int(d: Path) -> tuple[str, ...]:
     return ("layers.first",)
 
 
-@case("P", vllm=("gptq",))
+@case("P")
 def quant_method_not_camera(d: Path) -> tuple[str, ...]:
     edit_qc(d, lambda qc: qc.update(quant_method="gptq"))
     return ("quantization_config.quant_method is 'gptq', not 'camera'",)

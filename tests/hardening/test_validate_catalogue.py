@@ -97,3 +97,15 @@ def test_console_script_exit_codes(good_p: Path, tmp_path: Path) -> None:
         assert fragment in res.stdout
     layer0 = json.loads((bad / "config.json").read_text())["quantization_config"]["layers"]["0"]
     assert "shared_slabs" not in layer0
+
+
+def test_foreign_quant_method_on_a_camera_config_is_refused(good_p: Path) -> None:
+    """What the plugin's override_quantization_method hook calls: CAMERA-shaped + other quant_method."""
+    from camera_vllm.format.validate import refuse_foreign_quant_method
+
+    qc = qc_of(good_p)
+    refuse_foreign_quant_method(qc)  # a CAMERA config: fine
+    refuse_foreign_quant_method({"quant_method": "gptq", "bits": 4, "group_size": 128})  # a real GPTQ one
+    refuse_foreign_quant_method(["not", "a", "dict"])
+    with pytest.raises(CameraFormatError, match="quant_method is 'gptq', not 'camera'"):
+        refuse_foreign_quant_method({**qc, "quant_method": "gptq"})
