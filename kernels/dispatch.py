@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -22,7 +23,11 @@ def _triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Triton's interpreter is on: by environment, or by ``triton.knobs`` once triton is imported."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    return bool(getattr(getattr(knobs, "runtime", None), "interpret", False))
 
 
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:

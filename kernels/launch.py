@@ -15,8 +15,6 @@ the result deterministic.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .slab_weights import SlabMoEWeights
@@ -160,7 +158,7 @@ def slab_moe_triton(
         )
     else:
         # See moe_slab._dot: fp32 needs IEEE dots; the interpreter cannot multiply bf16.
-        ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
+        ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted(moe_slab._w13_sorted_kernel))
         sorted_ids, block_expert = moe_align(ids, lay.num_experts, c13.block_m)
         if c2.block_m == c13.block_m:
             sorted_ids2, block_expert2 = sorted_ids, block_expert
@@ -186,5 +184,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` runs in Triton's interpreter (decided when moe_slab was imported)."""
+    return type(kernel).__name__ == "InterpretedFunction"

@@ -12,6 +12,7 @@ has been enabled in a process, Triton routes some IR building to it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# Only look for triton: importing it here would fix this process's triton in compiled
+# mode, and test_kernel_triton.py needs it interpreted on CPU.
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 H100_SHARED_BYTES = 232448  # 227 KiB per block
 KERNELS = Path(__file__).resolve().parents[2] / "kernels" / "moe_slab.py"

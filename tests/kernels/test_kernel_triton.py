@@ -1,8 +1,9 @@
 """Triton slab MoE == pure-torch reference.
 
 On a machine without CUDA the kernels run in Triton's interpreter
-(``TRITON_INTERPRET=1``, set below before the kernels are compiled), which executes
-the same kernel code on CPU tensors with numpy; shapes are tiny to keep it fast.
+(``TRITON_INTERPRET=1``, switched on below before triton and the kernels are
+imported), which executes the same kernel code on CPU tensors with numpy; shapes are
+tiny to keep it fast.
 
 Tolerances (relative to the largest output magnitude, ``max|ref|``):
 
@@ -23,25 +24,59 @@ Tolerances (relative to the largest output magnitude, ``max|ref|``):
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Must happen before camera_kernels.moe_slab is imported: @triton.jit reads it.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[2]
+# False when this process already imported triton in compiled mode (e.g. through vLLM in
+# another test module): the tests then run in a fresh process, see the last test.
+IN_PROCESS = True
 
-pytest.importorskip("triton")
+if DEVICE == "cpu":
+    # Triton decides at import time (for its own tl.* helpers too) whether @triton.jit
+    # functions are interpreted, so the flag must be on when triton and the kernels are
+    # first imported.  It is then kept on through triton's knob and the environment
+    # variable is restored, so subprocesses of other tests do not inherit it.
+    _saved_flag = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(triton.language.zeros, JITFunction) or not hasattr(triton, "knobs"):
+            IN_PROCESS = False
+        else:
+            import camera_kernels.moe_slab as _moe_slab
+
+            triton.knobs.runtime.interpret = True
+            assert type(_moe_slab._w13_gemv_kernel).__name__ == "InterpretedFunction"
+    finally:
+        if _saved_flag is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved_flag
+else:
+    pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def _runs_here(request):
+    if not IN_PROCESS and request.node.originalname != "test_kernel_triton_in_fresh_interpreter":
+        pytest.skip("triton was imported in compiled mode earlier in this process; "
+                    "test_kernel_triton_in_fresh_interpreter runs this module in a fresh interpreter")
+
 
 from camera_kernels import SlabMoEWeights, slab_moe, slab_moe_reference  # noqa: E402
 from camera_kernels.launch import slab_moe_triton  # noqa: E402
 from camera_kernels.slab_weights import random_slab_weights  # noqa: E402
 from camera_kernels.tuning import MoEConfig, TileConfig, get_config  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton cannot run here", allow_module_level=True)
 
 H = 64
 
@@ -210,3 +245,15 @@ def test_kernel_dispatch_runs_triton_when_asked():
     tw, ids = torch.ones(2, 1, device=DEVICE), torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
     got = slab_moe(x, tw, ids, w, backend="triton")
     torch.testing.assert_close(got, slab_moe_reference(x, tw, ids, w), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_triton_in_fresh_interpreter():
+    """Runs this module in a new process with ``TRITON_INTERPRET=1`` when this one cannot."""
+    if IN_PROCESS:
+        pytest.skip("the kernel tests ran in this process")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
