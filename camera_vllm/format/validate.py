@@ -328,9 +328,9 @@ def _check_core(
     cfg: dict[str, Any], arch: Any, tensors: dict[str, TensorInfo], report: ValidationReport
 ) -> None:
     """Embedding, final norm, LM head (unless tied) and the router of every MoE layer, with their shapes."""
-    hidden, vocab = arch.hidden_size, cfg.get("vocab_size")
+    hidden, vocab = arch.hidden_size, _int_field(cfg, "vocab_size", report)
     want: dict[str, tuple[int, ...] | None] = {
-        "model.embed_tokens.weight": (vocab, hidden) if isinstance(vocab, int) else None,
+        "model.embed_tokens.weight": None if vocab is None else (vocab, hidden),
         "model.norm.weight": (hidden,),
     }
     if not cfg.get("tie_word_embeddings", False):

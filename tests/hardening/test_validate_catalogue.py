@@ -109,3 +109,34 @@ def test_foreign_quant_method_on_a_camera_config_is_refused(good_p: Path) -> Non
     refuse_foreign_quant_method(["not", "a", "dict"])
     with pytest.raises(CameraFormatError, match="quant_method is 'gptq', not 'camera'"):
         refuse_foreign_quant_method({**qc, "quant_method": "gptq"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda cfg: cfg.update(hidden_size="64"),
+        lambda cfg: cfg.pop("num_hidden_layers"),
+        lambda cfg: cfg.update(architectures=[]),
+        lambda cfg: cfg.update(architectures="Qwen2MoeForCausalLM"),
+        lambda cfg: cfg.update(num_experts=None),
+        lambda cfg: cfg.update(vocab_size="320"),
+        lambda cfg: cfg["quantization_config"].update(layers=None),
+        lambda cfg: cfg["quantization_config"].update(bits="4,2"),
+        lambda cfg: cfg["quantization_config"]["layers"]["0"].update(expert_slabs=[[1.5, 2]] * 8),
+        lambda cfg: cfg.update(quantization_config="camera"),
+    ],
+    ids=[
+        "hidden_size_str", "no_num_hidden_layers", "no_architectures", "architectures_str",
+        "num_experts_null", "vocab_size_str", "layers_null", "bits_str", "fractional_slab", "qc_str",
+    ],
+)  # fmt: skip
+def test_validate_reports_instead_of_crashing(change, good_q: Path, tmp_path: Path) -> None:
+    """Garbage in config.json gives errors in the report, never an exception out of validate()."""
+    d = Path(shutil.copytree(good_q, tmp_path / "q"))
+    cfg = json.loads((d / "config.json").read_text())
+    change(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    report = validate(d)
+    assert not report.ok
+    prefixes = ("config.json", "tensor", "model.safetensors")
+    assert all(e.startswith(prefixes) for e in report.errors), report.errors

@@ -214,6 +214,7 @@ def test_mixed_precision_layout(tmp_path: Path) -> None:
         "architectures": ["Qwen3MoeForCausalLM"],
         "num_hidden_layers": 1,
         "hidden_size": hidden,
+        "vocab_size": 10,
         "num_experts": 3,
         "num_experts_per_tok": 1,
         "moe_intermediate_size": 64,
