@@ -44,10 +44,10 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +103,8 @@ def slab_sizes(shape: Shape, fractions: tuple[float, ...], seed: int, align: int
     rng = random.Random(seed)
     sizes = []
     for _ in range(shape.experts):
-        n4 = int(round(shape.inter * fractions[0] * (1 + rng.uniform(-0.3, 0.3)) / align)) * align
-        n2 = int(round(shape.inter * fractions[1] * (1 + rng.uniform(-0.3, 0.3)) / align)) * align
+        n4 = round(shape.inter * fractions[0] * (1 + rng.uniform(-0.3, 0.3)) / align) * align
+        n2 = round(shape.inter * fractions[1] * (1 + rng.uniform(-0.3, 0.3)) / align) * align
         n4 = min(n4, shape.inter)
         n2 = min(n2, shape.inter - n4)
         sizes.append((n4, n2, shape.inter - n4 - n2))
@@ -120,8 +120,14 @@ def expert_bytes(layout, e: int) -> int:
         n = layout.sizes[e][i]
         if n == 0:
             continue
-        total += packed_rows(layout.hidden_size, b) * 2 * n * 4 + num_groups(layout.hidden_size, layout.group_size) * 2 * n * 4
-        total += packed_rows(n, b) * layout.hidden_size * 4 + num_groups(n, layout.group_size) * layout.hidden_size * 4
+        total += (
+            packed_rows(layout.hidden_size, b) * 2 * n * 4
+            + num_groups(layout.hidden_size, layout.group_size) * 2 * n * 4
+        )
+        total += (
+            packed_rows(n, b) * layout.hidden_size * 4
+            + num_groups(n, layout.group_size) * layout.hidden_size * 4
+        )
     return total
 
 
@@ -142,12 +148,13 @@ class GroupedBF16MoE:
         import torch
         import torch.nn.functional as F
 
-        t, k = topk_ids.shape
+        k = topk_ids.shape[1]
         e, i = self.shape.experts, self.shape.inter
         flat = topk_ids.reshape(-1).to(torch.int64)
         order = torch.argsort(flat, stable=True)
         counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
+            0, flat, torch.ones_like(flat, dtype=torch.int32)
+        )
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         tokens = order // k
         h = torch._grouped_mm(x[tokens], self.w13.transpose(-2, -1), offs=offs)
@@ -214,7 +221,6 @@ def copy_bandwidth(device) -> float:
     a = torch.empty(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
     ms, _ = time_calls([lambda: b.copy_(a)], device, iters=20, use_graph=False)
-    del a, b
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -235,8 +241,9 @@ def git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -264,14 +271,22 @@ def candidate_configs(path: str, group: int):
     out = []
     if path == "gemv":
         for (n13, k13, w13), (n2, k2, w2) in GEMV_CANDIDATES:
-            cfg = MoEConfig("gemv", TileConfig(1, n13, min(k13, group), w13, 2),
-                            TileConfig(1, n2, min(k2, group), w2, 2), "tune")
+            cfg = MoEConfig(
+                "gemv",
+                TileConfig(1, n13, min(k13, group), w13, 2),
+                TileConfig(1, n2, min(k2, group), w2, 2),
+                "tune",
+            )
             if cfg not in out:
                 out.append(cfg)
     else:
         for bm, (n13, k13, w13, s13), (n2, k2, w2, s2) in SORTED_CANDIDATES:
-            cfg = MoEConfig("sorted", TileConfig(bm, n13, min(k13, group), w13, s13),
-                            TileConfig(bm, n2, min(k2, group), w2, s2), "tune")
+            cfg = MoEConfig(
+                "sorted",
+                TileConfig(bm, n13, min(k13, group), w13, s13),
+                TileConfig(bm, n2, min(k2, group), w2, s2),
+                "tune",
+            )
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -307,15 +322,16 @@ def tune_table(results: dict[int, dict[str, tuple[float, object]]], top_k: int) 
 def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> int:
     """Time candidate tiles per shape and token count; write kernels/configs/<device>.json."""
     import torch
-
     from camera_kernels.launch import slab_moe_triton
     from camera_kernels.slab_weights import random_slab_weights
     from camera_kernels.tuning import CONFIG_DIR, FALLBACK, device_file_name, shape_key
 
     started = time.time()
-    doc: dict = {"_comment": f"Tuned by bench/gpu_kernels.py --tune on {device_name}, torch {torch.__version__}, "
-                             f"git {git_commit()}; mix {MIXES['2.5']} of {BITS}-bit, group {group}.",
-                 "shapes": {}}
+    doc: dict = {
+        "_comment": f"Tuned by bench/gpu_kernels.py --tune on {device_name}, torch {torch.__version__}, "
+        f"git {git_commit()}; mix {MIXES['2.5']} of {BITS}-bit, group {group}.",
+        "shapes": {},
+    }
     for shape in shapes:
         sizes = slab_sizes(shape, MIXES["2.5"], seed=7, align=32 if not args.dry_run else 8)
         w = random_slab_weights(sizes, BITS, shape.hidden, group, seed=3, device=device)
@@ -328,7 +344,10 @@ def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> in
             for path in paths:
                 best = None
                 for cfg in candidate_configs(path, group):
-                    calls = [lambda tw=tw, ids=ids, c=cfg: slab_moe_triton(x, tw, ids, w, c) for tw, ids in routes]
+                    calls = [
+                        lambda x=x, w=w, tw=tw, ids=ids, c=cfg: slab_moe_triton(x, tw, ids, w, c)
+                        for tw, ids in routes
+                    ]
                     try:
                         ms, _ = time_calls(calls, device, args.iters, not args.no_graph)
                     except Exception as err:  # noqa: BLE001 - a tile that does not fit is skipped, not fatal
@@ -338,8 +357,12 @@ def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> in
                         best = (ms, cfg)
                 if best is not None:
                     results[nt][path] = best
-                    print(f"  {shape.name} T={nt:5d} {path:6s} best {best[0]:.4f} ms: w13 {best[1].w13.to_dict()} "
-                          f"w2 {best[1].w2.to_dict()}", flush=True)
+                    print(
+                        f"  {shape.name} T={nt:5d} {path:6s} best {best[0]:.4f} ms: "
+                        f"w13 {best[1].w13.to_dict()} "
+                        f"w2 {best[1].w2.to_dict()}",
+                        flush=True,
+                    )
         doc["shapes"][shape_key(shape.hidden, shape.experts, shape.top_k)] = tune_table(results, shape.top_k)
         del w
     # The top level serves shapes that were not tuned: the fallback tiles, untouched.
@@ -352,27 +375,40 @@ def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes on CPU under TRITON_INTERPRET=1 (proves the script, times nothing real)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes on CPU under TRITON_INTERPRET=1 (proves the script, times nothing real)",
+    )
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or 'all'")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts")
     parser.add_argument("--iters", type=int, default=10, help="graph replays per measurement")
     parser.add_argument("--reps", type=int, default=8, help="calls (distinct routings) per replay")
-    parser.add_argument("--both-paths-max-pairs", type=int, default=512,
-                        help="also time the other kernel path when tokens*top_k is at most this")
+    parser.add_argument(
+        "--both-paths-max-pairs",
+        type=int,
+        default=512,
+        help="also time the other kernel path when tokens*top_k is at most this",
+    )
     parser.add_argument("--no-graph", action="store_true", help="time eagerly")
-    parser.add_argument("--out", default=None, help="output JSON (default bench/results/gpu-kernels-<device>.json; "
-                        "with --tune kernels/configs/<device>.json)")
-    parser.add_argument("--tune", action="store_true",
-                        help="time candidate tiles instead of benchmarking and write kernels/configs/<device>.json "
-                             "(about 2-4 min per shape on an H100; restrict with --shapes)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output JSON (default bench/results/gpu-kernels-<device>.json; "
+        "with --tune kernels/configs/<device>.json)",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="time candidate tiles instead of benchmarking and write kernels/configs/<device>.json "
+        "(about 2-4 min per shape on an H100; restrict with --shapes)",
+    )
     args = parser.parse_args(argv)
 
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is compiled
     ck = load_kernels()
     import torch
-
     from camera_kernels.launch import slab_moe_triton
     from camera_kernels.slab_weights import SlabLayout, random_slab_weights
     from camera_kernels.tuning import get_config
@@ -407,17 +443,28 @@ def main(argv: list[str] | None = None) -> int:
         return run_tune(args, shapes, tokens_list, group, device, device_name, dtype)
     started = time.time()
     copy_bw = copy_bandwidth(device)
-    print(f"device {device_name}; torch {torch.__version__}; triton {triton_version}; copy bandwidth "
-          f"{copy_bw:.0f} GB/s", flush=True)
+    print(
+        f"device {device_name}; torch {torch.__version__}; triton {triton_version}; copy bandwidth "
+        f"{copy_bw:.0f} GB/s",
+        flush=True,
+    )
 
     name = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-kernels-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, checks = [], []
     result = {
-        "device": device_name, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-        "git_commit": git_commit(), "dry_run": args.dry_run, "copy_bandwidth_GBps": copy_bw,
-        "seconds": 0.0, "complete": False, "correctness": checks, "rows": rows,
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "dry_run": args.dry_run,
+        "copy_bandwidth_GBps": copy_bw,
+        "seconds": 0.0,
+        "complete": False,
+        "correctness": checks,
+        "rows": rows,
     }
 
     def save() -> None:
@@ -435,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             w = random_slab_weights(sizes, BITS, shape.hidden, group, seed=3, device=device)
             lay: SlabLayout = w.layout
             per_expert = [expert_bytes(lay, e) for e in range(shape.experts)]
-            print(f"{shape.name} mix {mix_name}: avg {lay.avg_bits():.3f} bits/weight, "
-                  f"{lay.nbytes() / 2**20:.1f} MiB (built in {time.time() - t0:.1f}s)", flush=True)
+            print(
+                f"{shape.name} mix {mix_name}: avg {lay.avg_bits():.3f} bits/weight, "
+                f"{lay.nbytes() / 2**20:.1f} MiB (built in {time.time() - t0:.1f}s)",
+                flush=True,
+            )
 
             # Correctness of both paths against the reference (bf16; tolerance as in
             # tests/kernels/test_kernel_triton.py: 4 bf16 ulp of max|ref|).
@@ -451,8 +501,13 @@ def main(argv: list[str] | None = None) -> int:
                     rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
                     ok = rel <= 4 * 2.0**-7
                     failed |= not ok
-                    checks.append({"shape": shape.name, "tokens": nt, "path": path, "max_rel_err": rel, "ok": ok})
-                    print(f"  check {path}: max err / max |ref| = {rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+                    checks.append(
+                        {"shape": shape.name, "tokens": nt, "path": path, "max_rel_err": rel, "ok": ok}
+                    )
+                    print(
+                        f"  check {path}: max err / max |ref| = {rel:.2e} {'ok' if ok else 'FAILED'}",
+                        flush=True,
+                    )
 
             for nt in tokens_list:
                 x = torch.randn(nt, shape.hidden, device=device, dtype=dtype)
@@ -467,33 +522,53 @@ def main(argv: list[str] | None = None) -> int:
                     paths[alt] = get_config(nt, shape.top_k, shape.hidden, shape.experts, dev_name, path=alt)
                 timed = {}
                 for path, pcfg in paths.items():
-                    calls = [lambda tw=tw, ids=ids, c=pcfg: slab_moe_triton(x, tw, ids, w, c) for tw, ids in routes]
+                    calls = [
+                        lambda x=x, w=w, tw=tw, ids=ids, c=pcfg: slab_moe_triton(x, tw, ids, w, c)
+                        for tw, ids in routes
+                    ]
                     timed[path] = time_calls(calls, device, args.iters, use_graph)
                 ms, mode = timed[cfg.path]
                 if nt not in bf16_ms:
-                    calls = [lambda tw=tw, ids=ids: baseline(x, tw, ids) for tw, ids in routes]
+                    calls = [lambda f=baseline, x=x, tw=tw, ids=ids: f(x, tw, ids) for tw, ids in routes]
                     bf16_ms[nt] = time_calls(calls, device, args.iters, use_graph)
                 b_ms, b_mode = bf16_ms[nt]
                 flops = 2 * nt * shape.top_k * 3 * shape.hidden * shape.inter
                 row = {
-                    "shape": shape.name, "H": shape.hidden, "I": shape.inter, "E": shape.experts,
-                    "top_k": shape.top_k, "tokens": nt, "bits_target": float(mix_name),
-                    "avg_bits": round(lay.avg_bits(), 4), "group_size": group, "bits": list(BITS),
-                    "path": cfg.path, "config_source": cfg.source, "ms": ms, "bf16_ms": b_ms,
-                    "speedup_vs_bf16": b_ms / ms, "weight_bytes": wbytes,
+                    "shape": shape.name,
+                    "H": shape.hidden,
+                    "I": shape.inter,
+                    "E": shape.experts,
+                    "top_k": shape.top_k,
+                    "tokens": nt,
+                    "bits_target": float(mix_name),
+                    "avg_bits": round(lay.avg_bits(), 4),
+                    "group_size": group,
+                    "bits": list(BITS),
+                    "path": cfg.path,
+                    "config_source": cfg.source,
+                    "ms": ms,
+                    "bf16_ms": b_ms,
+                    "speedup_vs_bf16": b_ms / ms,
+                    "weight_bytes": wbytes,
                     "achieved_GBps": wbytes / (ms * 1e-3) / 1e9,
                     "roofline_frac": (wbytes / (ms * 1e-3) / 1e9) / copy_bw if copy_bw else None,
-                    "bf16_roofline_frac": (baseline.weight_bytes(sum(used) / len(used)) / (b_ms * 1e-3) / 1e9) / copy_bw
-                    if copy_bw else None,
-                    "tflops": flops / (ms * 1e-3) / 1e12, "experts_touched": sum(used) / len(used),
+                    "bf16_roofline_frac": (baseline.weight_bytes(sum(used) / len(used)) / (b_ms * 1e-3) / 1e9)
+                    / copy_bw
+                    if copy_bw
+                    else None,
+                    "tflops": flops / (ms * 1e-3) / 1e12,
+                    "experts_touched": sum(used) / len(used),
                     "timing": mode if mode == b_mode else f"{mode}/{b_mode}",
                 }
                 for path, (p_ms, _) in timed.items():
                     row[f"{path}_ms"] = p_ms
                 rows.append(row)
                 frac = f"{row['roofline_frac']:.2f}" if row["roofline_frac"] is not None else "n/a"
-                print(f"  T={nt:5d} {cfg.path:6s} {ms:8.4f} ms  bf16 {b_ms:8.4f} ms  x{b_ms / ms:5.2f}  "
-                      f"roofline {frac}  " + " ".join(f"{p}={v[0]:.4f}" for p, v in timed.items()), flush=True)
+                print(
+                    f"  T={nt:5d} {cfg.path:6s} {ms:8.4f} ms  bf16 {b_ms:8.4f} ms  x{b_ms / ms:5.2f}  "
+                    f"roofline {frac}  " + " ".join(f"{p}={v[0]:.4f}" for p, v in timed.items()),
+                    flush=True,
+                )
             del w
         del baseline
         if device.type == "cuda":

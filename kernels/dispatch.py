@@ -31,7 +31,7 @@ def _interpreting() -> bool:
 
 
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
-    """``(backend, reason)`` for activations ``x``; ``backend`` is ``"auto"``, ``"triton"`` or ``"reference"``.
+    """``(backend, reason)`` for activations ``x``; ``backend``: ``"auto"``, ``"triton"``, ``"reference"``.
 
     ``auto`` picks ``triton`` for CUDA tensors of a supported dtype when triton is
     installed, else ``reference``.  An explicit ``triton`` that cannot run raises

@@ -20,7 +20,7 @@ import torch
 from .slab_weights import SlabMoEWeights
 from .tuning import MoEConfig, TileConfig, get_config
 
-__all__ = ["moe_align", "slab_moe_triton", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_moe_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,8 +54,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     block_end = torch.cumsum(blocks, 0)
     block_start = block_end - blocks
     # Invalid pairs are scattered to one extra slot past the end and cut off.
-    dest = torch.where(sorted_key < num_experts, block_start[sorted_key] * block_m + rank,
-                       torch.full_like(rank, capacity))
+    dest = torch.where(
+        sorted_key < num_experts, block_start[sorted_key] * block_m + rank, torch.full_like(rank, capacity)
+    )
     sorted_ids = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     block_idx = torch.arange(num_blocks, device=device)
@@ -65,11 +66,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 def _block_k(tile: TileConfig, group_size: int) -> int:
-    """Largest usable K tile: it must divide the group size (one scale row per tile)."""
-    for bk in (tile.block_k, 128, 64, 32):
+    """Largest K tile <= the configured one that the kernels accept.
+
+    It must be a power of two of at least 32 (whole 32-value packing blocks) and divide
+    the group size (one scale/zero row per tile).
+    """
+    for bk in (256, 128, 64, 32):
         if bk <= tile.block_k and group_size % bk == 0:
             return bk
-    raise ValueError(f"group size {group_size} is not a multiple of 32")
+    raise ValueError(f"no K tile fits BLOCK_K={tile.block_k} and group size {group_size} (need >= 32)")
 
 
 def _check(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: SlabMoEWeights) -> None:
@@ -79,7 +84,8 @@ def _check(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, 
         raise ValueError(f"x dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
     if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T, K], T={x.shape[0]}"
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, K], T={x.shape[0]}"
         )
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
@@ -134,11 +140,17 @@ def slab_moe_triton(
     act_cols = tuple(sum(widths[:j]) for j in range(len(slots)))
     tile_starts = tuple(sum(_cdiv(n, c13.block_n) for n in widths[:j]) for j in range(len(slots) + 1))
     kernel_args = dict(BITS=tuple(lay.bits[i] for i in slots), COLS=tuple(slots), GROUP_SIZE=lay.group_size)
-    w13 = (tuple(w.w13_qweight[i] for i in slots), tuple(w.w13_scales[i] for i in slots),
-           tuple(w.w13_zeros[i] for i in slots))
+    w13 = (
+        tuple(w.w13_qweight[i] for i in slots),
+        tuple(w.w13_scales[i] for i in slots),
+        tuple(w.w13_zeros[i] for i in slots),
+    )
     w13_strides = tuple(w.w13_qweight[i].stride(0) for i in slots)
-    w2 = (tuple(w.w2_qweight[i] for i in slots), tuple(w.w2_scales[i] for i in slots),
-          tuple(w.w2_zeros[i] for i in slots))
+    w2 = (
+        tuple(w.w2_qweight[i] for i in slots),
+        tuple(w.w2_scales[i] for i in slots),
+        tuple(w.w2_zeros[i] for i in slots),
+    )
 
     # GEMV: fp32 intermediate (free at decode sizes, one rounding fewer) and every
     # out row written by the w2 kernel.  Sorted: activation-dtype intermediate (tl.dot
@@ -147,35 +159,106 @@ def slab_moe_triton(
     out_buf = (torch.empty if gemv else torch.zeros)(num_pairs, hidden, dtype=torch.float32, device=x.device)
     if gemv:
         moe_slab._w13_gemv_kernel[(num_pairs, tile_starts[-1])](
-            x, *w13, w13_strides, act, act_cols, tile_starts, ids, w.slab_sizes, w.col_offsets,
-            hidden, lay.num_experts, top_k, lay.num_bits, x.stride(0), act.stride(0),
-            BLOCK_N=c13.block_n, BLOCK_K=bk13, num_warps=c13.num_warps, num_stages=c13.num_stages, **kernel_args,
+            x,
+            *w13,
+            w13_strides,
+            act,
+            act_cols,
+            tile_starts,
+            ids,
+            w.slab_sizes,
+            w.col_offsets,
+            hidden,
+            lay.num_experts,
+            top_k,
+            lay.num_bits,
+            x.stride(0),
+            act.stride(0),
+            BLOCK_N=c13.block_n,
+            BLOCK_K=bk13,
+            num_warps=c13.num_warps,
+            num_stages=c13.num_stages,
+            **kernel_args,
         )
         moe_slab._w2_gemv_kernel[(num_pairs, _cdiv(hidden, c2.block_n))](
-            act, *w2, act_cols, out_buf, ids, weights, w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
-            hidden, lay.num_experts, lay.num_bits, act.stride(0), out_buf.stride(0),
-            BLOCK_N=c2.block_n, BLOCK_K=bk2, num_warps=c2.num_warps, num_stages=c2.num_stages, **kernel_args,
+            act,
+            *w2,
+            act_cols,
+            out_buf,
+            ids,
+            weights,
+            w.slab_sizes,
+            w.down_row_offsets,
+            w.down_group_offsets,
+            hidden,
+            lay.num_experts,
+            lay.num_bits,
+            act.stride(0),
+            out_buf.stride(0),
+            BLOCK_N=c2.block_n,
+            BLOCK_K=bk2,
+            num_warps=c2.num_warps,
+            num_stages=c2.num_stages,
+            **kernel_args,
         )
     else:
         # See moe_slab._dot: fp32 needs IEEE dots; the interpreter cannot multiply bf16.
-        ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted(moe_slab._w13_sorted_kernel))
+        ieee = x.dtype == torch.float32 or (
+            x.dtype == torch.bfloat16 and _interpreted(moe_slab._w13_sorted_kernel)
+        )
         sorted_ids, block_expert = moe_align(ids, lay.num_experts, c13.block_m)
         if c2.block_m == c13.block_m:
             sorted_ids2, block_expert2 = sorted_ids, block_expert
         else:
             sorted_ids2, block_expert2 = moe_align(ids, lay.num_experts, c2.block_m)
         moe_slab._w13_sorted_kernel[(block_expert.numel(), tile_starts[-1])](
-            x, *w13, w13_strides, act, act_cols, tile_starts, sorted_ids, block_expert, w.slab_sizes, w.col_offsets,
-            hidden, num_pairs, top_k, lay.num_bits, x.stride(0), act.stride(0),
-            BLOCK_M=c13.block_m, BLOCK_N=c13.block_n, BLOCK_K=bk13, IEEE=ieee,
-            num_warps=c13.num_warps, num_stages=c13.num_stages, **kernel_args,
+            x,
+            *w13,
+            w13_strides,
+            act,
+            act_cols,
+            tile_starts,
+            sorted_ids,
+            block_expert,
+            w.slab_sizes,
+            w.col_offsets,
+            hidden,
+            num_pairs,
+            top_k,
+            lay.num_bits,
+            x.stride(0),
+            act.stride(0),
+            BLOCK_M=c13.block_m,
+            BLOCK_N=c13.block_n,
+            BLOCK_K=bk13,
+            IEEE=ieee,
+            num_warps=c13.num_warps,
+            num_stages=c13.num_stages,
+            **kernel_args,
         )
         moe_slab._w2_sorted_kernel[(block_expert2.numel(), _cdiv(hidden, c2.block_n))](
-            act, *w2, act_cols, out_buf, sorted_ids2, block_expert2, weights,
-            w.slab_sizes, w.down_row_offsets, w.down_group_offsets,
-            hidden, num_pairs, lay.num_bits, act.stride(0), out_buf.stride(0),
-            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=bk2, IEEE=ieee,
-            num_warps=c2.num_warps, num_stages=c2.num_stages, **kernel_args,
+            act,
+            *w2,
+            act_cols,
+            out_buf,
+            sorted_ids2,
+            block_expert2,
+            weights,
+            w.slab_sizes,
+            w.down_row_offsets,
+            w.down_group_offsets,
+            hidden,
+            num_pairs,
+            lay.num_bits,
+            act.stride(0),
+            out_buf.stride(0),
+            BLOCK_M=c2.block_m,
+            BLOCK_N=c2.block_n,
+            BLOCK_K=bk2,
+            IEEE=ieee,
+            num_warps=c2.num_warps,
+            num_stages=c2.num_stages,
+            **kernel_args,
         )
     return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 

@@ -43,8 +43,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q,
-                BLOCK_K: tl.constexpr, BITS: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr):
+def _codes_part(
+    q_ptr,
+    row_base,
+    k0,
+    k_limit,
+    cols,
+    col_ok,
+    stride_q,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
     """int32 ``[BLOCK_K, BN]``: bits ``[SHIFT, SHIFT + WIDTH)`` of the codes of K rows ``k0 + [0, BLOCK_K)``.
 
     Loads each packed word once (``[BLOCK_K / 32, WIDTH, BN]`` words) and expands it in
@@ -56,8 +67,11 @@ def _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q,
     word = tl.arange(0, WIDTH)
     rows = row_base + (k0 // 32 + blk)[:, None] * BITS + SHIFT + word[None, :]  # [NB, WIDTH]
     block_ok = (k0 + blk * 32) < k_limit
-    words = tl.load(q_ptr + rows[:, :, None] * stride_q + cols[None, None, :],
-                    mask=block_ok[:, None, None] & col_ok[None, None, :], other=0)  # [NB, WIDTH, BN]
+    words = tl.load(
+        q_ptr + rows[:, :, None] * stride_q + cols[None, None, :],
+        mask=block_ok[:, None, None] & col_ok[None, None, :],
+        other=0,
+    )  # [NB, WIDTH, BN]
     shifts = tl.arange(0, 32 // WIDTH) * WIDTH
     # Arithmetic shift of int32 is fine: the mask keeps only the WIDTH wanted bits.
     vals = (words[:, :, None, :] >> shifts[None, None, :, None]) & ((1 << WIDTH) - 1)
@@ -65,8 +79,21 @@ def _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q,
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, row_base, group_row, k0, k_limit, cols, col_ok,
-                  stride_q, stride_s, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+def _dequant_tile(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    row_base,
+    group_row,
+    k0,
+    k_limit,
+    cols,
+    col_ok,
+    stride_q,
+    stride_s,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+):
     """fp32 ``[BLOCK_K, BN]`` ``(q - zero) * scale`` of K rows ``k0 + [0, BLOCK_K)`` of a slab.
 
     ``row_base``: the slab's first packed row; ``k_limit``: the slab's K (rows past it
@@ -103,8 +130,22 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _w13_gemv_tile(x_row_ptr, q_ptr, s_ptr, z_ptr, stride_w, act_row_ptr, c0, n, tile, hidden,
-                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w13_gemv_tile(
+    x_row_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    stride_w,
+    act_row_ptr,
+    c0,
+    n,
+    tile,
+    hidden,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One pair, one column tile of one slab: ``act[c] = SiLU(x . gate_c) * (x . up_c)``."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
@@ -116,11 +157,13 @@ def _w13_gemv_tile(x_row_ptr, q_ptr, s_ptr, z_ptr, stride_w, act_row_ptr, c0, n,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w,
-                           BLOCK_K, BITS)
+        wg = _dequant_tile(
+            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        )
         acc_g += tl.sum(a[:, None] * wg, axis=0)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w,
-                           BLOCK_K, BITS)
+        wu = _dequant_tile(
+            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        )
         acc_u += tl.sum(a[:, None] * wu, axis=0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_row_ptr + cols, h.to(act_row_ptr.dtype.element_ty), mask=col_ok)
@@ -128,11 +171,28 @@ def _w13_gemv_tile(x_row_ptr, q_ptr, s_ptr, z_ptr, stride_w, act_row_ptr, c0, n,
 
 @triton.jit
 def _w13_gemv_kernel(
-    x_ptr, q_ptrs, s_ptrs, z_ptrs, w_strides, act_ptr, act_cols, tile_starts,
-    topk_ids_ptr, sizes_ptr, col_off_ptr,
-    hidden, num_experts, top_k, meta_cols, stride_x, stride_act,
-    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    q_ptrs,
+    s_ptrs,
+    z_ptrs,
+    w_strides,
+    act_ptr,
+    act_cols,
+    tile_starts,
+    topk_ids_ptr,
+    sizes_ptr,
+    col_off_ptr,
+    hidden,
+    num_experts,
+    top_k,
+    meta_cols,
+    stride_x,
+    stride_act,
+    BITS: tl.constexpr,
+    COLS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Decode gate/up GEMV with fused SiLU-and-mul, all slots in one launch.
 
@@ -155,17 +215,47 @@ def _w13_gemv_kernel(
             n = tl.load(sizes_ptr + e * meta_cols + COLS[s])
             if tile * BLOCK_N < n:
                 c0 = tl.load(col_off_ptr + e * meta_cols + COLS[s])
-                _w13_gemv_tile(x_row_ptr, q_ptrs[s], s_ptrs[s], z_ptrs[s], w_strides[s], act_row_ptr + act_cols[s],
-                               c0, n, tile, hidden, BITS[s], GROUP_SIZE, BLOCK_N, BLOCK_K)
+                _w13_gemv_tile(
+                    x_row_ptr,
+                    q_ptrs[s],
+                    s_ptrs[s],
+                    z_ptrs[s],
+                    w_strides[s],
+                    act_row_ptr + act_cols[s],
+                    c0,
+                    n,
+                    tile,
+                    hidden,
+                    BITS[s],
+                    GROUP_SIZE,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
 
 
 @triton.jit
 def _w2_gemv_kernel(
-    act_ptr, q_ptrs, s_ptrs, z_ptrs, act_cols, out_ptr,
-    topk_ids_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
-    hidden, num_experts, meta_cols, stride_act, stride_out,
-    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    act_ptr,
+    q_ptrs,
+    s_ptrs,
+    z_ptrs,
+    act_cols,
+    out_ptr,
+    topk_ids_ptr,
+    topk_w_ptr,
+    sizes_ptr,
+    row_off_ptr,
+    grp_off_ptr,
+    hidden,
+    num_experts,
+    meta_cols,
+    stride_act,
+    stride_out,
+    BITS: tl.constexpr,
+    COLS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Decode down GEMV, split-K over the slots: ``out[p] = w[p] * sum_s act_s[p, :n] @ W_down_s``.
 
@@ -191,17 +281,48 @@ def _w2_gemv_kernel(
         for k0 in range(0, n, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
-            w = _dequant_tile(q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
-                              hidden, hidden, BLOCK_K, BITS[s])
+            w = _dequant_tile(
+                q_ptrs[s],
+                s_ptrs[s],
+                z_ptrs[s],
+                row0,
+                grp0 + k0 // GROUP_SIZE,
+                k0,
+                n,
+                cols,
+                col_ok,
+                hidden,
+                hidden,
+                BLOCK_K,
+                BITS[s],
+            )
             acc += tl.sum(a[:, None] * w, axis=0)
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
     tl.store(out_ptr + pair.to(tl.int64) * stride_out + cols, acc, mask=col_ok)
 
 
 @triton.jit
-def _w13_sorted_tile(x_ptr, tokens, row_ok, q_ptr, s_ptr, z_ptr, stride_w, act_ptrs, c0, n, tile, hidden, stride_x,
-                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _w13_sorted_tile(
+    x_ptr,
+    tokens,
+    row_ok,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    stride_w,
+    act_ptrs,
+    c0,
+    n,
+    tile,
+    hidden,
+    stride_x,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """One block of rows, one column tile of one slab, on tensor cores."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
@@ -211,26 +332,53 @@ def _w13_sorted_tile(x_ptr, tokens, row_ok, q_ptr, s_ptr, z_ptr, stride_w, act_p
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
-                    mask=row_ok[:, None] & (offs_k < hidden)[None, :], other=0.0)
+        a = tl.load(
+            x_ptr + tokens[:, None] * stride_x + offs_k[None, :],
+            mask=row_ok[:, None] & (offs_k < hidden)[None, :],
+            other=0.0,
+        )
         grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w,
-                           BLOCK_K, BITS)
+        wg = _dequant_tile(
+            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        )
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
-        wu = _dequant_tile(q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w,
-                           BLOCK_K, BITS)
+        wu = _dequant_tile(
+            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        )
         acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(act_ptrs + cols[None, :], h.to(act_ptrs.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        act_ptrs + cols[None, :], h.to(act_ptrs.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :]
+    )
 
 
 @triton.jit
 def _w13_sorted_kernel(
-    x_ptr, q_ptrs, s_ptrs, z_ptrs, w_strides, act_ptr, act_cols, tile_starts,
-    sorted_ids_ptr, block_expert_ptr, sizes_ptr, col_off_ptr,
-    hidden, num_pairs, top_k, meta_cols, stride_x, stride_act,
-    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    q_ptrs,
+    s_ptrs,
+    z_ptrs,
+    w_strides,
+    act_ptr,
+    act_cols,
+    tile_starts,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    sizes_ptr,
+    col_off_ptr,
+    hidden,
+    num_pairs,
+    top_k,
+    meta_cols,
+    stride_x,
+    stride_act,
+    BITS: tl.constexpr,
+    COLS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Prefill gate/up GEMM with fused SiLU-and-mul, all slots in one launch.
 
@@ -254,18 +402,55 @@ def _w13_sorted_kernel(
             n = tl.load(sizes_ptr + e * meta_cols + COLS[s])
             if tile * BLOCK_N < n:
                 c0 = tl.load(col_off_ptr + e * meta_cols + COLS[s])
-                _w13_sorted_tile(x_ptr, tokens, row_ok, q_ptrs[s], s_ptrs[s], z_ptrs[s], w_strides[s],
-                                 act_ptrs + act_cols[s], c0, n, tile, hidden, stride_x,
-                                 BITS[s], GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+                _w13_sorted_tile(
+                    x_ptr,
+                    tokens,
+                    row_ok,
+                    q_ptrs[s],
+                    s_ptrs[s],
+                    z_ptrs[s],
+                    w_strides[s],
+                    act_ptrs + act_cols[s],
+                    c0,
+                    n,
+                    tile,
+                    hidden,
+                    stride_x,
+                    BITS[s],
+                    GROUP_SIZE,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    IEEE,
+                )
 
 
 @triton.jit
 def _w2_sorted_kernel(
-    act_ptr, q_ptrs, s_ptrs, z_ptrs, act_cols, out_ptr,
-    sorted_ids_ptr, block_expert_ptr, topk_w_ptr, sizes_ptr, row_off_ptr, grp_off_ptr,
-    hidden, num_pairs, meta_cols, stride_act, stride_out,
-    BITS: tl.constexpr, COLS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    act_ptr,
+    q_ptrs,
+    s_ptrs,
+    z_ptrs,
+    act_cols,
+    out_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    topk_w_ptr,
+    sizes_ptr,
+    row_off_ptr,
+    grp_off_ptr,
+    hidden,
+    num_pairs,
+    meta_cols,
+    stride_act,
+    stride_out,
+    BITS: tl.constexpr,
+    COLS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Prefill down GEMM, split-K over the slots: ``out[p] = w[p] * sum_s act_s[p, :n] @ W_down_s``.
 
@@ -290,10 +475,28 @@ def _w2_sorted_kernel(
         grp0 = tl.load(grp_off_ptr + e * meta_cols + COLS[s])
         for k0 in range(0, n, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(act_ptr + pairs64[:, None] * stride_act + act_cols[s] + offs_k[None, :],
-                        mask=row_ok[:, None] & (offs_k < n)[None, :], other=0.0)
-            w = _dequant_tile(q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
-                              hidden, hidden, BLOCK_K, BITS[s])
+            a = tl.load(
+                act_ptr + pairs64[:, None] * stride_act + act_cols[s] + offs_k[None, :],
+                mask=row_ok[:, None] & (offs_k < n)[None, :],
+                other=0.0,
+            )
+            w = _dequant_tile(
+                q_ptrs[s],
+                s_ptrs[s],
+                z_ptrs[s],
+                row0,
+                grp0 + k0 // GROUP_SIZE,
+                k0,
+                n,
+                cols,
+                col_ok,
+                hidden,
+                hidden,
+                BLOCK_K,
+                BITS[s],
+            )
             acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + pairs64[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + pairs64[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :]
+    )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .packing import bit_parts, num_groups
 from .slab_weights import SlabMoEWeights
 
-__all__ = ["slab_moe_reference", "dequantize_fast"]
+__all__ = ["dequantize_fast", "slab_moe_reference"]
 
 
 def _unpack_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _unpack_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     for width, shift in bit_parts(bits):
         per_word = 32 // width
         shifts = torch.arange(0, 32, width, dtype=torch.int32, device=packed.device).view(1, 1, per_word, 1)
-        vals = (words[:, shift:shift + width] >> shifts) & ((1 << width) - 1)  # [nb, width, per_word, N]
+        vals = (words[:, shift : shift + width] >> shifts) & ((1 << width) - 1)  # [nb, width, per_word, N]
         vals = vals.reshape(nb * 32, n)
         codes = vals if codes is None else codes | (vals << shift)
     assert codes is not None
@@ -76,7 +76,8 @@ def slab_moe_reference(
         raise ValueError(f"x must be [T, {w.hidden_size}], got {tuple(x.shape)}")
     if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T, K], T={x.shape[0]}"
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, K], T={x.shape[0]}"
         )
     lay = w.layout
     num_tokens, hidden = x.shape
@@ -95,7 +96,7 @@ def slab_moe_reference(
     start = 0
     for e in range(lay.num_experts):
         count = counts[e]
-        pairs = order[start:start + count]
+        pairs = order[start : start + count]
         start += count
         if count == 0 or lay.expert_width(e) == 0:
             continue
@@ -108,7 +109,12 @@ def slab_moe_reference(
                 continue
             cols = slice(2 * lay.col_offset(e, i), 2 * lay.col_offset(e, i) + 2 * n)
             w13 = dequantize_fast(
-                w.w13_qweight[i][:, cols], w.w13_scales[i][:, cols], w.w13_zeros[i][:, cols], b, hidden, lay.group_size
+                w.w13_qweight[i][:, cols],
+                w.w13_scales[i][:, cols],
+                w.w13_zeros[i][:, cols],
+                b,
+                hidden,
+                lay.group_size,
             )  # [H, 2n]: gate columns then up columns
             gu = xe @ w13
             del w13

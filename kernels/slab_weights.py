@@ -15,23 +15,22 @@ per-expert sizes.  With ``R_i = sum_e n[e][i]`` and
 * ``down_group_off[e][i] = sum_{e' < e} ceil(n[e'][i] / G)``
 
 the tensors are (bit layout: :mod:`.packing`, matrices stored ``W^T`` and packed
-along K):
+along K; below ``n = n[e][i]`` and ``c = col_off[e][i]``):
 
-================  =====================================  =======  =====================================
-tensor            shape                                  dtype    expert ``e``'s part
-================  =====================================  =======  =====================================
-w13_qweight[i]    ``[packed_rows(H, b), 2 * R_i]``       int32    gate cols ``[2c, 2c + n)``, up cols
-                                                                  ``[2c + n, 2c + 2n)``, ``c = col_off``
-w13_scales[i]     ``[ceil(H / G), 2 * R_i]``             float16  same columns as ``w13_qweight``
-w13_zeros[i]      ``[ceil(H / G), 2 * R_i]``             float16  same columns as ``w13_qweight``
-w2_qweight[i]     ``[sum_e packed_rows(n[e][i], b), H]`` int32    rows ``[down_row_off, + packed_rows(n, b))``
-w2_scales[i]      ``[sum_e ceil(n[e][i] / G), H]``       float16  rows ``[down_group_off, + ceil(n / G))``
-w2_zeros[i]       ``[sum_e ceil(n[e][i] / G), H]``       float16  same rows as ``w2_scales``
-slab_sizes        ``[E, len(B)]``                        int32    ``n[e][i]``
-col_offsets       ``[E, len(B)]``                        int32    ``col_off[e][i]``
-down_row_offsets  ``[E, len(B)]``                        int32    ``down_row_off[e][i]``
-down_group_offsets ``[E, len(B)]``                       int32    ``down_group_off[e][i]``
-================  =====================================  =======  =====================================
+==================  ================================  =======  ==============================================
+tensor              shape                             dtype    expert ``e``'s part
+==================  ================================  =======  ==============================================
+w13_qweight[i]      ``[packed_rows(H, b), 2 * R_i]``  int32    gate ``2c + [0, n)``, up ``2c + n + [0, n)``
+w13_scales[i]       ``[ceil(H / G), 2 * R_i]``        float16  same columns
+w13_zeros[i]        ``[ceil(H / G), 2 * R_i]``        float16  same columns
+w2_qweight[i]       ``[sum_e packed_rows(n, b), H]``  int32    ``packed_rows(n, b)`` rows at ``down_row_off``
+w2_scales[i]        ``[sum_e ceil(n / G), H]``        float16  ``ceil(n / G)`` rows at ``down_group_off``
+w2_zeros[i]         ``[sum_e ceil(n / G), H]``        float16  same rows as ``w2_scales``
+slab_sizes          ``[E, len(B)]``                   int32    ``n[e][i]``
+col_offsets         ``[E, len(B)]``                   int32    ``col_off[e][i]``
+down_row_offsets    ``[E, len(B)]``                   int32    ``down_row_off[e][i]``
+down_group_offsets  ``[E, len(B)]``                   int32    ``down_group_off[e][i]``
+==================  ================================  =======  ==============================================
 
 Each expert's down block is ``W_down[:, slab]^T`` (``K = n`` packed along dim 0 and
 padded to 32), so its groups start at the slab's first micro-expert and the last one
@@ -50,8 +49,9 @@ to :meth:`SlabMoEWeights.from_expert_tensors`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -119,7 +119,7 @@ class SlabLayout:
             grps.append(grp_i)
             totals.append((c, r, g))
         # Stored [E][nb] like ``sizes``.
-        transpose = lambda per_bit: tuple(tuple(col_e) for col_e in zip(*per_bit))  # noqa: E731
+        transpose = lambda per_bit: tuple(tuple(col_e) for col_e in zip(*per_bit))
         object.__setattr__(self, "_col_off", transpose(col))
         object.__setattr__(self, "_row_off", transpose(rows))
         object.__setattr__(self, "_grp_off", transpose(grps))
@@ -195,8 +195,11 @@ class SlabLayout:
 
     def metadata(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The int32 ``[E, len(B)]`` tensors the kernels index by expert and bit index."""
+
         def t(rows: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-            return torch.tensor(rows, dtype=torch.int32, device=device).reshape(self.num_experts, self.num_bits)
+            return torch.tensor(rows, dtype=torch.int32, device=device).reshape(
+                self.num_experts, self.num_bits
+            )
 
         return {
             "slab_sizes": t(self.sizes),
@@ -244,7 +247,9 @@ class SlabTensors(NamedTuple):
     down_zeros: torch.Tensor
 
 
-def quantize_rtn(w_t: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rtn(
+    w_t: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max asymmetric round-to-nearest of ``w_t [K, N]`` with groups along K.
 
     Each group's range is ``[min(w, 0), max(w, 0)]`` split into ``2**bits - 1`` steps.
@@ -329,7 +334,10 @@ class SlabMoEWeights:
         for name in ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_offsets"):
             t = getattr(self, name)
             if tuple(t.shape) != (lay.num_experts, nb) or t.dtype != torch.int32 or not t.is_contiguous():
-                raise ValueError(f"{name}: expected contiguous int32 {(lay.num_experts, nb)}, got {tuple(t.shape)} {t.dtype}")
+                raise ValueError(
+                    f"{name}: expected contiguous int32 {(lay.num_experts, nb)}, "
+                    f"got {tuple(t.shape)} {t.dtype}"
+                )
 
     # ---- convenience ------------------------------------------------------------------
     @property
@@ -534,10 +542,14 @@ class SlabMoEWeights:
             self.w13_qweight[i][:, cols].contiguous(),
             self.w13_scales[i][:, cols],
             self.w13_zeros[i][:, cols],
-            b, h, g,
+            b,
+            h,
+            g,
         )  # [H, 2n]
         rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
-        w2 = dequantize(self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g)  # [n, H]
+        w2 = dequantize(
+            self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g
+        )  # [n, H]
         return w13[:, :n].t(), w13[:, n:].t(), w2.t()
 
     def dequantize_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -576,9 +588,16 @@ def random_slab_weights(
             if n == 0:
                 slabs.append(None)
                 continue
-            g, u, d = (torch.randn(shape, generator=gen, device=device) * std
-                       for shape in ((hidden_size, n), (hidden_size, n), (n, hidden_size)))
-            slabs.append(SlabTensors(*quantize_rtn(g, b, group_size), *quantize_rtn(u, b, group_size),
-                                     *quantize_rtn(d, b, group_size)))
+            g, u, d = (
+                torch.randn(shape, generator=gen, device=device) * std
+                for shape in ((hidden_size, n), (hidden_size, n), (n, hidden_size))
+            )
+            slabs.append(
+                SlabTensors(
+                    *quantize_rtn(g, b, group_size),
+                    *quantize_rtn(u, b, group_size),
+                    *quantize_rtn(d, b, group_size),
+                )
+            )
         experts.append(slabs)
     return SlabMoEWeights.from_expert_tensors(experts, bits, hidden_size, group_size, device=device)

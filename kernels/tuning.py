@@ -37,15 +37,21 @@ FALLBACK: dict[str, Any] = {
         "w2": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
     },
     "sorted": [
-        {"max_tokens": 64,
-         "w13": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-         "w2": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}},
-        {"max_tokens": 512,
-         "w13": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-         "w2": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}},
-        {"max_tokens": None,
-         "w13": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-         "w2": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}},
+        {
+            "max_tokens": 64,
+            "w13": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+            "w2": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        },
+        {
+            "max_tokens": 512,
+            "w13": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            "w2": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        },
+        {
+            "max_tokens": None,
+            "w13": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            "w2": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        },
     ],
 }
 
@@ -71,8 +77,12 @@ class TileConfig:
         )
 
     def to_dict(self) -> dict[str, int]:
-        d = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "num_warps": self.num_warps,
-             "num_stages": self.num_stages}
+        d = {
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
         if self.block_m > 1:
             d["BLOCK_M"] = self.block_m
         return d
@@ -97,7 +107,7 @@ def shape_key(hidden_size: int, num_experts: int, top_k: int) -> str:
     return f"H{hidden_size}_E{num_experts}_K{top_k}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> dict[str, Any] | None:
     p = Path(path)
     if not p.is_file():
@@ -118,15 +128,22 @@ def _pick(table: dict[str, Any], num_tokens: int, top_k: int, source: str, path:
         raise ValueError(f"unknown kernel path {path!r}; expected 'gemv' or 'sorted'")
     if path == "gemv" or (path is None and num_tokens * top_k <= int(table["gemv_max_pairs"])):
         g = table["gemv"]
-        return MoEConfig("gemv", TileConfig.from_dict(g["w13"], True), TileConfig.from_dict(g["w2"], True), source)
+        return MoEConfig(
+            "gemv", TileConfig.from_dict(g["w13"], True), TileConfig.from_dict(g["w2"], True), source
+        )
     for entry in table["sorted"]:
         limit = entry.get("max_tokens")
         if limit is None or num_tokens <= int(limit):
             return MoEConfig(
-                "sorted", TileConfig.from_dict(entry["w13"], False), TileConfig.from_dict(entry["w2"], False), source
+                "sorted",
+                TileConfig.from_dict(entry["w13"], False),
+                TileConfig.from_dict(entry["w2"], False),
+                source,
             )
     last = table["sorted"][-1]
-    return MoEConfig("sorted", TileConfig.from_dict(last["w13"], False), TileConfig.from_dict(last["w2"], False), source)
+    return MoEConfig(
+        "sorted", TileConfig.from_dict(last["w13"], False), TileConfig.from_dict(last["w2"], False), source
+    )
 
 
 def get_config(
@@ -149,7 +166,13 @@ def get_config(
         if dev is not None:
             shaped = dev.get("shapes", {}).get(shape_key(hidden_size, num_experts, top_k))
             if _valid(shaped):
-                return _pick(shaped, num_tokens, top_k, f"{device_file_name(device_name)}:{shape_key(hidden_size, num_experts, top_k)}", path)
+                return _pick(
+                    shaped,
+                    num_tokens,
+                    top_k,
+                    f"{device_file_name(device_name)}:{shape_key(hidden_size, num_experts, top_k)}",
+                    path,
+                )
             if _valid(dev):
                 return _pick(dev, num_tokens, top_k, device_file_name(device_name), path)
     default = _load(str(directory / "default.json"))

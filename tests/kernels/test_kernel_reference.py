@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from camera_kernels import SlabLayout, SlabMoEWeights, SlabTensors, choose_backend, slab_moe, slab_moe_reference
+from camera_kernels import (
+    SlabLayout,
+    SlabMoEWeights,
+    SlabTensors,
+    choose_backend,
+    slab_moe,
+    slab_moe_reference,
+)
 from camera_kernels.launch import moe_align
 from camera_kernels.packing import dequantize, num_groups, pack, packed_rows
 from camera_kernels.reference import dequantize_fast
@@ -19,7 +25,9 @@ from camera_kernels.slab_weights import quantize_rtn, random_slab_weights
 H = 64
 
 
-def naive_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: SlabMoEWeights) -> torch.Tensor:
+def naive_moe(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: SlabMoEWeights
+) -> torch.Tensor:
     """Per-token, per-slot loop over fully dequantized experts, in fp64."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     experts = {}
@@ -104,7 +112,9 @@ def test_kernel_slab_tensors_match_checkpoint_layout():
                 slabs.append(None)
                 continue
             tensors = [
-                torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for proj_specs in specs for t in proj_specs
+                torch.zeros(t.shape, dtype=getattr(torch, t.dtype))
+                for proj_specs in specs
+                for t in proj_specs
             ]
             slabs.append(SlabTensors(*tensors))
         experts.append(slabs)
@@ -167,7 +177,9 @@ def test_kernel_reference_matches_naive(name, group, top_k):
     want = naive_moe(x, tw, ids, w)
     # fp32 math vs fp64: only summation order and fp32 rounding differ.
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
-    assert want.abs().max() > 0 or all(w.layout.expert_width(e) == 0 for e in ids.flatten().tolist() if e >= 0)
+    assert want.abs().max() > 0 or all(
+        w.layout.expert_width(e) == 0 for e in ids.flatten().tolist() if e >= 0
+    )
 
 
 def test_kernel_reference_top8_int32_ids_and_dtypes():
@@ -229,7 +241,7 @@ def test_kernel_moe_align_groups_pairs_by_expert():
     flat = ids.flatten()
     seen = []
     for b, e in enumerate(block_expert.tolist()):
-        rows = [p for p in sorted_ids[2 * b:2 * b + 2].tolist() if p < num_pairs]
+        rows = [p for p in sorted_ids[2 * b : 2 * b + 2].tolist() if p < num_pairs]
         if e < 0:
             assert rows == []
             continue
