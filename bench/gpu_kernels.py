@@ -132,7 +132,11 @@ def expert_bytes(layout, e: int) -> int:
 
 
 class GroupedBF16MoE:
-    """bf16 MoE baseline on ``torch._grouped_mm``; no host syncs (graph capturable)."""
+    """bf16 MoE baseline on ``torch._grouped_mm``; no host syncs (graph capturable).
+
+    If ``_grouped_mm`` is missing or rejects these operands, a per-expert ``mm`` loop is
+    used instead (it syncs to read the counts, so it is timed eagerly); ``impl`` says which.
+    """
 
     def __init__(self, shape: Shape, device, dtype) -> None:
         import torch
@@ -143,11 +147,20 @@ class GroupedBF16MoE:
         self.w13 = (torch.randn(e, 2 * i, h, generator=gen, device=device) * 0.02).to(dtype)
         self.w2 = (torch.randn(e, h, i, generator=gen, device=device) * 0.02).to(dtype)
         self.shape = shape
+        self.impl = "grouped_mm"
+        try:
+            probe = torch.zeros(2, h, device=device, dtype=dtype)
+            self(probe, torch.ones(2, 1, device=device), torch.zeros(2, 1, dtype=torch.int64, device=device))
+        except (AttributeError, RuntimeError, NotImplementedError) as err:
+            print(f"  torch._grouped_mm unusable ({type(err).__name__}: {err}); bf16 baseline = mm loop")
+            self.impl = "mm_loop"
 
     def __call__(self, x, topk_weights, topk_ids):
         import torch
         import torch.nn.functional as F
 
+        if self.impl == "mm_loop":
+            return self._loop(x, topk_weights, topk_ids)
         k = topk_ids.shape[1]
         e, i = self.shape.experts, self.shape.inter
         flat = topk_ids.reshape(-1).to(torch.int64)
@@ -162,6 +175,26 @@ class GroupedBF16MoE:
         y = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
         y = y * topk_weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
+
+    def _loop(self, x, topk_weights, topk_ids):
+        import torch
+        import torch.nn.functional as F
+
+        k, i = topk_ids.shape[1], self.shape.inter
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.shape.experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                pairs = order[start : start + c]
+                tokens = pairs // k
+                h = x[tokens] @ self.w13[e].t()
+                y = (F.silu(h[:, :i]) * h[:, i:]) @ self.w2[e].t()
+                out.index_add_(0, tokens, y * topk_weights.reshape(-1)[pairs].unsqueeze(1).to(y.dtype))
+            start += c
+        return out
 
     def weight_bytes(self, experts_used: int) -> int:
         return experts_used * 3 * self.shape.hidden * self.shape.inter * 2
@@ -557,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                     if copy_bw
                     else None,
                     "tflops": flops / (ms * 1e-3) / 1e12,
+                    "bf16_impl": baseline.impl,
                     "experts_touched": sum(used) / len(used),
                     "timing": mode if mode == b_mode else f"{mode}/{b_mode}",
                 }
