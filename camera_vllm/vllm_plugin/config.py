@@ -1,0 +1,149 @@
+"""``CameraConfig``: vLLM's view of a CAMERA checkpoint's ``quantization_config``.
+
+Importing this module registers nothing; :func:`camera_vllm.vllm_plugin.plugin.register`
+does that.  The method classes are imported inside :meth:`CameraConfig.get_quant_method`,
+so the config stays cheap to import and to unpickle in spawned workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from ..arch import moe_arch_from_config
+from ..format import names
+from ..format.schema import CameraFormatError, CameraQuantConfig
+
+# Which linear layers of a shared expert a CAMERA checkpoint may shrink, as vLLM names
+# them (its MergedColumnParallelLinear fuses the checkpoint's gate_proj and up_proj).
+SHARED_GATE_UP = "gate_up_proj"
+SHARED_DOWN = "down_proj"
+
+
+def layer_index(prefix: str) -> int | None:
+    """Decoder-layer index in a module path such as ``model.layers.3.mlp.experts`` (None if absent)."""
+    parts = prefix.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdecimal():
+            return int(parts[i + 1])
+    return None
+
+
+def _matches(prefix: str, expected: str) -> bool:
+    return prefix == expected or prefix.endswith("." + expected)
+
+
+class CameraConfig(QuantizationConfig):
+    """CAMERA-P (``scheme: prune``) and, later, CAMERA-Q (``scheme: mixed``) checkpoints."""
+
+    def __init__(self, camera: CameraQuantConfig | None = None) -> None:
+        super().__init__()
+        if camera is None:
+            # vLLM builds the config with no arguments when --quantization camera is given
+            # for a checkpoint whose config.json has no quantization_config.
+            raise CameraFormatError(
+                "--quantization camera needs a CAMERA checkpoint, but config.json has no "
+                "'quantization_config'; compress the model with camera-vllm first"
+            )
+        self.camera = camera
+
+    def __repr__(self) -> str:
+        return f"CameraConfig(scheme={self.camera.scheme!r}, bits={self.camera.bits}, layers={len(self.camera.layers)})"
+
+    # -- QuantizationConfig interface ------------------------------------------------------------
+    def get_name(self) -> str:
+        return names.QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # The CAMERA-P path is plain torch; only consulted on GPUs.
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything lives in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CameraConfig:
+        return cls(CameraQuantConfig.from_json_dict(config, source="config.json quantization_config"))
+
+    def maybe_update_config(
+        self, model_name: str, hf_config: Any = None, revision: str | None = None
+    ) -> None:
+        """Refuse a checkpoint that does not match its quantization_config, before any engine starts.
+
+        Runs :func:`camera_vllm.format.validate.validate_for_serving` (every tensor's name,
+        shape and dtype against the config; values unless ``CAMERA_VALIDATE_VALUES=0``)
+        and checks that the config describes this very model.
+        """
+        from ..format.validate import validate_for_serving
+
+        validate_for_serving(model_name, revision=revision)
+        if hf_config is None:
+            return
+        cfg = hf_config.to_dict()
+        archs = cfg.get("architectures") or []
+        if self.camera.architecture not in archs:
+            raise CameraFormatError(
+                f"{model_name}: quantization_config.architecture is {self.camera.architecture!r} "
+                f"but config.json says {archs}"
+            )
+        arch = moe_arch_from_config(cfg)
+        if arch.num_experts != self.camera.num_experts:
+            raise CameraFormatError(
+                f"{model_name}: quantization_config.num_experts={self.camera.num_experts} "
+                f"but the model has {arch.num_experts} routed experts"
+            )
+        if set(self.camera.layers) != set(arch.moe_layers):
+            raise CameraFormatError(
+                f"{model_name}: quantization_config.layers covers {sorted(self.camera.layers)} "
+                f"but the model's MoE layers are {list(arch.moe_layers)}"
+            )
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if isinstance(layer, RoutedExperts):
+            from .moe_method import make_moe_method
+
+            return make_moe_method(self, layer, prefix)
+        if isinstance(layer, LinearBase):
+            width = self.shared_width_for(prefix)
+            if width is None:
+                return UnquantizedLinearMethod()
+            from .linear_method import make_shared_linear_method
+
+            return make_shared_linear_method(self, width, prefix)
+        return None
+
+    # -- helpers used by the methods --------------------------------------------------------------
+    def routed_widths(self, prefix: str) -> list[int]:
+        """Per-global-expert widths of the MoE layer at ``prefix`` (raises if it is not described)."""
+        index = layer_index(prefix)
+        spec = None if index is None else self.camera.layer(index)
+        if spec is None:
+            raise CameraFormatError(
+                f"{prefix}: vLLM built an MoE layer here but quantization_config.layers has no entry "
+                f"for layer {index} (described layers: {sorted(self.camera.layers)})"
+            )
+        return spec.expert_widths
+
+    def shared_width_for(self, prefix: str) -> int | None:
+        """Kept width of the shared expert if ``prefix`` is one of its pruned linear layers, else None."""
+        module = names.shared_expert_module(self.camera.architecture)
+        index = layer_index(prefix)
+        if module is None or index is None:
+            return None
+        spec = self.camera.layer(index)
+        if spec is None or spec.shared_width is None:
+            return None
+        shared = names.shared_prefix(self.camera.architecture, index)
+        if _matches(prefix, f"{shared}.{SHARED_GATE_UP}") or _matches(prefix, f"{shared}.{SHARED_DOWN}"):
+            return spec.shared_width
+        return None

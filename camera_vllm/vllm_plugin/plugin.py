@@ -1,0 +1,44 @@
+"""vLLM plugin entry point: register the ``camera`` quantization method.
+
+vLLM calls :func:`register` (through ``camera_vllm:register``) in every process it
+starts: API server, engine core and each worker, possibly several times per process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..format.names import QUANT_METHOD
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    """Register :class:`~camera_vllm.vllm_plugin.config.CameraConfig` as ``camera`` (idempotent, cheap).
+
+    The expert custom op is not registered here: the MoE method registers it when the
+    first CAMERA layer is built, so processes that never build a model pay nothing.
+    """
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.quantization import (
+        _CUSTOMIZED_METHOD_TO_QUANT_CONFIG,
+        register_quantization_config,
+    )
+
+    from .config import CameraConfig
+
+    existing = _CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(QUANT_METHOD)
+    if existing is not None and existing is not CameraConfig:
+        # Another package claimed the name: do not silently replace it.
+        raise RuntimeError(
+            f"quantization method {QUANT_METHOD!r} is already registered by {existing.__module__}."
+            f"{existing.__qualname__}; camera-vllm cannot register its own"
+        )
+    if existing is None:
+        register_quantization_config(QUANT_METHOD)(CameraConfig)
+        logger.debug("camera-vllm: registered quantization method %r", QUANT_METHOD)
+    _registered = True
