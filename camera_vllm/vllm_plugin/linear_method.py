@@ -6,6 +6,11 @@ model code builds the layers from config.json's full size.  This method allocate
 pruned width instead: ``gate_up_proj`` (vLLM fuses gate and up) gets ``[2S, H]`` and
 ``down_proj`` gets ``[H, S]``; the model's ``SiluAndMul`` splits its input in half, so
 the shapes flow through unchanged code.
+
+A CAMERA-Q checkpoint stores the kept micro-experts in slabs of different bit-widths
+(``shared_expert.{gate,up,down}_proj.{qweight,scales,zeros}_bB``).
+:class:`CameraSlabLinearMethod` keeps them packed and computes each projection by
+dequantizing one slab at a time (``torch.ops.camera_vllm.slab_linear``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.model_executor.layers.linear import (
     LinearBase,
+    LinearMethodBase,
     MergedColumnParallelLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
@@ -27,13 +33,21 @@ if TYPE_CHECKING:
     from .config import CameraConfig
 
 
-def make_shared_linear_method(config: CameraConfig, width: int, prefix: str) -> UnquantizedLinearMethod:
-    """The linear method of one pruned shared-expert projection, by scheme."""
+def make_shared_linear_method(config: CameraConfig, width: int, prefix: str) -> LinearMethodBase:
+    """The linear method of one pruned (and maybe quantized) shared-expert projection, by scheme."""
     if config.camera.scheme == "prune":
         return CameraPrunedLinearMethod(width, prefix)
-    raise NotImplementedError(
-        f"{prefix}: serving CAMERA-Q (scheme {config.camera.scheme!r}) shared experts in vLLM is not implemented yet"
-    )
+    if config.camera.scheme == "mixed":
+        from .config import layer_index
+
+        index = layer_index(prefix)
+        spec = None if index is None else config.camera.layer(index)
+        if spec is None or spec.shared_slabs is None or config.camera.group_size is None:
+            raise CameraFormatError(f"{prefix}: quantization_config has no shared_slabs for this layer")
+        return CameraSlabLinearMethod(
+            tuple(config.camera.bits), tuple(spec.shared_slabs), config.camera.group_size, prefix
+        )
+    raise CameraFormatError(f"{prefix}: unknown CAMERA scheme {config.camera.scheme!r}")
 
 
 class CameraPrunedLinearMethod(UnquantizedLinearMethod):
@@ -133,3 +147,139 @@ class CameraPrunedLinearMethod(UnquantizedLinearMethod):
                 f"{self.prefix}: shared expert tensor(s) missing from the checkpoint: {missing}"
             )
         super().process_weights_after_loading(layer)
+
+
+class CameraSlabLinearMethod(LinearMethodBase):
+    """A shared-expert projection whose micro-experts are slab-quantized (CAMERA-Q).
+
+    Parameters per bit-width ``b`` with ``n_b > 0`` kept micro-experts (``H`` hidden size):
+
+    * ``gate_up_proj``: ``qweight_bB [packed_rows(H, b), 2 n_b]`` int32, ``scales_bB`` /
+      ``zeros_bB [ceil(H/G), 2 n_b]`` float16; gate columns first, then up (shard 0 / 1).
+    * ``down_proj``: ``qweight_bB [packed_rows(n_b, b), H]``, ``scales_bB`` / ``zeros_bB
+      [ceil(n_b/G), H]``: the checkpoint tensors as they are.
+
+    The output of gate_up is ``[..., 2 S]``: every gate slab, then every up slab, in bit
+    order, so vLLM's ``SiluAndMul`` pairs gate and up of the same micro-expert and the
+    down projection consumes the activation in that same slab order.
+    """
+
+    def __init__(self, bits: tuple[int, ...], slabs: tuple[int, ...], group_size: int, prefix: str) -> None:
+        super().__init__()
+        self.bits = bits
+        self.slabs = slabs
+        self.group_size = group_size
+        self.prefix = prefix
+        self.width = sum(slabs)
+        self.gate_up = False
+        self.out_features = 0
+        self._loaded: set[tuple[str, int | None]] = set()
+        self._expected: set[tuple[str, int | None]] = set()
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        from camera_kernels.packing import num_groups, packed_rows
+        from camera_kernels.slab_weights import QWEIGHT_DTYPE, SCALE_DTYPE
+
+        from . import ops
+
+        assert isinstance(layer, LinearBase)
+        if layer.tp_size > 1:
+            raise NotImplementedError(
+                f"{self.prefix}: quantized shared experts are served with tensor_parallel_size=1 for now"
+            )
+        ops.ensure_registered()
+        extra_weight_attrs.pop("weight_loader", None)
+        if isinstance(layer, MergedColumnParallelLinear):
+            if len(output_partition_sizes) != 2:
+                raise CameraFormatError(
+                    f"{self.prefix}: expected a fused gate/up projection, got {output_partition_sizes}"
+                )
+            self.gate_up = True
+            self.out_features = 2 * self.width
+            hidden = input_size_per_partition
+            shards: tuple[int | None, ...] = (0, 1)
+        elif isinstance(layer, RowParallelLinear):
+            self.out_features = hidden = output_size
+            shards = (None,)
+        else:
+            raise CameraFormatError(
+                f"{self.prefix}: unexpected layer type {type(layer).__name__} for a shared expert"
+            )
+        self.hidden = hidden
+        for b, n in zip(self.bits, self.slabs):
+            if n == 0:
+                continue  # empty slabs are not stored
+            if self.gate_up:
+                shapes = {"qweight": (packed_rows(hidden, b), 2 * n), "scales": (num_groups(hidden, self.group_size), 2 * n)}
+            else:
+                shapes = {"qweight": (packed_rows(n, b), hidden), "scales": (num_groups(n, self.group_size), hidden)}
+            shapes["zeros"] = shapes["scales"]
+            for kind, shape in shapes.items():
+                dtype = QWEIGHT_DTYPE if kind == "qweight" else SCALE_DTYPE
+                param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+                name = f"{kind}_b{b}"
+                layer.register_parameter(name, param)
+                set_weight_attrs(
+                    param, {**extra_weight_attrs, "weight_loader": self._loader, "camera_slab": (kind, b, n)}
+                )
+                self._expected.update((name, s) for s in shards)
+
+    def _loader(
+        self,
+        param: torch.nn.Parameter,
+        loaded_weight: torch.Tensor,
+        loaded_shard_id: int | None = None,
+        *unused: Any,
+    ) -> None:
+        kind, b, n = param.camera_slab
+        name = f"{kind}_b{b}"
+        if self.gate_up:
+            if loaded_shard_id not in (0, 1):
+                raise CameraFormatError(
+                    f"{self.prefix}.{name}: expected gate_proj or up_proj (shard 0/1), got shard {loaded_shard_id!r}"
+                )
+            what = f"{self.prefix} ({('gate_proj', 'up_proj')[loaded_shard_id]}).{name}"
+            expected = (param.shape[0], n)
+            dest = param.data[:, loaded_shard_id * n : (loaded_shard_id + 1) * n]
+        else:
+            what = f"{self.prefix}.{name}"
+            expected = tuple(param.shape)
+            dest = param.data
+        if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != param.dtype:
+            raise CameraFormatError(
+                f"{what} is {tuple(loaded_weight.shape)} {loaded_weight.dtype}, but quantization_config "
+                f"(shared slabs {list(self.slabs)} at bits {list(self.bits)}) needs {expected} {param.dtype}"
+            )
+        dest.copy_(loaded_weight)
+        self._loaded.add((name, loaded_shard_id if self.gate_up else None))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self._loaded and self._loaded != self._expected:
+            missing = sorted(f"{n} (shard {s})" for n, s in self._expected - self._loaded)
+            raise CameraFormatError(f"{self.prefix}: shared expert tensor(s) missing from the checkpoint: {missing}")
+        self._loaded = set()
+
+    def op_weights(self, layer: torch.nn.Module) -> list[torch.Tensor]:
+        return [
+            getattr(layer, f"{kind}_b{b}")
+            for b, n in zip(self.bits, self.slabs)
+            if n > 0
+            for kind in ("qweight", "scales", "zeros")
+        ]
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from . import ops
+
+        out = ops.slab_linear(
+            x, self.op_weights(layer), list(self.bits), list(self.slabs), self.group_size, self.gate_up, self.out_features
+        )
+        return out if bias is None else out + bias

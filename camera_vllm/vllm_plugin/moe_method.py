@@ -5,8 +5,9 @@ and the TP all-reduce; this method only owns the expert weights and computes
 ``sum_k w[t, k] * Expert_{ids[t, k]}(x[t])`` through ``torch.ops.camera_vllm.moe``.
 
 One subclass per CAMERA scheme: :class:`CameraPruneMoEMethod` (CAMERA-P: ragged
-unquantized experts, layout in :mod:`.ragged`).  CAMERA-Q ("mixed") will be a sibling
-subclass that allocates slab tensors and passes them to the same op.
+unquantized experts, layout in :mod:`.ragged`) and :class:`CameraMixedMoEMethod`
+(CAMERA-Q: packed mixed-precision slabs, layout :class:`camera_kernels.SlabLayout`),
+both calling the same op.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..format.schema import CameraFormatError
 from . import ops
+from .config import layer_index as layer_index_of
 from .ragged import RaggedLayout
 
 if TYPE_CHECKING:
@@ -56,11 +58,7 @@ def make_moe_method(config: CameraConfig, layer: RoutedExperts, prefix: str) -> 
     if scheme == "prune":
         return CameraPruneMoEMethod(config, layer.moe_config, prefix)
     if scheme == "mixed":
-        raise NotImplementedError(
-            f"{prefix}: serving CAMERA-Q checkpoints (scheme 'mixed') in vLLM is not implemented yet; "
-            "the slab kernels (camera_kernels.slab_moe) are being integrated. CAMERA-P checkpoints "
-            "(scheme 'prune') are served; camera_vllm.reference.load runs 'mixed' checkpoints in transformers."
-        )
+        return CameraMixedMoEMethod(config, layer.moe_config, prefix)
     raise CameraFormatError(f"{prefix}: unknown CAMERA scheme {scheme!r}")
 
 
@@ -133,6 +131,18 @@ class CameraMoEMethod(FusedMoEMethodBase):
         )
 
 
+def local_to_global_ids(layer: RoutedExperts, num_local: int) -> list[int]:
+    """Global expert id of every local expert slot of ``layer``."""
+    local_to_global = [-1] * num_local
+    for g in range(layer.global_num_experts):
+        local = layer._map_global_expert_id_to_local_expert_id(g)
+        if local >= 0:
+            local_to_global[local] = g
+    if -1 in local_to_global:
+        raise RuntimeError(f"expert map of {layer.layer_name} leaves local slots unassigned: {local_to_global}")
+    return local_to_global
+
+
 class CameraPruneMoEMethod(CameraMoEMethod):
     """CAMERA-P: every expert keeps its own number of micro-experts, stored ragged (no padding)."""
 
@@ -175,16 +185,7 @@ class CameraPruneMoEMethod(CameraMoEMethod):
 
     @staticmethod
     def _local_to_global(layer: RoutedExperts, num_local: int) -> list[int]:
-        local_to_global = [-1] * num_local
-        for g in range(layer.global_num_experts):
-            local = layer._map_global_expert_id_to_local_expert_id(g)
-            if local >= 0:
-                local_to_global[local] = g
-        if -1 in local_to_global:
-            raise RuntimeError(
-                f"expert map of {layer.layer_name} leaves local slots unassigned: {local_to_global}"
-            )
-        return local_to_global
+        return local_to_global_ids(layer, num_local)
 
     def _weight_loader(
         self,
@@ -237,3 +238,185 @@ class CameraPruneMoEMethod(CameraMoEMethod):
 
     def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
         return [getattr(layer, W13), getattr(layer, W2), getattr(layer, OFFSETS)]
+
+
+# Checkpoint kinds of a slab tensor and the SlabMoEWeights field each (projection, kind) fills.
+_SLAB_KINDS = ("qweight", "scales", "zeros")
+
+
+def mixed_param_name(proj: str, kind: str, bits: int) -> str:
+    """Parameter name vLLM's expert mapping produces: ``w13_qweight_b4``, ``w2_scales_b2`` ..."""
+    return f"{proj}_{kind}_b{bits}"
+
+
+class CameraMixedMoEMethod(CameraMoEMethod):
+    """CAMERA-Q: every expert's micro-experts in slabs of different bit-widths, kept packed.
+
+    Per bit-width ``b`` the layer owns ``w13_{qweight,scales,zeros}_b{b}`` and
+    ``w2_{qweight,scales,zeros}_b{b}``: all local experts' slabs of that width
+    concatenated as :class:`camera_kernels.SlabLayout` prescribes (gate/up by columns,
+    down by packed rows / groups).  The loader copies each checkpoint tensor into its
+    slice; nothing is ever dequantized into a persistent tensor.  A bit-width no local
+    expert uses in this layer has zero-size tensors, kept as buffers (nothing to load).
+    """
+
+    scheme = "mixed"
+
+    def create_weights(
+        self,
+        layer: RoutedExperts,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        from camera_kernels import SlabLayout
+        from camera_kernels.slab_weights import QWEIGHT_DTYPE, SCALE_DTYPE
+
+        self._check_layer(layer)
+        ops.ensure_registered()
+        camera = self.config.camera
+        index = layer_index_of(self.prefix)
+        spec = camera.layer(index) if index is not None else None
+        assert spec is not None  # routed_widths() in __init__ already refused an undescribed layer
+        local_to_global = local_to_global_ids(layer, num_experts)
+        self.local_to_global = local_to_global
+        self._global_to_local = {g: local for local, g in enumerate(local_to_global)}
+        assert camera.group_size is not None
+        layout = SlabLayout(
+            hidden_size,
+            camera.group_size,
+            tuple(camera.bits),
+            tuple(tuple(spec.expert_slabs[g]) for g in local_to_global),
+        )
+        self.layout = layout
+        self.op_scheme = ops.mixed_scheme(layout)
+        self._loaded: set[tuple[int, int, str, str]] = set()
+        self.param_names: list[str] = []
+
+        attrs = dict(extra_weight_attrs)
+        attrs["weight_loader"] = self._weight_loader
+        for i, b in enumerate(layout.bits):
+            shapes = {
+                "w13": (layout.w13_qweight_shape(i), layout.w13_scales_shape(i)),
+                "w2": (layout.w2_qweight_shape(i), layout.w2_scales_shape(i)),
+            }
+            for proj, (qshape, sshape) in shapes.items():
+                for kind in _SLAB_KINDS:
+                    shape, dtype = (qshape, QWEIGHT_DTYPE) if kind == "qweight" else (sshape, SCALE_DTYPE)
+                    name = mixed_param_name(proj, kind, b)
+                    # Zeros, not empty: an unloaded slice is caught by the completeness check,
+                    # but must never be read as garbage in a dummy-weights run.
+                    tensor = torch.zeros(shape, dtype=dtype)
+                    if layout.slab_total(i) == 0:
+                        # Nothing of this width in this layer: no checkpoint tensor will come,
+                        # and weight tracking only checks parameters.
+                        layer.register_buffer(name, tensor, persistent=False)
+                        continue
+                    param = torch.nn.Parameter(tensor, requires_grad=False)
+                    layer.register_parameter(name, param)
+                    set_weight_attrs(param, {**attrs, "camera_slab": (proj, kind, i)})
+                    self.param_names.append(name)
+        for name, tensor in layout.metadata().items():
+            layer.register_buffer(f"camera_{name}", tensor, persistent=False)
+
+    def _weight_loader(
+        self,
+        param: torch.nn.Parameter,
+        loaded_weight: torch.Tensor,
+        weight_name: str,
+        shard_id: str,
+        expert_id: int,
+        return_success: bool = False,
+    ) -> bool | None:
+        """Copy one checkpoint tensor ``experts.N.{gate,up,down}_proj.{kind}_bB`` into its slab slice."""
+        from camera_kernels.packing import num_groups, packed_rows
+
+        local = self._global_to_local.get(expert_id, -1)
+        if local < 0:
+            return False if return_success else None  # held by another rank
+        proj, kind, i = param.camera_slab
+        lay = self.layout
+        b, n, hidden = lay.bits[i], lay.sizes[local][i], lay.hidden_size
+        what = f"{self.prefix}: expert {expert_id} {_SHARD_NAMES.get(shard_id, shard_id)}_proj.{kind}_b{b}"
+        if n == 0:
+            raise CameraFormatError(
+                f"{what} is in the checkpoint, but quantization_config gives this expert no {b}-bit slab"
+            )
+        if (proj == "w13") != (shard_id in ("w1", "w3")) or shard_id not in _SHARD_NAMES:
+            raise CameraFormatError(f"{what}: unexpected shard id {shard_id!r} for parameter {weight_name}")
+        if proj == "w13":
+            cols = lay.gate_cols(local, i) if shard_id == "w1" else lay.up_cols(local, i)
+            expected = (param.shape[0], n)
+            dest = param.data[:, cols]
+        else:
+            if kind == "qweight":
+                rows, expected = lay.down_rows(local, i), (packed_rows(n, b), hidden)
+            else:
+                rows, expected = lay.down_groups(local, i), (num_groups(n, lay.group_size), hidden)
+            dest = param.data[rows]
+        if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != param.dtype:
+            raise CameraFormatError(
+                f"{what} is {tuple(loaded_weight.shape)} {loaded_weight.dtype}, but quantization_config "
+                f"(a {n}-wide {b}-bit slab, group size {lay.group_size}) needs {expected} {param.dtype}"
+            )
+        dest.copy_(loaded_weight)
+        self._loaded.add((local, i, shard_id, kind))
+        return True if return_success else None
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        from camera_kernels import SlabMoEWeights
+
+        if self._loaded:  # empty: nothing went through our loader (e.g. --load-format dummy)
+            lay = self.layout
+            expected = {
+                (e, i, s, k)
+                for e in range(lay.num_experts)
+                for i in range(lay.num_bits)
+                if lay.sizes[e][i] > 0
+                for s in _SHARD_NAMES
+                for k in _SLAB_KINDS
+            }
+            missing = sorted(expected - self._loaded)
+            if missing:
+                shown = ", ".join(
+                    f"expert {self.local_to_global[e]} {_SHARD_NAMES[s]}_proj.{k}_b{lay.bits[i]}"
+                    for e, i, s, k in missing[:8]
+                )
+                raise CameraFormatError(
+                    f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint: {shown}"
+                )
+        self._loaded = set()
+        # Validates shapes/dtypes/devices of the very tensors the op will get (wraps, never copies).
+        SlabMoEWeights(self.layout, *self._groups(layer), **self._metadata(layer))
+
+    def _groups(self, layer: RoutedExperts) -> list[tuple[torch.Tensor, ...]]:
+        bits = self.layout.bits
+        return [
+            tuple(getattr(layer, mixed_param_name(g.split("_")[0], g.split("_")[1], b)) for b in bits)
+            for g in ops.MIXED_TENSOR_GROUPS
+        ]
+
+    def _metadata(self, layer: RoutedExperts) -> dict[str, torch.Tensor]:
+        return {name: getattr(layer, f"camera_{name}") for name in ops.MIXED_METADATA}
+
+    def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
+        flat = [t for group in self._groups(layer) for t in group]
+        return flat + list(self._metadata(layer).values())
+
+    def apply(
+        self,
+        layer: RoutedExperts,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any,
+        shared_experts_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # The layout rides in the scheme string (a graph constant): no host reads at run time.
+        return ops.camera_moe(x, topk_weights, topk_ids, self.op_weights(layer), layer.expert_map, self.op_scheme)
+
+    def expert_nbytes(self, layer: RoutedExperts) -> int:
+        """Bytes of this layer's packed expert tensors (metadata excluded)."""
+        return sum(t.numel() * t.element_size() for group in self._groups(layer) for t in group)

@@ -5,12 +5,19 @@ per-expert loop has data-dependent shapes, so it must sit behind an opaque custo
 with a fake (meta) implementation.
 
 The op is scheme-generic: ``weights`` is a flat tensor list whose meaning is fixed by
-``scheme`` (see :data:`_SCHEMES`).  Adding CAMERA-Q ("mixed") is one more entry there,
-not a new op or a new signature.
+``scheme`` (see :data:`_SCHEMES`).  A scheme may carry a static argument after a colon:
+CAMERA-Q is ``"mixed:<layout json>"`` (see :func:`mixed_scheme`), so the layer's layout
+(Python ints the Triton launcher needs without touching device memory) travels in the
+graph as a constant string instead of through process-global state.
+
+A second op, ``torch.ops.camera_vllm.slab_linear``, computes the quantized shared
+expert's projections (:mod:`.linear_method`) by dequantizing one slab at a time.
 """
 
 # No `from __future__ import annotations`: torch's schema inference reads the real
 # annotation objects of the op function.
+import functools
+import json
 from collections.abc import Callable
 
 import torch
@@ -20,8 +27,12 @@ from .ragged import ragged_moe_forward
 OP_NAMESPACE = "camera_vllm"
 OP_NAME = "moe"
 
+SLAB_LINEAR_NAME = "slab_linear"
+
+# (x, topk_weights, topk_ids, weights, expert_map, scheme argument or None) -> out
 SchemeImpl = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "list[torch.Tensor]", torch.Tensor | None], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, "list[torch.Tensor]", torch.Tensor | None, str | None],
+    torch.Tensor,
 ]
 
 
@@ -31,14 +42,73 @@ def _prune_impl(
     topk_ids: torch.Tensor,
     weights: "list[torch.Tensor]",
     expert_map: torch.Tensor | None,
+    arg: str | None,
 ) -> torch.Tensor:
     w13, w2t, offsets = weights
     return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
 
 
-# scheme name -> (number of weight tensors, implementation)
-_SCHEMES: dict[str, tuple[int, SchemeImpl]] = {
+# Order of the per-bit tensor groups in a "mixed" weight list; the four int32
+# [E, len(bits)] metadata tensors follow them.
+MIXED_TENSOR_GROUPS = ("w13_qweight", "w13_scales", "w13_zeros", "w2_qweight", "w2_scales", "w2_zeros")
+MIXED_METADATA = ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_offsets")
+
+
+def mixed_scheme(layout: "object") -> str:
+    """The op's ``scheme`` string for a CAMERA-Q layer: ``mixed:`` + the layout as compact JSON."""
+    spec = {
+        "h": layout.hidden_size,  # type: ignore[attr-defined]
+        "g": layout.group_size,  # type: ignore[attr-defined]
+        "bits": list(layout.bits),  # type: ignore[attr-defined]
+        "sizes": [list(r) for r in layout.sizes],  # type: ignore[attr-defined]
+    }
+    return "mixed:" + json.dumps(spec, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_layout(arg: str) -> "object":
+    from camera_kernels import SlabLayout
+
+    spec = json.loads(arg)
+    return SlabLayout(int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])))
+
+
+def _mixed_impl(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: "list[torch.Tensor]",
+    expert_map: torch.Tensor | None,
+    arg: str | None,
+) -> torch.Tensor:
+    from camera_kernels import SlabMoEWeights, slab_moe
+
+    if arg is None:
+        raise NotImplementedError(
+            "camera_vllm.moe: no implementation for scheme 'mixed' without its layout; "
+            "CAMERA-Q layers call the op with scheme 'mixed:<layout json>' (ops.mixed_scheme)"
+        )
+    layout = _parse_layout(arg)
+    nb = layout.num_bits  # type: ignore[attr-defined]
+    want = len(MIXED_TENSOR_GROUPS) * nb + len(MIXED_METADATA)
+    if len(weights) != want:
+        raise ValueError(f"camera_vllm.moe: scheme 'mixed' with {nb} bit-widths takes {want} tensors, got {len(weights)}")
+    groups = [tuple(weights[j * nb : (j + 1) * nb]) for j in range(len(MIXED_TENSOR_GROUPS))]
+    meta = dict(zip(MIXED_METADATA, weights[len(MIXED_TENSOR_GROUPS) * nb :]))
+    # Wraps the tensors (shape/dtype/device checks only: no copy, no host sync).
+    slabs = SlabMoEWeights(layout, *groups, **meta)
+    ids = topk_ids
+    if expert_map is not None:
+        # Global -> local ids on the device; -1 (another rank's expert) is skipped by the kernels.
+        ids = expert_map.to(torch.int64)[topk_ids.to(torch.int64)]
+    # Triton on CUDA (no host syncs, graph-capturable), the torch reference elsewhere.
+    return slab_moe(x, topk_weights, ids, slabs, backend="auto")
+
+
+# scheme name -> (number of weight tensors or None when the argument fixes it, implementation)
+_SCHEMES: dict[str, tuple[int | None, SchemeImpl]] = {
     "prune": (3, _prune_impl),
+    "mixed": (None, _mixed_impl),
 }
 
 
@@ -51,17 +121,18 @@ def camera_moe_impl(
     scheme: str,
 ) -> torch.Tensor:
     """Eager implementation behind the op (callable directly, e.g. in tests)."""
-    entry = _SCHEMES.get(scheme)
+    name, sep, arg = scheme.partition(":")
+    entry = _SCHEMES.get(name)
     if entry is None:
         raise NotImplementedError(
-            f"camera_vllm.moe: no implementation for scheme {scheme!r}; known: {sorted(_SCHEMES)}"
+            f"camera_vllm.moe: no implementation for scheme {name!r}; known: {sorted(_SCHEMES)}"
         )
     n_weights, impl = entry
-    if len(weights) != n_weights:
+    if n_weights is not None and len(weights) != n_weights:
         raise ValueError(
-            f"camera_vllm.moe: scheme {scheme!r} takes {n_weights} weight tensors, got {len(weights)}"
+            f"camera_vllm.moe: scheme {name!r} takes {n_weights} weight tensors, got {len(weights)}"
         )
-    return impl(x, topk_weights, topk_ids, weights, expert_map)
+    return impl(x, topk_weights, topk_ids, weights, expert_map, arg if sep else None)
 
 
 def _camera_moe_fake(
@@ -98,6 +169,13 @@ def ensure_registered() -> None:
         fake_impl=_camera_moe_fake,
         target_lib=library,
     )
+    direct_register_custom_op(
+        op_name=SLAB_LINEAR_NAME,
+        op_func=slab_linear_impl,
+        mutates_args=[],
+        fake_impl=_slab_linear_fake,
+        target_lib=library,
+    )
     _LIBRARY = library
 
 
@@ -111,3 +189,77 @@ def camera_moe(
 ) -> torch.Tensor:
     """Call the registered op (traceable by torch.compile as one opaque node)."""
     return getattr(torch.ops, OP_NAMESPACE).moe(x, topk_weights, topk_ids, weights, expert_map, scheme)
+
+
+# -- quantized shared-expert projections -----------------------------------------------------------
+
+
+def slab_linear_impl(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bits: list[int],
+    sizes: list[int],
+    group_size: int,
+    gate_up: bool,
+    out_features: int,
+) -> torch.Tensor:
+    """One projection of a slab-quantized shared expert, dequantizing one slab at a time (fp32).
+
+    ``weights`` is ``[qweight, scales, zeros]`` per non-empty slab, in ``bits`` order.
+    gate_up (``gate_up=True``): slab ``j`` holds ``[packed_rows(H, b), 2 n_j]`` with gate
+    columns first; the output is ``[..., 2 S]`` = all gate slabs, then all up slabs (what
+    vLLM's SiluAndMul splits in half).  down: slab ``j`` is ``[packed_rows(n_j, b), H]``
+    and consumes input columns ``[sum_{<j} n, sum_{<=j} n)``; the output is ``[..., H]``.
+    """
+    from camera_kernels.reference import dequantize_fast
+
+    lead = x.shape[:-1]
+    x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    live = [(b, n) for b, n in zip(bits, sizes) if n > 0]
+    if len(weights) != 3 * len(live):
+        raise ValueError(f"camera_vllm.slab_linear: {len(live)} slabs need {3 * len(live)} tensors, got {len(weights)}")
+    if gate_up:
+        gates, ups = [], []
+        for j, (b, n) in enumerate(live):
+            qweight, scales, zeros = weights[3 * j : 3 * j + 3]
+            w = dequantize_fast(qweight, scales, zeros, b, x32.shape[1], group_size)  # [H, 2n]
+            y = x32 @ w
+            del w  # transient: no dequantized copy outlives its matmul
+            gates.append(y[:, :n])
+            ups.append(y[:, n:])
+        out = torch.cat(gates + ups, dim=1) if live else x32.new_zeros(x32.shape[0], 0)
+    else:
+        out = torch.zeros(x32.shape[0], out_features, dtype=torch.float32, device=x.device)
+        start = 0
+        for j, (b, n) in enumerate(live):
+            qweight, scales, zeros = weights[3 * j : 3 * j + 3]
+            w = dequantize_fast(qweight, scales, zeros, b, n, group_size)  # [n, H]
+            out.addmm_(x32[:, start : start + n], w)
+            del w
+            start += n
+    return out.to(x.dtype).reshape(*lead, out.shape[1])
+
+
+def _slab_linear_fake(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bits: list[int],
+    sizes: list[int],
+    group_size: int,
+    gate_up: bool,
+    out_features: int,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def slab_linear(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bits: list[int],
+    sizes: list[int],
+    group_size: int,
+    gate_up: bool,
+    out_features: int,
+) -> torch.Tensor:
+    """Call the registered ``camera_vllm.slab_linear`` op (``out_features``: 2S for gate_up, H for down)."""
+    return getattr(torch.ops, OP_NAMESPACE).slab_linear(x, weights, bits, sizes, group_size, gate_up, out_features)
