@@ -6,7 +6,13 @@ slabs; the shared expert (Qwen2-MoE, DeepSeek-V2) is quantized with the routed o
 
 from __future__ import annotations
 
+import functools
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +24,21 @@ GROUP_SIZE = 32
 BITS = (4, 2, 1)
 FRACTIONS = (0.25, 0.5, 0.25)
 CALIB = CalibSpec(num_seqs=2, seq_len=32, seed=1)
+
+SCRIPT = Path(__file__).resolve().parent / "vllm_mixed_greedy.py"
+TIMEOUT_S = 1800
+
+# case -> (arch, prune ratio, vLLM mode, max_num_seqs)
+CASES: dict[str, tuple[str, float, str, int]] = {
+    "qwen3_moe": ("qwen3_moe", 0.0, "compile", 4),
+    "qwen2_moe": ("qwen2_moe", 0.0, "compile", 4),  # quantized shared expert under torch.compile
+    "deepseek_v2": ("deepseek_v2", 0.0, "eager", 1),  # shared experts, dense first layer
+    "mixtral": ("mixtral", 0.0, "eager", 4),  # w1/w2/w3 under block_sparse_moe
+    "olmoe": ("olmoe", 0.0, "eager", 4),
+    "qwen3_moe-p25": ("qwen3_moe", 0.25, "eager", 4),  # P+Q
+}
+# Compared with stock vLLM on the dense dequantized equivalent (see test_vllm_mixed.py).
+STOCK_VLLM_ORACLE = {"deepseek_v2"}
 
 
 def build_mixed(arch: str, root: Path, *, prune_ratio: float = 0.0) -> tuple[Path, Path]:
@@ -45,3 +66,109 @@ def build_mixed(arch: str, root: Path, *, prune_ratio: float = 0.0) -> tuple[Pat
             progress=False,
         )
     return original, out
+
+
+def write_dequantized_dense(mixed_dir: Path, out_dir: Path) -> Path:
+    """The dense fp32 equivalent of a CAMERA-Q checkpoint, for stock vLLM as an oracle.
+
+    Every slab is dequantized (``(q - zero) * scale``, exactly what the plugin computes),
+    slabs are concatenated in bit order and the pruned/missing micro-experts become zero
+    rows/columns up to the original width (exact for SwiGLU).
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from camera_kernels.packing import dequantize
+    from camera_vllm.format import names
+
+    cfg = json.loads((mixed_dir / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    arch, bits, group = qc["architecture"], qc["bits"], qc["group_size"]
+    hidden = cfg["hidden_size"]
+    tensors = load_file(mixed_dir / "model.safetensors")
+
+    def dense(prefix: str, proj_names: tuple[str, str, str], slabs: list[int], size: int) -> None:
+        for proj, pname in enumerate(proj_names):
+            full = torch.zeros((size, hidden) if proj < 2 else (hidden, size))
+            start = 0
+            for n, b in zip(slabs, bits):
+                if n == 0:
+                    continue
+                q, s, z = (tensors.pop(f"{prefix}.{pname}.{kind}_b{b}") for kind in names.QUANT_SUFFIXES)
+                w_t = dequantize(q, s, z, b, hidden if proj < 2 else n, group, torch.float32)  # W^T
+                if proj < 2:
+                    full[start : start + n] = w_t.t()
+                else:
+                    full[:, start : start + n] = w_t.t()
+                start += n
+            tensors[f"{prefix}.{pname}.weight"] = full
+
+    for layer, spec in qc["layers"].items():
+        for e, slabs in enumerate(spec["expert_slabs"]):
+            dense(
+                names.expert_prefix(arch, int(layer), e),
+                names.proj_names(arch),
+                slabs,
+                qc["original_intermediate_size"],
+            )
+        if spec.get("shared_slabs") is not None:
+            dense(
+                names.shared_prefix(arch, int(layer)),
+                ("gate_proj", "up_proj", "down_proj"),
+                spec["shared_slabs"],
+                qc["original_shared_intermediate_size"],
+            )
+    shutil.copytree(mixed_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors*", "camera_report.json"))
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+@functools.cache
+def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
+    """Build every case's checkpoint and serve them all in ONE vLLM subprocess (once per session).
+
+    Returns case -> {"dir", "original", "result" (the vLLM run), and for
+    :data:`STOCK_VLLM_ORACLE` cases "dense" and "stock" (stock vLLM on the dense equivalent)}.
+    Raises RuntimeError with the log tail if the subprocess fails.
+    """
+    from integration_helpers import vllm_env
+
+    root.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, Any]] = {}
+    items = []
+    for case, (arch, ratio, mode, seqs) in CASES.items():
+        original, qdir = build_mixed(arch, root, prune_ratio=ratio)
+        runs[case] = {"dir": qdir, "original": original}
+        items.append(f"{qdir}:{mode}:{seqs}")
+        if case in STOCK_VLLM_ORACLE:
+            dense = root / f"{qdir.name}-dense"
+            if not dense.exists():
+                write_dequantized_dense(qdir, dense)
+            runs[case]["dense"] = dense
+            items.append(f"{dense}:{mode}:{seqs}")
+    out, log = root / "results.json", root / "vllm.log"
+    env = vllm_env("deepseek_v2")  # VLLM_MLA_DISABLE only affects MLA models
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (memory probe)
+    env["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")  # compile for real, no cached artifacts
+    start = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), *items],
+            check=False,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=TIMEOUT_S,
+        )
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+        raise RuntimeError(f"vLLM CAMERA-Q runs failed (exit {proc.returncode}); log {log}:\n{tail}")
+    by_model = {r["model"]: r for r in json.loads(out.read_text())}
+    for info in runs.values():
+        info["result"] = by_model[str(info["dir"])]
+        if "dense" in info:
+            info["stock"] = by_model[str(info["dense"])]
+    runs["_process_s"] = {"seconds": round(time.perf_counter() - start, 1), "engines": len(items)}
+    return runs

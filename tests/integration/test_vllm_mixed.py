@@ -1,0 +1,63 @@
+"""vLLM serves CAMERA-Q (scheme "mixed") checkpoints exactly: greedy tokens equal the oracle in fp32.
+
+Every checkpoint is the tiny fp32 model quantized with RTN into 4/2/1-bit slabs
+(fractions .25/.5/.25, group size 32), the shared expert (Qwen2-MoE, DeepSeek-V2)
+quantized too; one more is pruned (0.25) and quantized (P+Q).  All engines run one
+after another in ONE subprocess (``vllm_mixed_greedy.py``), so vLLM is imported once.
+Modes: torch.compile (vLLM's default on CPU, which traces into the MoE method with
+fullgraph) on Qwen3-MoE and Qwen2-MoE, ``--enforce-eager`` on the others.
+
+The oracle is :func:`camera_vllm.reference.load` (transformers, fp32), except for
+DeepSeek-V2, whose stock vLLM CPU implementation disagrees with transformers even
+unquantized (see test_vllm_greedy.py): there the oracle is stock vLLM on the dense
+dequantized equivalent, one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from integration_helpers import PROMPTS, reference_greedy
+from vllm_mixed_helpers import CASES, STOCK_VLLM_ORACLE, run_mixed_cases
+
+
+@pytest.fixture(scope="session")
+def mixed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    return run_mixed_cases(tmp_path_factory.getbasetemp() / "camera-q")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_mixed_greedy_equals_oracle(case: str, mixed_runs: dict[str, dict]) -> None:
+    arch, ratio, mode, _ = CASES[case]
+    info = mixed_runs[case]
+    qc = json.loads((info["dir"] / "config.json").read_text())["quantization_config"]
+    assert qc["scheme"] == "mixed" and qc["bits"] == [4, 2, 1]
+    # Every bit-width is really used, and the shared expert is quantized where there is one.
+    used = {b for spec in qc["layers"].values() for s in spec["expert_slabs"] for b, n in zip(qc["bits"], s) if n}
+    assert used == {4, 2, 1}
+    if arch in ("qwen2_moe", "deepseek_v2"):
+        assert all(spec.get("shared_slabs") for spec in qc["layers"].values())
+    if ratio:
+        widths = [sum(s) for spec in qc["layers"].values() for s in spec["expert_slabs"]]
+        assert sum(widths) < len(widths) * qc["original_intermediate_size"]
+
+    got = info["result"]
+    assert got["quantization"] == "camera"
+    assert (got["compilation_mode"] == "0") == (mode == "eager"), got["compilation_mode"]
+    assert got["memory"]["methods"].get("CameraMixedMoEMethod") == len(qc["layers"])
+    if arch in STOCK_VLLM_ORACLE:
+        assert info["stock"]["quantization"] is None
+        want = info["stock"]["tokens"]
+    else:
+        want = reference_greedy(info["dir"])
+    for prompt, g, w in zip(PROMPTS, got["tokens"], want):
+        assert g == w, f"{case}: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_quantization_changes_the_model(arch: str, mixed_runs: dict[str, dict]) -> None:
+    """Guards the test above against vacuity: the 4/2/1-bit model does not reproduce the original."""
+    info = mixed_runs[arch]
+    assert reference_greedy(info["original"]) != reference_greedy(info["dir"])
