@@ -36,7 +36,7 @@ def _matches(prefix: str, expected: str) -> bool:
 
 
 class CameraConfig(QuantizationConfig):
-    """CAMERA-P (``scheme: prune``) and, later, CAMERA-Q (``scheme: mixed``) checkpoints."""
+    """CAMERA-P (``scheme: prune``) and CAMERA-Q (``scheme: mixed``, with or without pruning) checkpoints."""
 
     def __init__(self, camera: CameraQuantConfig | None = None) -> None:
         super().__init__()
@@ -61,7 +61,8 @@ class CameraConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        # The CAMERA-P path is plain torch; only consulted on GPUs.
+        # Only consulted on GPUs.  CAMERA-P is plain torch; the CAMERA-Q Triton kernel
+        # falls back to the torch reference where it cannot run, so no hard floor here.
         return 0
 
     @staticmethod
@@ -71,6 +72,15 @@ class CameraConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CameraConfig:
         return cls(CameraQuantConfig.from_json_dict(config, source="config.json quantization_config"))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: Any, user_quant: str | None, hf_config: Any = None) -> None:
+        # vLLM asks custom methods first: refuse a CAMERA config filed under another
+        # quant_method, which would otherwise reach e.g. GPTQ and fail with an unrelated message.
+        from ..format.validate import refuse_foreign_quant_method
+
+        refuse_foreign_quant_method(hf_quant_cfg)
+        return None
 
     def maybe_update_config(
         self, model_name: str, hf_config: Any = None, revision: str | None = None
