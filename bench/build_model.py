@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -143,8 +144,9 @@ def main(argv: list[str] | None = None) -> Path:
     record = {
         "model": args.name, "path": str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else str(out),
         "params": n_params, "steps": args.steps, "train_tokens": tokens, "train_seconds": round(train_s, 1),
-        "val_ppl": round(ppl, 3), "held_out_works": list(text_data.HELD_OUT), "args": vars(args) | {"out": str(out)},
-        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count()},
+        "val_ppl": round(ppl, 3), "held_out_works": list(text_data.HELD_OUT), "args": vars(args) | {"out": os.path.relpath(out, ROOT.parent)},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     RESULTS.mkdir(exist_ok=True)
