@@ -1,0 +1,126 @@
+"""The CAMERA-Q custom ops on their own: ``camera_vllm.moe`` with scheme "mixed:<layout>" and ``camera_vllm.slab_linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camera_kernels import SlabMoEWeights
+from camera_kernels.packing import dequantize
+from camera_kernels.slab_weights import quantize_rtn
+from camera_kernels.slab_weights import random_slab_weights as _random
+from camera_vllm.vllm_plugin import ops
+
+HIDDEN, GROUP = 64, 32
+BITS = (4, 2, 1)
+SIZES = ((8, 20, 4), (0, 0, 0), (0, 33, 1), (5, 0, 0))  # a width-0 expert, ragged slabs
+
+
+def _op_weights(w: SlabMoEWeights) -> list[torch.Tensor]:
+    flat = [t for name in ops.MIXED_TENSOR_GROUPS for t in getattr(w, name)]
+    return flat + [getattr(w, name) for name in ops.MIXED_METADATA]
+
+
+def _routing(num_tokens: int, num_experts: int, top_k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    weights, ids = torch.topk(torch.randn(num_tokens, num_experts, generator=g).softmax(-1), top_k, dim=-1)
+    return weights, ids.to(torch.int32)
+
+
+def _naive(x, tw, ti, w: SlabMoEWeights):
+    """Token by token on the dequantized experts (fp64)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ti.shape[1]):
+            e = int(ti[t, k])
+            if e < 0 or w.layout.expert_width(e) == 0:
+                continue
+            gate, up, down = (m.double() for m in w.dequantize_expert(e))
+            xt = x[t].double()
+            out[t] += float(tw[t, k]) * (down @ (F.silu(gate @ xt) * (up @ xt)))
+    return out
+
+
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_mixed_op_equals_naive(num_tokens: int) -> None:
+    w = _random(SIZES, BITS, HIDDEN, GROUP, std=0.3, seed=3)
+    x = torch.randn(num_tokens, HIDDEN)
+    tw, ti = _routing(num_tokens, len(SIZES), 2, seed=num_tokens)
+    scheme = ops.mixed_scheme(w.layout)
+    got = ops.camera_moe_impl(x, tw, ti, _op_weights(w), None, scheme)
+    torch.testing.assert_close(got.double(), _naive(x, tw, ti, w), rtol=1e-5, atol=1e-5)
+    # An expert map sending expert 0 to "another rank" drops exactly its contribution.
+    emap = torch.tensor([-1, 1, 2, 3], dtype=torch.int32)
+    masked = ops.camera_moe_impl(x, tw, ti, _op_weights(w), emap, scheme)
+    torch.testing.assert_close(masked.double(), _naive(x, tw, torch.where(ti == 0, -1, ti), w), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_op_errors() -> None:
+    w = _random(SIZES, BITS, HIDDEN, GROUP, seed=1)
+    x, tw, ti = torch.randn(1, HIDDEN), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="takes 22 tensors"):
+        ops.camera_moe_impl(x, tw, ti, _op_weights(w)[:-1], None, ops.mixed_scheme(w.layout))
+    other = _random(((1, 1, 1),) * 4, BITS, HIDDEN, GROUP, seed=1)
+    with pytest.raises(ValueError, match="expected"):  # tensors of another layout are refused
+        ops.camera_moe_impl(x, tw, ti, _op_weights(other), None, ops.mixed_scheme(w.layout))
+
+
+def _shared(slabs: tuple[int, ...], seed: int = 0):
+    """Dense shared expert (gate/up [S, H], down [H, S], rows in slab order) and its slab tensors."""
+    g = torch.Generator().manual_seed(seed)
+    s = sum(slabs)
+    gate, up, down = (torch.randn(*shape, generator=g) * 0.3 for shape in ((s, HIDDEN), (s, HIDDEN), (HIDDEN, s)))
+    gu_w, down_w, deq = [], [], {"gate": [], "up": [], "down": []}
+    start = 0
+    for n, b in zip(slabs, BITS):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        start += n
+        gq, uq, dq = quantize_rtn(gate[sl].t(), b, GROUP), quantize_rtn(up[sl].t(), b, GROUP), quantize_rtn(down[:, sl].t(), b, GROUP)
+        gu_w += [torch.cat([gq[j], uq[j]], dim=1) for j in range(3)]
+        down_w += list(dq)
+
+        deq["gate"].append(dequantize(*gq, b, HIDDEN, GROUP).t())
+        deq["up"].append(dequantize(*uq, b, HIDDEN, GROUP).t())
+        deq["down"].append(dequantize(*dq, b, n, GROUP).t())
+    dense = (torch.cat(deq["gate"]), torch.cat(deq["up"]), torch.cat(deq["down"], dim=1))
+    return gu_w, down_w, dense
+
+
+def test_slab_linear_equals_dequantized_matmul() -> None:
+    slabs = (12, 0, 37)
+    gu_w, down_w, (gate, up, down) = _shared(slabs)
+    x = torch.randn(3, 5, HIDDEN)
+    s = sum(slabs)
+    gu = ops.slab_linear_impl(x, gu_w, list(BITS), list(slabs), GROUP, True, 2 * s)
+    torch.testing.assert_close(gu, torch.cat([x @ gate.t(), x @ up.t()], dim=-1), rtol=1e-5, atol=1e-5)
+    act = F.silu(gu[..., :s]) * gu[..., s:]  # what vLLM's SiluAndMul does
+    y = ops.slab_linear_impl(act, down_w, list(BITS), list(slabs), GROUP, False, HIDDEN)
+    want = (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.vllm
+def test_mixed_ops_compile_fullgraph() -> None:
+    """Both ops are opaque nodes under torch.compile(fullgraph=True) (vLLM's CPU compile mode)."""
+    pytest.importorskip("vllm")
+    ops.ensure_registered()
+    w = _random(SIZES, BITS, HIDDEN, GROUP, std=0.3, seed=5)
+    scheme = ops.mixed_scheme(w.layout)
+    slabs = (12, 0, 37)
+    gu_w, down_w, _ = _shared(slabs, seed=2)
+    s = sum(slabs)
+
+    def f(x, tw, ti):
+        routed = ops.camera_moe(x, tw, ti, _op_weights(w), None, scheme)
+        gu = ops.slab_linear(x, gu_w, list(BITS), list(slabs), GROUP, True, 2 * s)
+        act = F.silu(gu[:, :s]) * gu[:, s:]
+        return routed + ops.slab_linear(act, down_w, list(BITS), list(slabs), GROUP, False, HIDDEN)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for n in (3, 8):
+        x = torch.randn(n, HIDDEN)
+        tw, ti = _routing(n, len(SIZES), 2, seed=n)
+        torch.testing.assert_close(compiled(x, tw, ti), f(x, tw, ti))
