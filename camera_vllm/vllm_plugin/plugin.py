@@ -41,4 +41,7 @@ def register() -> None:
     if existing is None:
         register_quantization_config(QUANT_METHOD)(CameraConfig)
         logger.debug("camera-vllm: registered quantization method %r", QUANT_METHOD)
+    from .loader import register_loader
+
+    register_loader()  # --load-format camera: zero-masked checkpoints served compactly
     _registered = True

@@ -1,0 +1,222 @@
+"""``--load-format camera``: serve a zero-masked MoE (the CAMERA reference code's output) compactly.
+
+The reference implementation prunes by zero-masking: every tensor keeps its shape and
+the pruned micro-experts' gate rows, up rows and down columns are zero.  Served as is,
+the zeros cost memory and compute.  This loader, run in the worker that builds the
+model, scans the checkpoint for micro-experts whose gate row, up row and down column
+are *all exactly* zero (:func:`camera_vllm.compress.convert.detect_keeps`, one layer at
+a time), builds the CAMERA-P ``quantization_config`` those keep sets describe, installs
+it as the model's quantization config *before* the model is constructed (the CAMERA
+MoE method sizes its parameters from it), and then feeds the checkpoint through
+``index_select`` so only the kept rows/columns reach the model.  Width-0 experts store
+nothing.  The served function is exactly the masked model's (a zero micro-expert adds
+``silu(0) * 0 = 0``).
+
+Use it on a plain HF directory (single-file or sharded safetensors) without
+``--quantization``::
+
+    vllm serve MASKED_DIR --load-format camera
+
+A directory that already is a CAMERA checkpoint (config.json has a
+``quantization_config``) is loaded unchanged, as with ``--load-format auto``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Generator, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.config import ModelConfig, VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from ..format import names
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMAT = "camera"
+# If set, the worker writes a JSON summary of what it dropped to this path (tests, tools).
+STATS_ENV = "CAMERA_LOAD_STATS"
+
+
+def _keep_plan(source: Any, keeps: dict[int, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+    """Checkpoint tensor name -> (kept indices, dim to select) for per-expert and shared tensors."""
+    a = source.arch.architecture
+    plan: dict[str, tuple[torch.Tensor, int]] = {}
+    for layer, keep in keeps.items():
+        for e, idx in enumerate(keep.experts):
+            for proj in range(3):
+                plan[names.expert_tensor(a, layer, e, proj, "weight")] = (idx.to(torch.long), 0 if proj < 2 else 1)
+        if keep.shared is not None:
+            for proj in range(3):
+                plan[names.shared_tensor(a, layer, proj, "weight")] = (keep.shared.to(torch.long), 0 if proj < 2 else 1)
+    return plan
+
+
+class CameraZeroMaskLoader(DefaultModelLoader):
+    """Default safetensors loading, with all-zero micro-experts dropped (see module docstring)."""
+
+    def __init__(self, load_config: Any) -> None:
+        # DefaultModelLoader picks files by load_format; read the directory as safetensors.
+        inner = copy.copy(load_config)
+        inner.load_format = "safetensors"
+        super().__init__(inner)
+        self._plan: dict[str, tuple[torch.Tensor, int]] | None = None
+        self._fused: dict[str, tuple[int, Any]] = {}
+        self._arch: str | None = None
+        self.stats: dict[str, Any] = {}
+
+    # -- model construction -------------------------------------------------------------------------
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        hf_qc = getattr(model_config.hf_config, "quantization_config", None)
+        if hf_qc or vllm_config.quant_config is not None:
+            if model_config.quantization not in (None, names.QUANT_METHOD):
+                raise ValueError(
+                    f"--load-format {LOAD_FORMAT} serves a zero-masked unquantized model; "
+                    f"{model_config.model} is quantized with {model_config.quantization!r}"
+                )
+            if vllm_config.quant_config is None:
+                raise ValueError(
+                    f"--load-format {LOAD_FORMAT}: {model_config.model} has a quantization_config but "
+                    "vLLM built no quantization config for it"
+                )
+            logger.info("camera-vllm: %s is already a CAMERA checkpoint; loading it as is", model_config.model)
+            return super().load_model(vllm_config, model_config, prefix)
+        self._install_camera_config(vllm_config, model_config)
+        model = super().load_model(vllm_config, model_config, prefix)
+        self._record_resident(model)
+        return model
+
+    def _install_camera_config(self, vllm_config: VllmConfig, model_config: ModelConfig) -> None:
+        from ..compress.convert import detect_keeps
+        from ..compress.prune import prune_quant_config
+        from ..compress.source import SourceCheckpoint
+        from .config import CameraConfig
+
+        model_dir = Path(model_config.model)
+        if not model_dir.is_dir():
+            raise ValueError(
+                f"--load-format {LOAD_FORMAT} reads a local model directory; {model_config.model!r} is not one "
+                "(download it first, e.g. with `hf download`)"
+            )
+        source = SourceCheckpoint(model_dir)
+        keeps = detect_keeps(source)
+        arch = source.arch
+        total = len(arch.moe_layers) * arch.num_experts * arch.intermediate_size
+        kept = sum(sum(k.widths) for k in keeps.values())
+        qcfg = prune_quant_config(
+            source,
+            keeps,
+            {
+                "method": "camera-p",
+                "origin": "zero-masked (--load-format camera)",
+                "source": str(model_dir),
+                "routed_channels_kept": kept,
+                "routed_channels_total": total,
+            },
+        )
+        self._arch = arch.architecture
+        self._plan = _keep_plan(source, keeps)
+        # Fused 3-D expert tensors (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
+        for layer, keep in keeps.items():
+            prefix = names.moe_prefix(arch.architecture, layer) + ".experts"
+            self._fused[f"{prefix}.gate_up_proj"] = (layer, keep)
+            self._fused[f"{prefix}.down_proj"] = (layer, keep)
+        shared_total = shared_kept = 0
+        for k in keeps.values():
+            if k.shared is not None:
+                shared_total += arch.shared_intermediate_size or 0
+                shared_kept += int(k.shared.numel())
+        self.stats = {
+            "routed_channels_kept": kept,
+            "routed_channels_total": total,
+            "shared_channels_kept": shared_kept,
+            "shared_channels_total": shared_total,
+            "empty_experts": sum(w == 0 for k in keeps.values() for w in k.widths),
+            "widths": {str(layer): k.widths for layer, k in sorted(keeps.items())},
+        }
+        logger.info(
+            "camera-vllm: --load-format camera: %s keeps %d of %d routed micro-experts (%.1f%%), "
+            "%d empty experts, %d of %d shared micro-experts",
+            model_dir,
+            kept,
+            total,
+            100.0 * kept / max(total, 1),
+            self.stats["empty_experts"],
+            shared_kept,
+            shared_total,
+        )
+        vllm_config.quant_config = CameraConfig(qcfg)
+        model_config.quantization = names.QUANT_METHOD
+
+    # -- weights ------------------------------------------------------------------------------------
+    def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+        weights = super().get_all_weights(model_config, model)
+        if self._plan is None:
+            yield from weights
+        else:
+            yield from self._compact(weights)
+
+    def _compact(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Generator[tuple[str, torch.Tensor], None, None]:
+        assert self._plan is not None and self._arch is not None
+        for name, tensor in weights:
+            hit = self._plan.get(name)
+            if hit is not None:
+                idx, dim = hit
+                if idx.numel() == 0:
+                    continue  # width-0 expert: nothing resident
+                yield name, tensor.index_select(dim, idx.to(tensor.device)).contiguous()
+                continue
+            fused = self._fused.get(name)
+            if fused is not None and tensor.dim() == 3:
+                yield from self._split_fused(name, tensor, *fused)
+                continue
+            yield name, tensor
+
+    def _split_fused(self, name: str, tensor: torch.Tensor, layer: int, keep: Any) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """Per-expert, pruned tensors from a fused 3-D expert tensor (vLLM maps the per-expert names)."""
+        assert self._arch is not None
+        is_gate_up = name.endswith("gate_up_proj")
+        inter = tensor.shape[1] // 2 if is_gate_up else tensor.shape[2]
+        for e, idx in enumerate(keep.experts):
+            if idx.numel() == 0:
+                continue
+            idx = idx.to(device=tensor.device, dtype=torch.long)
+            if is_gate_up:
+                yield names.expert_tensor(self._arch, layer, e, 0, "weight"), tensor[e, :inter].index_select(0, idx).contiguous()
+                yield names.expert_tensor(self._arch, layer, e, 1, "weight"), tensor[e, inter:].index_select(0, idx).contiguous()
+            else:
+                yield names.expert_tensor(self._arch, layer, e, 2, "weight"), tensor[e].index_select(1, idx).contiguous()
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _record_resident(self, model: torch.nn.Module) -> None:
+        from .moe_method import CameraMoEMethod
+
+        routed = 0
+        for module in model.modules():
+            if isinstance(getattr(module, "quant_method", None), CameraMoEMethod):
+                routed += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+        self.stats["routed_resident_bytes"] = routed
+        path = os.environ.get(STATS_ENV)
+        if path:
+            Path(path).write_text(json.dumps(self.stats))
+
+
+def register_loader() -> None:
+    """Register :class:`CameraZeroMaskLoader` as ``--load-format camera`` (idempotent)."""
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, register_model_loader
+
+    existing = _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT)
+    if existing is CameraZeroMaskLoader:
+        return
+    if existing is not None:
+        raise RuntimeError(
+            f"load format {LOAD_FORMAT!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+            "camera-vllm cannot register its own"
+        )
+    register_model_loader(LOAD_FORMAT)(CameraZeroMaskLoader)
