@@ -41,7 +41,7 @@ def _expert_bytes(ckpt: Path) -> int:
 
 def settings() -> list[tuple[str, str, dict]]:
     """(method, setting, kwargs) rows of the table."""
-    rows: list[tuple[str, str, dict]] = [("dense", "bf16 experts", {})]
+    rows: list[tuple[str, str, dict]] = [("dense", "uncompressed (fp32)", {})]
     for r in (0.25, 0.5):
         rows += [
             ("camera-p layer", f"prune {r:.0%}", {"kind": "p", "ratio": r, "scope": "layer"}),
