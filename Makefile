@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml scripts/install.sh
 demo: install
 	$(PY) -m camera_vllm.demo $(DEMO_ARGS)
 
+# The kernel tests go first in their own process: they need Triton's interpreter, which
+# must be switched on before anything (vLLM) imports Triton in compiled mode.
 test: install
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra tests/kernels $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --ignore=tests/kernels $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not vllm" $(PYTEST_ARGS)
