@@ -8,47 +8,27 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from camera_vllm.cli import main
 from camera_vllm.format import names
-from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
+from camera_vllm.testing.tiny_models import build_tiny_moe
+
+from calib_helpers import calib_args, write_calib_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs; avoid OpenMP spin-waits on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("cli")
     model = build_tiny_moe("deepseek_v2", root / "model", seed=2)
-    calib = root / "calib.jsonl"
-    calib.write_text("\n".join(json.dumps({"text": _CORPUS[i:] + _CORPUS[:i]}) for i in range(0, 400, 40)))
+    calib = write_calib_jsonl(root / "calib.jsonl")
     return root, model, calib
 
 
-def _calib_args(calib: Path) -> list[str]:
-    return [
-        "--calib",
-        str(calib),
-        "--num-seqs",
-        "4",
-        "--seq-len",
-        "32",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +36,7 @@ def pruned(setup) -> Path:
     root, model, calib = setup
     out = root / "pruned"
     rc = main(
-        ["prune", str(model), "--ratio", "0.3", "--out", str(out), "--alpha", "0.8", *_calib_args(calib)]
+        ["prune", str(model), "--ratio", "0.3", "--out", str(out), "--alpha", "0.8", *calib_args(calib)]
     )
     assert rc == 0
     return out
@@ -113,7 +93,7 @@ def test_validate_and_inspect(pruned: Path, tmp_path: Path, capsys) -> None:
 def test_analyze_writes_scores_and_sidecar(setup, capsys) -> None:
     root, model, calib = setup
     out = root / "scores.safetensors"
-    assert main(["analyze", str(model), "--out", str(out), "--normalize-sum", *_calib_args(calib)]) == 0
+    assert main(["analyze", str(model), "--out", str(out), "--normalize-sum", *calib_args(calib)]) == 0
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["energy"] == {"alpha": 0.9, "normalize_sum": True}
     assert sidecar["settings"]["calibration"]["tokens"] == 4 * 32
@@ -126,13 +106,13 @@ def test_analyze_writes_scores_and_sidecar(setup, capsys) -> None:
 
 def test_errors_exit_2_with_a_message(setup, pruned: Path, capsys) -> None:
     root, model, calib = setup
-    assert main(["prune", str(model), "--ratio", "0.3", "--out", str(pruned), *_calib_args(calib)]) == 2
+    assert main(["prune", str(model), "--ratio", "0.3", "--out", str(pruned), *calib_args(calib)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["prune", str(model), "--ratio", "1.5", "--out", str(root / "x"), *_calib_args(calib)]) == 2
+    assert main(["prune", str(model), "--ratio", "1.5", "--out", str(root / "x"), *calib_args(calib)]) == 2
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
     empty = root / "empty.txt"
     empty.write_text("")
-    assert main(["analyze", str(model), "--out", str(root / "s.safetensors"), *_calib_args(empty)]) == 2
+    assert main(["analyze", str(model), "--out", str(root / "s.safetensors"), *calib_args(empty)]) == 2
     assert "empty.txt: calibration file has no text" in capsys.readouterr().err
 
 

@@ -6,46 +6,26 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from camera_vllm.cli import main
 from camera_vllm.format import names
-from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
+from camera_vllm.testing.tiny_models import build_tiny_moe
+
+from calib_helpers import calib_args, write_calib_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs; avoid OpenMP spin-waits on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("cliq")
     model = build_tiny_moe("qwen2_moe", root / "model", seed=4)
-    calib = root / "calib.jsonl"
-    calib.write_text("\n".join(json.dumps({"text": _CORPUS[i:] + _CORPUS[:i]}) for i in range(0, 400, 40)))
+    calib = write_calib_jsonl(root / "calib.jsonl")
     return root, model, calib
 
 
-def _calib_args(calib: Path) -> list[str]:
-    return [
-        "--calib",
-        str(calib),
-        "--num-seqs",
-        "4",
-        "--seq-len",
-        "32",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
 
 
 def test_quantize_writes_checkpoint_report_and_plots(setup, capsys) -> None:
@@ -69,7 +49,7 @@ def test_quantize_writes_checkpoint_report_and_plots(setup, capsys) -> None:
             "0.8",
             "--save-scores",
             str(root / "scores.safetensors"),
-            *_calib_args(calib),
+            *calib_args(calib),
         ]
     )
     assert rc == 0
@@ -123,7 +103,7 @@ def test_quantize_writes_checkpoint_report_and_plots(setup, capsys) -> None:
 )
 def test_quantize_rejects_bad_settings(setup, capsys, extra: list[str], message: str) -> None:
     root, model, calib = setup
-    rc = main(["quantize", str(model), "--out", str(root / "bad"), *extra, *_calib_args(calib)])
+    rc = main(["quantize", str(model), "--out", str(root / "bad"), *extra, *calib_args(calib)])
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (root / "bad").exists()
@@ -142,6 +122,6 @@ def test_avg_bits_and_fractions_are_exclusive(setup) -> None:
                 "3",
                 "--fractions",
                 "1",
-                *_calib_args(calib),
+                *calib_args(calib),
             ]
         )

@@ -19,12 +19,6 @@ from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs; avoid OpenMP spin-waits on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,6 @@ G = 32  # hidden 64: two groups along H; experts of width 64 (32 for deepseek_v2
 SPEC = CalibSpec(num_seqs=4, seq_len=32, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs; avoid OpenMP spin-waits on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

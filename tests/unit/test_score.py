@@ -24,13 +24,6 @@ from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny GEMMs on a shared 2-core machine: OpenMP spin-waiting costs 100x more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _patch_config(model_dir: Path, **changes) -> Path:
