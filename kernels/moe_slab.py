@@ -113,6 +113,52 @@ def _dequant_tile(
 
 
 @triton.jit
+def _w13_weight_tile(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    k0,
+    hidden,
+    cols,
+    col_ok,
+    stride_w,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Gate or up weights ``[BLOCK_K, BN]`` at K rows ``k0 + [0, BLOCK_K)`` of a slab's ``[K, 2R]`` matrix."""
+    return _dequant_tile(
+        q_ptr, s_ptr, z_ptr, 0, k0 // GROUP_SIZE, k0, hidden, cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+    )
+
+
+@triton.jit
+def _w2_weight_tile(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    row0,
+    grp0,
+    k0,
+    n,
+    cols,
+    col_ok,
+    hidden,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Down weights ``[BLOCK_K, BN]`` at K rows ``k0 + [0, BLOCK_K)`` of one expert's block.
+
+    The block has ``n`` rows starting at packed row ``row0`` and scale group ``grp0`` of a
+    slab's ``[sum n, H]`` matrix.
+    """
+    return _dequant_tile(
+        q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok, hidden, hidden, BLOCK_K, BITS
+    )
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b``; ``IEEE``: multiply in fp32 with IEEE precision.
 
@@ -156,13 +202,12 @@ def _w13_gemv_tile(
     for k0 in range(0, hidden, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
-        grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(
-            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        wg = _w13_weight_tile(
+            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
         )
         acc_g += tl.sum(a[:, None] * wg, axis=0)
-        wu = _dequant_tile(
-            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        wu = _w13_weight_tile(
+            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
         )
         acc_u += tl.sum(a[:, None] * wu, axis=0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -281,20 +326,9 @@ def _w2_gemv_kernel(
         for k0 in range(0, n, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
-            w = _dequant_tile(
-                q_ptrs[s],
-                s_ptrs[s],
-                z_ptrs[s],
-                row0,
-                grp0 + k0 // GROUP_SIZE,
-                k0,
-                n,
-                cols,
-                col_ok,
-                hidden,
-                hidden,
-                BLOCK_K,
-                BITS[s],
+            w = _w2_weight_tile(
+                q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
+                GROUP_SIZE, BLOCK_K, BITS[s],
             )
             acc += tl.sum(a[:, None] * w, axis=0)
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
@@ -337,13 +371,12 @@ def _w13_sorted_tile(
             mask=row_ok[:, None] & (offs_k < hidden)[None, :],
             other=0.0,
         )
-        grp = k0 // GROUP_SIZE
-        wg = _dequant_tile(
-            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        wg = _w13_weight_tile(
+            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
         )
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
-        wu = _dequant_tile(
-            q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        wu = _w13_weight_tile(
+            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
         )
         acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -480,20 +513,9 @@ def _w2_sorted_kernel(
                 mask=row_ok[:, None] & (offs_k < n)[None, :],
                 other=0.0,
             )
-            w = _dequant_tile(
-                q_ptrs[s],
-                s_ptrs[s],
-                z_ptrs[s],
-                row0,
-                grp0 + k0 // GROUP_SIZE,
-                k0,
-                n,
-                cols,
-                col_ok,
-                hidden,
-                hidden,
-                BLOCK_K,
-                BITS[s],
+            w = _w2_weight_tile(
+                q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
+                GROUP_SIZE, BLOCK_K, BITS[s],
             )
             acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
