@@ -1,0 +1,102 @@
+"""Short load on ``vllm serve`` with a CAMERA-Q checkpoint, through the load benchmark's own code.
+
+``bench/load_test.py`` runs 32 clients for two minutes and watches memory; here 8 clients
+stream for 5 + 15 s against one server, and every request must succeed with a complete
+stream.  The stream checker itself is tested first on hand-made broken streams, so a
+checker that accepts anything cannot make the load test pass.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import load_client  # noqa: E402
+import load_test  # noqa: E402
+from load_client import RequestSpec, check_stream  # noqa: E402
+
+SPEC = RequestSpec(kind="completion", prompt="The quick", max_tokens=3, ignore_eos=True, temperature=0.0)
+STOP_SPEC = RequestSpec(kind="chat", prompt="The quick", max_tokens=8, ignore_eos=False, temperature=0.0,
+                        stop=(".",))
+
+
+def _chunk(ids: list[int], finish: str | None = None) -> str:
+    return json.dumps({"choices": [{"index": 0, "text": "x" * len(ids), "token_ids": ids,
+                                    "finish_reason": finish}]})
+
+
+def _usage(n: int) -> str:
+    return json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}})
+
+
+GOOD = [_chunk([5]), _chunk([6]), _chunk([7], "length"), _usage(3), "[DONE]"]
+
+
+def test_check_stream_accepts_complete_streams() -> None:
+    c = check_stream(GOOD, SPEC)
+    assert c.complete and c.problem is None
+    assert (c.finish_reason, c.completion_tokens, c.streamed_tokens, c.first_token_event) == ("length", 3, 3, 0)
+    # An early stop is complete when EOS or a stop string may end the stream.
+    stop = [_chunk([]), _chunk([5]), _chunk([6], "stop"), _usage(2), "[DONE]"]
+    c = check_stream(stop, STOP_SPEC)
+    assert c.complete and c.first_token_event == 1
+
+
+@pytest.mark.parametrize(
+    "events, spec, why",
+    [
+        ([], SPEC, "empty stream"),
+        (GOOD[:-1], SPEC, "no [DONE]"),
+        (GOOD + [_chunk([8])], SPEC, "after [DONE]"),
+        ([_chunk([5]), _chunk([6]), _chunk([7]), _usage(3), "[DONE]"], SPEC, "0 chunks with a finish_reason"),
+        ([_chunk([5], "length"), _chunk([6], "length"), _usage(2), "[DONE]"], SPEC, "2 chunks with a finish_reason"),
+        ([_chunk([5]), _chunk([6]), _chunk([7], "length"), "[DONE]"], SPEC, "no usage chunk"),
+        ([_chunk([5]), _chunk([7], "length"), _usage(3), "[DONE]"], SPEC, "streamed 2 token ids, usage says 3"),
+        ([_chunk([5]), _chunk([7], "length"), _usage(2), "[DONE]"], SPEC, "length after 2 of 3"),
+        ([_chunk([5]), _chunk([7], "stop"), _usage(2), "[DONE]"], SPEC, "EOS is ignored"),
+        ([_chunk([5]), _chunk([7], "abort"), _usage(2), "[DONE]"], SPEC, "finish_reason 'abort'"),
+        ([_chunk([5]), json.dumps({"error": {"message": "boom"}}), "[DONE]"], SPEC, "error event: "),
+        ([_chunk([5]), "not json", "[DONE]"], SPEC, "not JSON"),
+        ([_chunk([5]), _usage(1), _chunk([6], "length"), "[DONE]"], SPEC, "after the usage chunk"),
+    ],
+)
+def test_check_stream_flags_broken_streams(events: list[str], spec: RequestSpec, why: str) -> None:
+    c = check_stream(events, spec)
+    assert not c.complete
+    assert c.problem is not None and why in c.problem, c.problem
+
+
+def test_request_mix_covers_both_endpoints_and_fits_the_context() -> None:
+    import random
+
+    rng = random.Random(0)
+    specs = [load_client.make_request(rng) for _ in range(200)]
+    assert {s.kind for s in specs} == {"completion", "chat"}
+    assert {s.max_tokens for s in specs} == set(load_client.MAX_TOKENS)
+    assert {len(s.prompt) for s in specs} == set(load_client.PROMPT_CHARS)
+    assert any(s.ignore_eos for s in specs) and any(s.stop for s in specs)
+    # Byte-level tokens: prompt bytes + generated tokens + chat template stay inside the served context.
+    assert max(len(s.prompt.encode()) + s.max_tokens for s in specs) + 32 <= load_test.LoadConfig().max_model_len
+
+
+@pytest.mark.vllm
+def test_served_camera_q_checkpoint_under_concurrent_streams(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cfg = load_test.LoadConfig(clients=8, duration_s=15.0, warmup_s=5.0, sample_every_s=2.0, eager=True,
+                               request_timeout_s=90.0)
+    summary = load_test.run(None, tmp_path_factory.mktemp("load-smoke"), cfg)
+    req = summary["requests"]
+    assert summary["server"]["checkpoint"]["scheme"] == "mixed"  # the CAMERA-Q slab path served it
+    assert req["failed"] == 0, summary["problems"]
+    assert req["incomplete"] == 0, summary["problems"]
+    assert req["per_client_min"] >= 1, req  # every client got requests through in the measured window
+    assert req["by_kind"]["completion"] > 0 and req["by_kind"]["chat"] > 0, req
+    assert req["finish_reasons"].get("length", 0) > 0, req
+    assert summary["throughput"]["completion_tokens"] > 0
+    assert summary["ttft_s"]["p50"] is not None
+    assert summary["criteria"]["server_alive_after_load"]
+    assert summary["criteria"]["no_leftover_processes_after_sigterm"]
+    assert len(summary["samples"]) >= 5 and all(s["rss_mb"] > 0 for s in summary["samples"])
