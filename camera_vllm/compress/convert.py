@@ -6,44 +6,75 @@ saves either a torch state dict (``prune_model_dict.pt``) or, through
 ``save_pretrained``, a normal HF directory full of zeros.  A channel counts as pruned
 only when its gate row, up row and down column are *all exactly* zero, so a channel
 that merely has a zero row somewhere is kept.
+
+Under transformers >= 5 the state dict (and a directory written with
+``save_pretrained(save_original_format=False)``) holds each layer's routed experts as
+two fused tensors; :class:`~camera_vllm.compress.source.SourceCheckpoint` reads those
+too, and the CAMERA-P checkpoint always stores its experts per expert under the
+checkpoint names.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..format import names
 from .prune import LayerKeep, write_pruned_checkpoint
-from .source import SourceCheckpoint
+from .source import FUSED_DOWN, FUSED_GATE_UP, SourceCheckpoint
 
 
 class StateDictSource(SourceCheckpoint):
     """A :class:`SourceCheckpoint` whose tensors come from an in-memory state dict.
 
     config.json and the tokenizer files still come from ``model_dir`` (the original model).
+    The state dict may hold the routed experts per expert or fused (what
+    ``torch.save(model.state_dict())`` writes under transformers >= 5), whatever layout
+    ``model_dir`` uses; every other tensor of ``model_dir`` must be in it.
     """
 
     def __init__(self, model_dir: str | Path, state_dict: dict[str, torch.Tensor], origin: str):
         super().__init__(model_dir)
         self._state = state_dict
         self._origin = origin
-        missing = [n for n in super().weight_map if n not in state_dict]
+        self.where = origin
+        original = SourceCheckpoint(model_dir)
+        routed = set().union(*(original.expert_tensor_names(layer) for layer in self.arch.moe_layers))
+        missing = [n for n in original.weight_map if n not in routed and not self.has(n)]
         if missing:
             raise KeyError(
                 f"{origin}: {len(missing)} tensors of {model_dir} are missing from the state dict, "
                 f"e.g. {missing[:3]} (was it saved from this model?)"
             )
+        a = self.arch.architecture
+        for layer in self.arch.moe_layers:
+            if self.fused_experts(layer) is not None:
+                continue
+            absent = [
+                n
+                for e in range(self.arch.num_experts)
+                for proj in range(3)
+                if not self.has(n := names.expert_tensor(a, layer, e, proj, "weight"))
+            ]
+            if absent:
+                raise KeyError(
+                    f"{origin}: the routed experts of layer {layer} are missing from the state dict: neither "
+                    f"fused ({names.moe_prefix(a, layer)}.experts.{FUSED_GATE_UP} and .{FUSED_DOWN}) nor "
+                    f"per expert ({len(absent)} missing, e.g. {absent[:2]}); was it saved from this model?"
+                )
 
-    @property
-    def weight_map(self) -> dict[str, str]:  # type: ignore[override]
-        return {k: self._origin for k in self._state}
+    @cached_property
+    def stored_map(self) -> dict[str, str]:  # type: ignore[override]
+        return dict.fromkeys(self._state, self._origin)
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._state:
-            raise KeyError(f"tensor {name!r} not found in {self._origin}")
-        return self._state[name]
+    def _read(self, stored: str) -> torch.Tensor:
+        return self._state[stored]
+
+    def _stored_shape(self, stored: str) -> tuple[int, ...]:
+        return tuple(self._state[stored].shape)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
