@@ -16,9 +16,11 @@ its windows need (so tokenizing grows with the calibration size, as it does for 
 who brings a file of the right size); one extra run only tokenizes the whole 4.5 MB
 training split, to show what a large single-document file costs by itself.
 
-Every run is a fresh subprocess, so its peak resident memory (``ru_maxrss`` of that child,
-from ``os.wait4``) is its own; an ``import floor`` run that only imports the pipeline and
-loads the tokenizer shows how much of it is the Python/torch baseline.  Time is
+Every run is a fresh subprocess and reports its own peak resident memory (``VmHWM`` of
+``/proc/self/status``, read as it finishes; the high-water mark restarts at ``exec``, unlike
+``ru_maxrss``, which keeps the resident size of the forked parent).  An ``import floor``
+run that only imports the pipeline and loads the tokenizer shows how much of it is the
+Python/torch baseline.  Time is
 ``perf_counter`` around the pipeline call inside the child (imports excluded) and, for
 reference, the whole child's wall time.
 
@@ -52,12 +54,22 @@ DEFAULT_TOKENS = (2048, 8192, 32768, 65536, 131072)  # 131072 = the CLI default,
 
 
 # -- measuring one child process ---------------------------------------------------------------------
+def peak_rss_self() -> int:
+    """This process's peak resident set size in bytes (``VmHWM``), reset by ``exec``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
+
+
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None
                  ) -> dict[str, Any]:
-    """Run ``cmd`` to completion; return its exit code, stdout, stderr tail, wall time and peak RSS.
+    """Run ``cmd`` to completion; return its exit code, stdout, stderr tail, wall time and ``ru_maxrss``.
 
-    The peak resident set size is the child's own ``ru_maxrss`` from ``os.wait4`` (not the
-    maximum over all children so far, which ``RUSAGE_CHILDREN`` would give).
+    ``ru_maxrss_bytes`` is this child's own (``os.wait4``, not the maximum over all children
+    as ``RUSAGE_CHILDREN`` gives) but, being kept across ``exec``, it is at least the resident
+    size of the parent at fork time: an upper bound.  Children that can should report
+    :func:`peak_rss_self` instead.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
@@ -81,7 +93,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, timeout: 
             "stdout": out.read().decode(errors="replace"),
             "stderr_tail": err.read().decode(errors="replace")[-4000:],
             "wall_seconds": wall,
-            "peak_rss_bytes": int(usage.ru_maxrss) * 1024,  # Linux reports KiB
+            "ru_maxrss_bytes": int(usage.ru_maxrss) * 1024,  # Linux reports KiB
         }
 
 
@@ -113,7 +125,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                      group_size=job["group_size"], calib=spec, device="cpu", progress=False)
     else:
         raise ValueError(f"unknown job op {op!r}")
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_self()}
 
 
 # -- checkpoint bytes --------------------------------------------------------------------------------
@@ -239,11 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         lines = [ln for ln in res["stdout"].splitlines() if ln.startswith("{")]
         if res["returncode"] != 0 or not lines:
             raise SystemExit(f"run {job['label']} failed (exit {res['returncode']}):\n{res['stderr_tail']}")
+        inner = json.loads(lines[-1])
         row = {
             "label": job["label"], "op": job["op"],
             "calibration_tokens": job["num_seqs"] * job["seq_len"], "num_seqs": job["num_seqs"],
-            "seq_len": job["seq_len"], "seconds": round(json.loads(lines[-1])["seconds"], 2),
-            "wall_seconds": round(res["wall_seconds"], 2), "peak_rss_bytes": res["peak_rss_bytes"],
+            "seq_len": job["seq_len"], "seconds": round(inner["seconds"], 2),
+            "wall_seconds": round(res["wall_seconds"], 2), "peak_rss_bytes": inner["peak_rss_bytes"],
         }
         for k in ("calib_chars", "ratio", "avg_bits", "method", "group_size"):
             if k in job:
