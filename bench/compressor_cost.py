@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         if job["op"] == "analyze":
             out = out.with_suffix(".safetensors")
         job["out"] = None if job["op"] == "floor" else str(out)
+        load_before = os.getloadavg()[0]
         res = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
                            env=env, timeout=args.timeout)
         lines = [ln for ln in res["stdout"].splitlines() if ln.startswith("{")]
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             "calibration_tokens": job["num_seqs"] * job["seq_len"], "num_seqs": job["num_seqs"],
             "seq_len": job["seq_len"], "seconds": round(inner["seconds"], 2),
             "wall_seconds": round(res["wall_seconds"], 2), "peak_rss_bytes": inner["peak_rss_bytes"],
+            # The machine may be shared: the 1-minute load average before and after the run.
+            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         for k in ("calib_chars", "ratio", "avg_bits", "method", "group_size"):
             if k in job:
@@ -308,15 +311,20 @@ def write_docs(result: dict[str, Any]) -> None:
            if floor else ".")
         + " Calibration files hold about twice the text their windows need.",
         "",
+        f"The machine has {m['cpu_count']} cores and may be shared: a load average well above that means "
+        "other work ran at the same time and the seconds are inflated (peak RSS is not affected).",
+        "",
         "## Time and memory vs calibration tokens",
         "",
-        "| run | calibration tokens | calibration file chars | seconds | process wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| run | calibration tokens | calibration file chars | seconds | process wall s | peak RSS MiB "
+        "| load avg before/after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         tokens = "-" if r["op"] == "floor" else r["calibration_tokens"]
         lines.append(f"| {r['label']} | {tokens} | {r['calib_chars']} | {r['seconds']:.1f} "
-                     f"| {r['wall_seconds']:.1f} | {_mib(r['peak_rss_bytes'])} |")
+                     f"| {r['wall_seconds']:.1f} | {_mib(r['peak_rss_bytes'])} "
+                     f"| {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |")
     lines += ["", "## Checkpoint bytes vs dense", "",
               "| checkpoint | directory MiB | safetensors MiB | expert MiB | expert vs dense fp32 "
               "| expert vs dense bf16 | safetensors vs dense |", "|---|---|---|---|---|---|---|"]
