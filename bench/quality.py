@@ -5,7 +5,14 @@ logprobs of a real engine, one subprocess per checkpoint) and through the transf
 reference; the two must agree within 0.5 %.  Results go to
 ``bench/results/quality.json``, ``docs/quality.md`` and ``docs/quality.png``.
 
-    python bench/quality.py [--model DIR] [--only camera-p,uniform-rtn] [--skip-vllm]
+    python bench/quality.py [--model DIR] [--only camera-p,mc-like] [--skip-vllm]
+
+``--only`` recomputes just the rows whose method starts with one of the prefixes and keeps
+every other row of the existing JSON (refused if that JSON used other windows or
+calibration).  Every row records the commit (and dirty flag) of the code that produced
+it; the file's top-level stamp is the latest run's.  Checkpoints are rebuilt on every run
+(``--reuse-checkpoints`` scores those cached in ``bench/.cache/quality`` as they are, and
+marks the rows).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +47,12 @@ def _expert_bytes(ckpt: Path) -> int:
     return int(s.get("expert_bytes") or s.get("stored_expert_bytes") or 0)
 
 
+def _dense_expert_bytes(model: Path) -> int:
+    from compressor_cost import dense_bytes
+
+    return dense_bytes(model)["expert_bytes"]
+
+
 def settings() -> list[tuple[str, str, dict]]:
     """(method, setting, kwargs) rows of the table."""
     rows: list[tuple[str, str, dict]] = [("dense", "uncompressed (fp32)", {})]
@@ -53,6 +67,10 @@ def settings() -> list[tuple[str, str, dict]]:
     for bits, label in ((2.25, "2.25 bpw"), (2.5, "2.5 bpw")):
         for m in ("rtn", "gptq"):
             rows.append((f"camera-q {m}", label, {"kind": "q", "avg_bits": bits, "method": m, "group_size": 128}))
+    # MC-like: one bit-width per expert (1-4) at CAMERA-Q's bytes, same group size.
+    for bits, label in ((2.25, "2.25 bpw"), (2.5, "2.5 bpw")):
+        for m in ("rtn", "gptq"):
+            rows.append((f"mc-like {m}", label, {"kind": "mc", "avg_bits": bits, "method": m, "group_size": 128}))
     # Uniform baselines at the same bytes: 2 bits with g128 = 2.25 bpw, with g64 = 2.5 bpw.
     for m in ("rtn", "gptq"):
         rows.append((f"uniform {m} 2-bit", "2.25 bpw (g128)", {"kind": "q", "bits": [2], "fractions": [1.0],
@@ -64,18 +82,23 @@ def settings() -> list[tuple[str, str, dict]]:
     return rows
 
 
-def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec) -> Path:
+def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec, reuse: bool = False) -> Path:
     from camera_vllm.compress.pipeline import run_camera_p
     from camera_vllm.compress.quantize.pipeline import run_camera_q
 
     out = CKPTS / name
     if out.exists():
-        return out
+        if reuse:
+            return out
+        shutil.rmtree(out)  # built by whatever code ran last: rebuild so the row's commit is true
     kind = kw.get("kind")
     if kind == "p":
         return run_camera_p(model, out, kw["ratio"], [calib_file], scope=kw["scope"], calib=calib)
     if kind == "b":
         return baselines.run_baseline_p(model, out, kw["method"], kw["ratio"], [calib_file], calib=calib)
+    if kind == "mc":
+        return baselines.run_mc_like_q(model, out, kw["avg_bits"], [calib_file], method=kw["method"],
+                                       group_size=kw["group_size"], calib=calib)
     if kind == "q":
         return run_camera_q(model, out, [calib_file], avg_bits=kw.get("avg_bits"), bits=kw.get("bits"),
                             fractions=kw.get("fractions"), group_size=kw["group_size"], method=kw["method"],
@@ -91,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--only", default=None, help="comma-separated method prefixes to run")
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--reuse-checkpoints", action="store_true",
+                   help="score cached checkpoints in bench/.cache/quality as they are instead of rebuilding them")
     args = p.parse_args(argv)
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model}: no benchmark model; run `make bench-model` first")
@@ -100,7 +125,20 @@ def main(argv: list[str] | None = None) -> None:
     windows = ppl.token_windows(args.model, held_file.read_text(), args.seq_len, args.windows)
     calib = CalibSpec(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=0)
     out_json = RESULTS / "quality.json"
-    previous = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
+    here = stamp()
+    setup = {"model": str(args.model.name), "windows": len(windows), "seq_len": args.seq_len,
+             "calibration": vars(calib)}
+    previous: list[dict] = []
+    if out_json.exists() and args.only:
+        old = json.loads(out_json.read_text())
+        differs = {k: (old.get(k), v) for k, v in setup.items() if old.get(k) != v}
+        if differs:
+            raise SystemExit(f"{out_json}: --only would merge rows measured on another setup {differs}; "
+                             "rerun the whole table instead")
+        for r in old["rows"]:  # rows from before per-row stamps were produced by the file's commit
+            r.setdefault("commit", old.get("commit"))
+            r.setdefault("dirty_tree", old.get("dirty_tree"))
+        previous = old["rows"]
     done = {(r["method"], r["setting"]): r for r in previous}
     rows = []
     for method, setting, kw in settings():
@@ -110,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         name = f"{method}-{setting}".replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "")
         t0 = time.time()
-        ckpt = build(args.model, name, kw, calib_file, calib)
+        reused = bool(kw) and args.reuse_checkpoints and (CKPTS / name).exists()
+        ckpt = build(args.model, name, kw, calib_file, calib, reuse=args.reuse_checkpoints)
         t_build = time.time() - t0
         ref = ppl.ppl_reference(ckpt, windows)
         served = None
@@ -129,16 +168,58 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "method": method, "setting": setting, "ppl_served": served, "ppl_reference": round(ref, 4),
             "served_vs_reference": None if served is None else round(served / ref - 1, 5),
-            "expert_bytes": _expert_bytes(ckpt) if kw else None, "compress_seconds": round(t_build, 1),
+            "expert_bytes": _expert_bytes(ckpt) if kw else _dense_expert_bytes(ckpt),
+            "compress_seconds": round(t_build, 1),
             "checkpoint": str(ckpt.relative_to(ROOT.parent)) if ckpt.is_relative_to(ROOT.parent) else str(ckpt),
+            "commit": here["commit"], "dirty_tree": here["dirty_tree"],
         }
+        if not kw:
+            row["note"] = "expert bytes = fp32 expert matrices of the dense model"
+        if reused:
+            row["checkpoint_reused"] = True  # built earlier, maybe by other code: only the scoring is this commit's
         print(json.dumps(row), flush=True)
         rows.append(row)
         RESULTS.mkdir(exist_ok=True)
-        out_json.write_text(json.dumps({**stamp(), "model": str(args.model.name), "windows": len(windows),
-                                        "seq_len": args.seq_len, "calibration": vars(calib), "rows": rows},
-                                       indent=2) + "\n")
+        _write_json(out_json, here, setup, rows, done)
+    _write_json(out_json, here, setup, rows, done)
     write_docs(rows)
+
+
+def _write_json(path: Path, here: dict, setup: dict, rows: list[dict], done: dict) -> None:
+    """The table so far, in table order, with the rows not rerun yet kept from the previous file."""
+    order = [(m, s) for m, s, _ in settings()]
+    have = {(r["method"], r["setting"]): r for r in rows}
+    merged = [have.get(k) or done[k] for k in order if k in have or k in done]
+    commits = sorted({r.get("commit") or "" for r in merged} - {""})
+    path.write_text(json.dumps({**here, **setup, "row_commits": commits,
+                                "note": "top-level stamp: the latest run; each row's commit: the code that "
+                                        "produced it", "rows": merged}, indent=2) + "\n")
+
+
+def _mc_verdict(rows: list[dict]) -> list[str]:
+    """Generated comparison of CAMERA-Q with the MC-like baseline at equal bytes (empty without MC rows)."""
+    by = {(r["method"], r["setting"]): r for r in rows}
+    pairs = [(m, s) for m in ("rtn", "gptq") for s in ("2.25 bpw", "2.5 bpw")
+             if (f"camera-q {m}", s) in by and (f"mc-like {m}", s) in by]
+    if not pairs:
+        return []
+    out = ["", "## CAMERA-Q vs MC-like (expert-level mixed precision)", "",
+           "MC-like follows Mixture Compressor's idea: each routed expert gets one bit-width (1-4) for all "
+           "its weights, chosen per layer by an exact knapsack that minimises "
+           "sum(importance x measured RTN error) under CAMERA-Q's byte budget; importance = "
+           "sqrt(routing share x CAMERA-energy share). Same group size (128), same GPTQ/RTN code, "
+           "same calibration, all scale/zero bytes counted. Its checkpoint is a CAMERA-Q checkpoint "
+           "whose experts each fill one slab, served by the same vLLM path.", ""]
+    wins = 0
+    for m, s in pairs:
+        c, b = by[(f"camera-q {m}", s)], by[(f"mc-like {m}", s)]
+        pc, pb = c["ppl_reference"], b["ppl_reference"]
+        wins += pc < pb
+        verdict = "CAMERA-Q wins" if pc < pb else ("tie" if pc == pb else "MC-like wins")
+        out.append(f"- {s}, {m.upper()}: CAMERA-Q {pc:.2f} ({c['expert_bytes']} B) vs MC-like {pb:.2f} "
+                   f"({b['expert_bytes']} B): {verdict} ({(pb / pc - 1) * 100:+.1f} % ppl for MC-like).")
+    out += ["", f"CAMERA-Q has the lower perplexity in {wins} of {len(pairs)} comparisons."]
+    return out
 
 
 def write_docs(rows: list[dict]) -> None:
@@ -152,6 +233,11 @@ def write_docs(rows: list[dict]) -> None:
     for r in rows:
         served = "-" if r["ppl_served"] is None else f"{r['ppl_served']:.2f}"
         lines.append(f"| {r['method']} | {r['setting']} | {served} | {r['ppl_reference']:.2f} | {r['expert_bytes']} |")
+    lines += _mc_verdict(rows)
+    commits = sorted({(r.get("commit") or "")[:10] for r in rows} - {""})
+    if commits:
+        lines += ["", f"Rows were produced by commit(s) {', '.join(f'`{c}`' for c in commits)}; "
+                  "`bench/results/quality.json` records the commit of every row."]
     (DOCS / "quality.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(10, 0.35 * len(rows) + 1.5))
     ax = fig.add_subplot()
