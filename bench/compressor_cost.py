@@ -21,8 +21,10 @@ Every run is a fresh subprocess and reports its own peak resident memory (``VmHW
 ``ru_maxrss``, which keeps the resident size of the forked parent).  An ``import floor``
 run that only imports the pipeline and loads the tokenizer shows how much of it is the
 Python/torch baseline.  Time is
-``perf_counter`` around the pipeline call inside the child (imports excluded) and, for
-reference, the whole child's wall time.
+``perf_counter`` around the pipeline call inside the child (imports excluded), the CPU
+time of that call (``process_time``: all threads of the child; with one torch thread it
+is the work itself and hardly changes when the machine is shared, unlike wall time) and,
+for reference, the whole child's wall time.
 
 Results go to ``bench/results/compressor-cost.json`` (stamped), ``docs/compressor-cost.md``
 and ``docs/compressor-cost.png``.
@@ -111,7 +113,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     model, calib_file = job["model"], job["calib"]
     spec = CalibSpec(num_seqs=job.get("num_seqs", 1), seq_len=job.get("seq_len"), seed=0)
     out = Path(job["out"]) if job.get("out") else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     op = job["op"]
     if op == "floor":
         # Imports, tokenizer and calibration tokens: everything a run pays before scoring.
@@ -125,7 +127,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                      group_size=job["group_size"], calib=spec, device="cpu", progress=False)
     else:
         raise ValueError(f"unknown job op {op!r}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_self()}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "peak_rss_bytes": peak_rss_self()}
 
 
 # -- checkpoint bytes --------------------------------------------------------------------------------
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             "label": job["label"], "op": job["op"],
             "calibration_tokens": job["num_seqs"] * job["seq_len"], "num_seqs": job["num_seqs"],
             "seq_len": job["seq_len"], "seconds": round(inner["seconds"], 2),
+            "cpu_seconds": round(inner["cpu_seconds"], 2),
             "wall_seconds": round(res["wall_seconds"], 2), "peak_rss_bytes": inner["peak_rss_bytes"],
             # The machine may be shared: the 1-minute load average before and after the run.
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -305,7 +309,8 @@ def write_docs(result: dict[str, Any]) -> None:
         f"model `{result['model']}`, {m['cpu_count']} CPUs ({m['device']}), torch threads "
         f"{result['torch_threads']}, commit `{(result['commit'] or '')[:10]}`.",
         "",
-        "Each run is its own process. *seconds* is the pipeline call (imports excluded); *peak RSS* is "
+        "Each run is its own process. *seconds* is the wall time of the pipeline call (imports excluded), "
+        "*CPU seconds* its CPU time (the steadier number on a shared machine); *peak RSS* is "
         "that process's maximum resident memory, imports included"
         + (f" (the import floor: Python, torch, transformers and the tokenizer, is {_mib(floor['peak_rss_bytes'])} MiB)."
            if floor else ".")
@@ -316,13 +321,13 @@ def write_docs(result: dict[str, Any]) -> None:
         "",
         "## Time and memory vs calibration tokens",
         "",
-        "| run | calibration tokens | calibration file chars | seconds | process wall s | peak RSS MiB "
-        "| load avg before/after |",
-        "|---|---|---|---|---|---|---|",
+        "| run | calibration tokens | calibration file chars | seconds | CPU seconds | process wall s "
+        "| peak RSS MiB | load avg before/after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         tokens = "-" if r["op"] == "floor" else r["calibration_tokens"]
-        lines.append(f"| {r['label']} | {tokens} | {r['calib_chars']} | {r['seconds']:.1f} "
+        lines.append(f"| {r['label']} | {tokens} | {r['calib_chars']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
                      f"| {r['wall_seconds']:.1f} | {_mib(r['peak_rss_bytes'])} "
                      f"| {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |")
     lines += ["", "## Checkpoint bytes vs dense", "",
@@ -345,7 +350,8 @@ def write_docs(result: dict[str, Any]) -> None:
     for op, label in (("analyze", "analyze (energies)"), ("prune", "CAMERA-P 50 %")):
         pts = [r for r in runs if r["op"] == op and r.get("ratio", 0.5) == 0.5]
         x = [r["calibration_tokens"] for r in pts]
-        ax_t.plot(x, [r["seconds"] for r in pts], "o-", label=label)
+        line, = ax_t.plot(x, [r["seconds"] for r in pts], "o-", label=f"{label}, wall")
+        ax_t.plot(x, [r["cpu_seconds"] for r in pts], "o--", color=line.get_color(), label=f"{label}, CPU")
         ax_m.plot(x, [r["peak_rss_bytes"] / 2**20 for r in pts], "o-", label=label)
     for r in runs:
         if r["op"] == "quantize":
@@ -353,7 +359,7 @@ def write_docs(result: dict[str, Any]) -> None:
             ax_m.plot([r["calibration_tokens"]], [r["peak_rss_bytes"] / 2**20], "s", label=r["label"])
     if floor:
         ax_m.axhline(floor["peak_rss_bytes"] / 2**20, color="k", linestyle="--", linewidth=1, label="import floor")
-    for ax, yl in ((ax_t, "seconds (pipeline call)"), (ax_m, "peak RSS (MiB)")):
+    for ax, yl in ((ax_t, "seconds (pipeline call; wall and CPU)"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration tokens")
         ax.set_ylabel(yl)
