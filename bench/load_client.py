@@ -222,7 +222,10 @@ async def one_request(
     except asyncio.TimeoutError:
         error = f"timeout after {timeout_s:.0f} s"
     except Exception as err:  # every transport failure is a failed request, with its reason
-        error = f"{type(err).__name__}: {err}"[:300]
+        cause = err.__cause__ or err.__context__
+        error = (f"{type(err).__name__}: {err!r}" + (f" (from {cause!r})" if cause else "")
+                 + f"; HTTP status {status}, {len(events)} events read, "
+                 f"{time.monotonic() - start:.2f} s into the request")[:400]
     end = time.monotonic()
     checked = check_stream(events, spec) if error is None else None
     first = checked.first_token_event if checked else None
@@ -234,6 +237,7 @@ async def one_request(
     )
 
 
+KEEPALIVE_EXPIRY_S = 2.0
 FAILURE_BACKOFF_S = 0.5  # a client waits this long after a failed request, as a real one would
 
 
@@ -265,7 +269,10 @@ async def run_clients(
 
     results = [] if results is None else results
     headers = {"Authorization": f"Bearer {api_key}"}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # Idle connections expire on the client before the server's 5 s keep-alive timeout
+    # (uvicorn's default in vLLM), so no request is written into a connection being closed.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as http:
         await asyncio.gather(*(
             client_loop(http, base_url, headers, model, c, t0, stop_at, seed, timeout_s, results,

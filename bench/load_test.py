@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import statistics
@@ -67,6 +68,7 @@ class LoadConfig:
     max_model_len: int = 512
     start_timeout_s: float = 600.0
     seeded: bool = False  # sampled requests carry a seed (see load_client.make_request)
+    serve_args: tuple[str, ...] = ()  # extra ``vllm serve`` arguments
 
 
 def _say(msg: str) -> None:
@@ -119,7 +121,7 @@ class Server:
             "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
             "--served-model-name", SERVED_NAME, "--dtype", "float32",
             "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(max(cfg.clients, 1)),
-        ] + (["--enforce-eager"] if cfg.eager else [])
+        ] + (["--enforce-eager"] if cfg.eager else []) + list(cfg.serve_args)
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -268,8 +270,9 @@ def summarize(results: list[load_client.RequestResult], samples: list[dict[str, 
         timeline.append({"t": t + bucket / 2, "req_per_s": round(len(done) / bucket, 2),
                          "tokens_per_s": round(sum(r.check["completion_tokens"] for r in done) / bucket, 1)})
         t += bucket
-    problems = [{"kind": r.kind, "max_tokens": r.max_tokens, "start": round(r.start, 2),
-                 "error": r.error or r.check.get("problem")} for r in failed + incomplete]
+    problems = [{"client": r.client, "kind": r.kind, "max_tokens": r.max_tokens, "start": round(r.start, 2),
+                 "end": round(r.end, 2), "status": r.status, "error": r.error or r.check.get("problem")}
+                for r in failed + incomplete]
     criteria = {
         "no_failed_requests": not failed,
         "every_stream_complete": not incomplete,
@@ -428,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=float, default=3.0, help="RSS sampling period (s)")
     ap.add_argument("--max-rss-growth-pct", type=float, default=5.0)
     ap.add_argument("--enforce-eager", action="store_true", help="serve without torch.compile")
+    ap.add_argument("--serve-args", default="", help="extra vllm serve arguments, one string")
     ap.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     ap.add_argument("--seeded", action="store_true",
                     help="sampled requests carry an OpenAI 'seed' (crashes vllm-cpu 0.32 under load; see docs)")
@@ -442,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--model {args.model}: no config.json there")
     cfg = LoadConfig(clients=args.clients, duration_s=args.duration, warmup_s=args.warmup,
                      sample_every_s=args.sample_every, max_rss_growth_pct=args.max_rss_growth_pct,
-                     seed=args.seed, eager=args.enforce_eager, seeded=args.seeded)
+                     seed=args.seed, eager=args.enforce_eager, seeded=args.seeded,
+                     serve_args=tuple(shlex.split(args.serve_args)))
     summary = run(args.model, args.work, cfg)
     out = {**stamp(), "what": f"vllm serve under {cfg.clients} concurrent streaming clients "
                               f"({cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s), CAMERA checkpoint",
