@@ -17,7 +17,15 @@ Use it on a plain HF directory (single-file or sharded safetensors) without
 
     vllm serve MASKED_DIR --load-format camera
 
-A directory that already is a CAMERA checkpoint (config.json has a
+The routed experts may be stored per expert or fused, as transformers >= 5 keeps them
+(``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``, or transposed;
+see :mod:`camera_vllm.compress.source`); fused tensors are split into per-expert ones
+here, and transformers' in-memory names (Mixtral's ``mlp``) are mapped to the names
+vLLM's model classes load.
+
+``--quantization camera`` is refused together with this load format: the checkpoint has
+no ``quantization_config`` for it to read, and the loader installs the CAMERA method by
+itself.  A directory that already is a CAMERA checkpoint (config.json has a
 ``quantization_config``) is loaded unchanged, as with ``--load-format auto``.
 """
 
@@ -36,6 +44,7 @@ from vllm.config import ModelConfig, VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from ..format import names
+from ..format.schema import CameraQuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ STATS_ENV = "CAMERA_LOAD_STATS"
 
 
 def _keep_plan(source: Any, keeps: dict[int, Any]) -> dict[str, tuple[torch.Tensor, int]]:
-    """Checkpoint tensor name -> (kept indices, dim to select) for per-expert and shared tensors."""
+    """Checkpoint-form tensor name -> (kept indices, dim to select) for per-expert and shared tensors."""
     a = source.arch.architecture
     plan: dict[str, tuple[torch.Tensor, int]] = {}
     for layer, keep in keeps.items():
@@ -67,13 +76,20 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         inner.load_format = "safetensors"
         super().__init__(inner)
         self._plan: dict[str, tuple[torch.Tensor, int]] | None = None
-        self._fused: dict[str, tuple[int, Any]] = {}
+        # fused tensor name -> (layer, its LayerKeep, "gate_up" or "down", stored transposed)
+        self._fused: dict[str, tuple[int, Any, str, bool]] = {}
         self._arch: str | None = None
         self.stats: dict[str, Any] = {}
 
     # -- model construction -------------------------------------------------------------------------
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
         hf_qc = getattr(model_config.hf_config, "quantization_config", None)
+        if not hf_qc and vllm_config.quant_config is not None:
+            raise ValueError(
+                f"--load-format {LOAD_FORMAT} cannot be combined with --quantization {model_config.quantization}: "
+                f"it serves the zero-masked model {model_config.model} with the CAMERA method, which it sets up "
+                "itself; drop --quantization"
+            )
         if hf_qc or vllm_config.quant_config is not None:
             if model_config.quantization not in (None, names.QUANT_METHOD):
                 raise ValueError(
@@ -93,9 +109,6 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         return model
 
     def _install_camera_config(self, vllm_config: VllmConfig, model_config: ModelConfig) -> None:
-        from ..compress.convert import detect_keeps
-        from ..compress.prune import prune_quant_config
-        from ..compress.source import SourceCheckpoint
         from .config import CameraConfig
 
         model_dir = Path(model_config.model)
@@ -104,6 +117,19 @@ class CameraZeroMaskLoader(DefaultModelLoader):
                 f"--load-format {LOAD_FORMAT} reads a local model directory; {model_config.model!r} is not one "
                 "(download it first, e.g. with `hf download`)"
             )
+        vllm_config.quant_config = CameraConfig(self.plan(model_dir))
+        model_config.quantization = names.QUANT_METHOD
+
+    def plan(self, model_dir: Path) -> CameraQuantConfig:
+        """Scan ``model_dir`` for all-zero micro-experts; return the CAMERA-P config that serves it compactly.
+
+        Afterwards :meth:`get_all_weights` yields the checkpoint with only the kept
+        micro-experts, per expert and under the names vLLM's model classes load.
+        """
+        from ..compress.convert import detect_keeps
+        from ..compress.prune import prune_quant_config
+        from ..compress.source import SourceCheckpoint
+
         source = SourceCheckpoint(model_dir)
         keeps = detect_keeps(source)
         arch = source.arch
@@ -122,11 +148,12 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         )
         self._arch = arch.architecture
         self._plan = _keep_plan(source, keeps)
-        # Fused 3-D expert tensors (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
+        self._fused = {}
         for layer, keep in keeps.items():
-            prefix = names.moe_prefix(arch.architecture, layer) + ".experts"
-            self._fused[f"{prefix}.gate_up_proj"] = (layer, keep)
-            self._fused[f"{prefix}.down_proj"] = (layer, keep)
+            fused = source.fused_experts(layer)
+            if fused is not None:
+                self._fused[fused.gate_up] = (layer, keep, "gate_up", fused.transposed)
+                self._fused[fused.down] = (layer, keep, "down", fused.transposed)
         shared_total = shared_kept = 0
         for k in keeps.values():
             if k.shared is not None:
@@ -138,6 +165,7 @@ class CameraZeroMaskLoader(DefaultModelLoader):
             "shared_channels_kept": shared_kept,
             "shared_channels_total": shared_total,
             "empty_experts": sum(w == 0 for k in keeps.values() for w in k.widths),
+            "fused_layers": sorted({layer for layer, *_ in self._fused.values()}),
             "widths": {str(layer): k.widths for layer, k in sorted(keeps.items())},
         }
         logger.info(
@@ -151,8 +179,7 @@ class CameraZeroMaskLoader(DefaultModelLoader):
             shared_kept,
             shared_total,
         )
-        vllm_config.quant_config = CameraConfig(qcfg)
-        model_config.quantization = names.QUANT_METHOD
+        return qcfg
 
     # -- weights ------------------------------------------------------------------------------------
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
@@ -164,7 +191,10 @@ class CameraZeroMaskLoader(DefaultModelLoader):
 
     def _compact(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Generator[tuple[str, torch.Tensor], None, None]:
         assert self._plan is not None and self._arch is not None
-        for name, tensor in weights:
+        from ..compress.source import canonical_name
+
+        for stored, tensor in weights:
+            name = canonical_name(self._arch, stored)
             hit = self._plan.get(name)
             if hit is not None:
                 idx, dim = hit
@@ -173,25 +203,42 @@ class CameraZeroMaskLoader(DefaultModelLoader):
                 yield name, tensor.index_select(dim, idx.to(tensor.device)).contiguous()
                 continue
             fused = self._fused.get(name)
-            if fused is not None and tensor.dim() == 3:
-                yield from self._split_fused(name, tensor, *fused)
+            if fused is not None:
+                yield from self._split_fused(tensor, *fused)
                 continue
             yield name, tensor
 
-    def _split_fused(self, name: str, tensor: torch.Tensor, layer: int, keep: Any) -> Generator[tuple[str, torch.Tensor], None, None]:
-        """Per-expert, pruned tensors from a fused 3-D expert tensor (vLLM maps the per-expert names)."""
+    def _split_fused(
+        self, tensor: torch.Tensor, layer: int, keep: Any, kind: str, transposed: bool
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """Per-expert, pruned tensors (checkpoint names vLLM maps) from one fused 3-D expert tensor."""
         assert self._arch is not None
-        is_gate_up = name.endswith("gate_up_proj")
-        inter = tensor.shape[1] // 2 if is_gate_up else tensor.shape[2]
+        if transposed:  # [E, H, 2I] / [E, I, H] -> [E, 2I, H] / [E, H, I]
+            tensor = tensor.transpose(1, 2)
+        inter = tensor.shape[1] // 2
         for e, idx in enumerate(keep.experts):
             if idx.numel() == 0:
                 continue
             idx = idx.to(device=tensor.device, dtype=torch.long)
-            if is_gate_up:
+            if kind == "gate_up":
                 yield names.expert_tensor(self._arch, layer, e, 0, "weight"), tensor[e, :inter].index_select(0, idx).contiguous()
                 yield names.expert_tensor(self._arch, layer, e, 1, "weight"), tensor[e, inter:].index_select(0, idx).contiguous()
             else:
                 yield names.expert_tensor(self._arch, layer, e, 2, "weight"), tensor[e].index_select(1, idx).contiguous()
+
+    def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        super().load_weights(model, model_config)
+        if self._plan is not None:
+            # Counted now: on CPU the stock post-load step repacks dense linear weights
+            # (shared experts) into oneDNN handles that are no longer parameters.
+            from .linear_method import CameraPrunedLinearMethod
+
+            self.stats["shared_loaded_bytes"] = sum(
+                t.numel() * t.element_size()
+                for module in model.modules()
+                if isinstance(getattr(module, "quant_method", None), CameraPrunedLinearMethod)
+                for t in module.parameters(recurse=False)
+            )
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _record_resident(self, model: torch.nn.Module) -> None:

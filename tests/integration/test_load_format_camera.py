@@ -1,92 +1,139 @@
-"""``--load-format camera``: vLLM serves a zero-masked model (the CAMERA reference code's output) compactly.
+"""``--load-format camera`` and ``camera-vllm convert`` serve zero-masked models of all five architectures exactly.
 
-The tiny Qwen2-MoE (shared expert) is masked the way the reference code prunes: in
-every MoE layer some micro-experts of several routed experts have their gate row, up
-row and down column zeroed, one expert is zeroed entirely, and some shared-expert
-micro-experts are zeroed.  A channel with only a zero gate row is a decoy: it is not
-all-zero, so it must stay.  One vLLM subprocess serves, eager and fp32:
+Every tiny model is masked the way the CAMERA reference code prunes, in transformers'
+own fp32 weights: in each MoE layer one routed expert loses every channel, others lose
+ragged sets of channels (gate row, up row and down column zeroed), the shared experts
+(Qwen2-MoE, DeepSeek-V2) lose some channels, and two decoy channels are zero in only
+part of their vectors (a gate row alone; an up row and a down column): they are not
+all-zero and must be kept.  The masks differ from layer to layer.
 
-* the masked directory (single ``model.safetensors``) with ``--load-format camera``;
-* the same tensors as a sharded checkpoint (index + several files), ``--load-format camera``;
-* the masked directory with a plain load (stock unquantized MoE), the memory baseline.
+The masked model is saved in the layouts transformers 5 produces, spread over the
+architectures so that each reaches vLLM once:
 
-Greedy tokens must equal transformers on the masked model; the camera loads must keep
-exactly the non-zero micro-experts, and their resident routed-expert bytes must fall
-in proportion to the kept micro-experts relative to the plain load.
+=============  ===============================================  ==============================
+arch           ``--load-format camera`` reads                   ``camera-vllm convert`` reads
+=============  ===============================================  ==============================
+qwen3_moe      per-expert, one file; **torch.compile** mode      the per-expert directory
+qwen2_moe      per-expert, sharded (index + 3 files)             ``torch.save(state_dict)`` .pt
+mixtral        fused (``save_original_format=False``: ``mlp``)   the fused directory
+olmoe          fused, transposed ([E, H, 2I], [E, I, H])         the fused directory
+deepseek_v2    per-expert, one file                              ``torch.save(state_dict)`` .pt
+=============  ===============================================  ==============================
+
+Without an engine, the loader's compaction of *every* layout of every architecture is
+checked tensor for tensor against the converter's output.
+
+One subprocess runs all engines one after another (in-process engines, see
+``vllm_load_format_camera.py``).  Greedy tokens must equal transformers on the masked
+model (fp32), and the resident routed-expert and shared-expert bytes must fall in
+proportion to the micro-experts kept.  DeepSeek-V2 is the exception for the oracle: on
+this CPU build stock vLLM's DeepSeek-V2 differs from transformers even unmasked (see
+``test_vllm_greedy.py``), so there the oracle is stock vLLM serving the masked model
+itself, which is exactly the zero-padded dense equivalent, one sequence at a time.
+
+``--quantization camera`` together with ``--load-format camera`` is refused while vLLM
+builds its config, before any engine starts.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from integration_helpers import MAX_TOKENS, PROMPTS, vllm_env
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from camera_vllm.testing.tiny_models import build_tiny_moe
+from camera_vllm.arch import MoEArch, moe_arch_from_config
+from camera_vllm.compress.convert import convert_zero_masked, detect_keeps
+from camera_vllm.compress.source import SourceCheckpoint
+from camera_vllm.format import names
+from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
-ARCH = "qwen2_moe"
 SCRIPT = Path(__file__).resolve().parent / "vllm_load_format_camera.py"
-EMPTY_EXPERT = 3
-# expert -> channels zeroed (gate row, up row, down column) in every MoE layer
-MASKED_CHANNELS = {0: range(0, 40), 1: range(10, 20), 5: range(32, 64), 6: (1, 7, 9)}
-SHARED_MASKED = range(0, 24)
-DECOY = (2, 5)  # (expert, channel) whose gate row alone is zeroed: not all-zero, kept
+STOCK_VLLM_ORACLE = {"deepseek_v2"}
+COMPILED = "qwen3_moe"
+# arch -> (layout the loader serves, layout the converter reads)
+PLAN = {
+    "qwen3_moe": ("per_expert", "per_expert"),
+    "qwen2_moe": ("sharded", "pt"),
+    "mixtral": ("fused", "fused"),
+    "olmoe": ("transposed", "fused"),
+    "deepseek_v2": ("per_expert", "pt"),
+}
+LAYOUTS = ("per_expert", "sharded", "fused", "transposed")
 
 
-def mask_checkpoint(original: Path, out: Path, *, shards: int = 1) -> tuple[Path, dict[int, list[int]]]:
-    """Zero-mask ``original`` like the reference code; returns (dir, {layer: expected widths})."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(original, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    tensors = load_file(original / "model.safetensors")
-    cfg = json.loads((original / "config.json").read_text())
-    inter = cfg["moe_intermediate_size"]
-    widths: dict[int, list[int]] = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        pre = f"model.layers.{layer}.mlp"
-        if f"{pre}.experts.0.gate_proj.weight" not in tensors:
-            continue
-        w = []
-        for e in range(cfg["num_experts"]):
-            chans = list(range(inter)) if e == EMPTY_EXPERT else list(MASKED_CHANNELS.get(e, ()))
-            ep = f"{pre}.experts.{e}"
-            tensors[f"{ep}.gate_proj.weight"][chans] = 0
-            tensors[f"{ep}.up_proj.weight"][chans] = 0
-            tensors[f"{ep}.down_proj.weight"][:, chans] = 0
-            w.append(inter - len(chans))
-        tensors[f"{pre}.experts.{DECOY[0]}.gate_proj.weight"][DECOY[1]] = 0
-        sp = f"{pre}.shared_expert"
-        tensors[f"{sp}.gate_proj.weight"][list(SHARED_MASKED)] = 0
-        tensors[f"{sp}.up_proj.weight"][list(SHARED_MASKED)] = 0
-        tensors[f"{sp}.down_proj.weight"][:, list(SHARED_MASKED)] = 0
-        widths[layer] = w
-    if shards == 1:
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    else:
-        keys = sorted(tensors)
-        weight_map = {}
-        for i in range(shards):
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: tensors[k].contiguous() for k in keys[i::shards]}
-            save_file(part, out / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in part})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return out, widths
+def channel_masks(arch: MoEArch, j: int) -> dict[int, list[int]]:
+    """Expert -> channels zeroed entirely in the ``j``-th MoE layer (rotated per layer)."""
+    n, i = arch.num_experts, arch.intermediate_size
+    return {
+        (3 + j) % n: list(range(i)),  # the whole expert
+        (0 + j) % n: list(range(0, 5 * i // 8)),
+        (1 + j) % n: list(range(i // 8, i // 4)),
+        (5 + j) % n: list(range(i // 2, i)),
+        (6 + j) % n: [1, 7, 9],
+    }
 
 
-def transformers_greedy(model_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def mask_model(model: torch.nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Zero-mask ``model`` (transformers, fused in memory) in place; returns (expected widths, shared widths)."""
+    arch = moe_arch_from_config(model.config.to_dict())
+    inter, widths, shared_widths = arch.intermediate_size, {}, {}
+    with torch.no_grad():
+        for j, layer in enumerate(arch.moe_layers):
+            mlp = model.model.layers[layer].mlp
+            gate_up, down = mlp.experts.gate_up_proj, mlp.experts.down_proj  # [E, 2I, H], [E, H, I]
+            w = [inter] * arch.num_experts
+            for e, chans in channel_masks(arch, j).items():
+                gate_up[e, chans] = 0
+                gate_up[e, [inter + c for c in chans]] = 0
+                down[e][:, chans] = 0
+                w[e] = inter - len(chans)
+            gate_up[(2 + j) % arch.num_experts, 5] = 0  # decoy: gate row only
+            up_decoy = (4 + j) % arch.num_experts  # decoy: up row and down column
+            gate_up[up_decoy, inter + 3] = 0
+            down[up_decoy][:, 3] = 0
+            widths[layer] = w
+            if arch.has_shared_expert:
+                shared = getattr(mlp, names.shared_expert_module(arch.architecture))
+                cut = list(range(j, arch.shared_intermediate_size // 4 + j))
+                shared.gate_proj.weight[cut] = 0
+                shared.up_proj.weight[cut] = 0
+                shared.down_proj.weight[:, cut] = 0
+                shared.gate_proj.weight[arch.shared_intermediate_size - 1] = 0  # decoy: gate row only
+                shared_widths[layer] = arch.shared_intermediate_size - len(cut)
+    return widths, shared_widths
+
+
+def _with_side_files(original: Path, out: Path) -> Path:
+    for f in original.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".index.json")) and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _transposed(fused_dir: Path, out: Path) -> Path:
+    shutil.copytree(fused_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    for k in list(tensors):
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[k] = tensors[k].transpose(1, 2).contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def transformers_greedy(model: torch.nn.Module, model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for prompt in PROMPTS:
@@ -96,73 +143,206 @@ def transformers_greedy(model_dir: Path) -> list[list[int]]:
     return out
 
 
+def build_masked(arch: str, root: Path) -> dict[str, Any]:
+    """Every layout of the masked tiny ``arch`` model, its expected widths and transformers' greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    original = build_tiny_moe(arch, root / "orig", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+    original_tokens = transformers_greedy(model, original)
+    widths, shared_widths = mask_model(model)
+    d = {"arch": arch, "original": original, "widths": widths, "shared_widths": shared_widths}
+    for key, kwargs in (
+        ("per_expert", {}),
+        ("sharded", {"max_shard_size": "150KB"}),
+        ("fused", {"save_original_format": False}),
+    ):
+        model.save_pretrained(root / key, **kwargs)
+        d[key] = _with_side_files(original, root / key)
+    d["transposed"] = _transposed(d["fused"], root / "transposed")
+    d["pt"] = root / "prune_model_dict.pt"
+    torch.save(model.state_dict(), d["pt"])
+    # transformers reads back what it wrote: the oracle is the masked model as saved.
+    reread = AutoModelForCausalLM.from_pretrained(d["per_expert"], dtype=torch.float32).eval()
+    d["hf_tokens"] = transformers_greedy(reread, d["per_expert"])
+    d["original_tokens"] = original_tokens
+    loader_layout, convert_layout = PLAN[arch]
+    d["served"] = d[loader_layout]
+    if convert_layout == "pt":
+        d["converted"] = convert_zero_masked(original, root / "converted", state_dict_path=d["pt"])
+    else:
+        d["converted"] = convert_zero_masked(d[convert_layout], root / "converted")
+    return d
+
+
 @pytest.fixture(scope="module")
-def masked(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def masked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("camera-load-format")
-    original = build_tiny_moe(ARCH, root / "orig", dtype=torch.float32)
-    single, widths = mask_checkpoint(original, root / "masked")
-    sharded, _ = mask_checkpoint(original, root / "masked-sharded", shards=3)
-    return {"root": root, "original": original, "single": single, "sharded": sharded, "widths": widths}
+    return {arch: build_masked(arch, root / arch) for arch in ARCHITECTURES}
+
+
+def _manifest(masked: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    runs = []
+    for arch, d in masked.items():
+        seqs = 1 if arch in STOCK_VLLM_ORACLE else 4
+        common = {"max_num_seqs": seqs, "quantization": None}
+        runs.append({"id": f"{arch}/loader", "model": str(d["served"]), "load_format": "camera", "eager": arch != COMPILED, **common})
+        runs.append({"id": f"{arch}/convert", "model": str(d["converted"]), "load_format": "auto", "eager": True, **common})
+        if arch in STOCK_VLLM_ORACLE or arch == "qwen2_moe":  # oracle / memory baseline: stock vLLM, masked model
+            runs.append({"id": f"{arch}/stock", "model": str(d["per_expert"]), "load_format": "auto", "eager": True, **common})
+    runs.append(
+        {
+            "id": "both-flags",
+            "model": str(masked["qwen3_moe"]["per_expert"]),
+            "load_format": "camera",
+            "quantization": "camera",
+            "eager": True,
+            "max_num_seqs": 4,
+        }
+    )
+    return runs
 
 
 @pytest.fixture(scope="module")
-def runs(masked: dict) -> dict[str, dict]:
-    root = masked["root"]
-    out, log = root / "runs.json", root / "runs.log"
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        str(out),
-        f"{masked['single']}:camera",
-        f"{masked['sharded']}:camera",
-        f"{masked['single']}:auto",
-    ]
-    env = vllm_env(ARCH)
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (memory probe)
+def runs(masked: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, vllm_cache_root: Path) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("camera-load-format-runs")
+    manifest, out, log = root / "manifest.json", root / "runs.json", root / "runs.log"
+    entries = _manifest(masked)
+    manifest.write_text(json.dumps(entries))
+    env = vllm_env("deepseek_v2")  # VLLM_MLA_DISABLE=1 for the DeepSeek engines; no effect on the others
+    # The session's cache: model-class inspections (a ~30 s subprocess per architecture) are
+    # shared with the other vLLM tests; the compiled engine still compiles.
+    env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
+    env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     start = time.perf_counter()
     with open(log, "wb") as fh:
-        proc = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=900)
-    results = json.loads(out.read_text()) if out.exists() else []
-    if proc.returncode != 0 or len(results) != 3:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(manifest), str(out)], check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=1200
+        )
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if proc.returncode != 0 or len(results) != len(entries):
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         pytest.fail(f"vLLM subprocess failed (exit {proc.returncode}); log {log}:\n{tail}")
-    print(f"vLLM subprocess: {time.perf_counter() - start:.1f} s")
-    return {"single": results[0], "sharded": results[1], "plain": results[2]}
+    print(f"vLLM subprocess: {time.perf_counter() - start:.1f} s for {len(entries)} engines")
+    return results
 
 
-def test_detect_keeps_sees_the_mask(masked: dict) -> None:
-    from camera_vllm.compress.convert import detect_keeps
-    from camera_vllm.compress.source import SourceCheckpoint
+# -- no engine ------------------------------------------------------------------------------------------
 
-    for key in ("single", "sharded"):
-        keeps = detect_keeps(SourceCheckpoint(masked[key]))
-        assert {layer: k.widths for layer, k in keeps.items()} == masked["widths"]
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_masking_changes_the_model(arch: str, masked: dict) -> None:
+    """Guards the serving tests against vacuity."""
+    assert masked[arch]["hf_tokens"] != masked[arch]["original_tokens"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_detect_keeps_sees_the_mask_in_every_layout(arch: str, masked: dict) -> None:
+    d = masked[arch]
+    for layout in LAYOUTS:
+        keeps = detect_keeps(SourceCheckpoint(d[layout]))
+        assert {layer: k.widths for layer, k in keeps.items()} == d["widths"], layout
+        if d["shared_widths"]:
+            assert {layer: int(k.shared.numel()) for layer, k in keeps.items()} == d["shared_widths"], layout
+
+
+def _stored_tensors(model_dir: Path):
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_loader_compaction_equals_the_converter_in_every_layout(arch: str, masked: dict) -> None:
+    """What ``--load-format camera`` feeds vLLM's model equals ``camera-vllm convert``'s checkpoint, tensor for tensor."""
+    from vllm.config import LoadConfig
+
+    from camera_vllm.vllm_plugin.loader import CameraZeroMaskLoader
+
+    d = masked[arch]
+    want = load_file(d["converted"] / "model.safetensors")
+    want_layers = json.loads((d["converted"] / "config.json").read_text())["quantization_config"]["layers"]
+    for layout in LAYOUTS:
+        loader = CameraZeroMaskLoader(LoadConfig(load_format="camera"))
+        qcfg = loader.plan(d[layout])
+        got = dict(loader._compact(_stored_tensors(d[layout])))
+        assert set(got) == set(want), f"{layout}: names differ: {sorted(set(got) ^ set(want))[:6]}"
+        for name, t in want.items():
+            torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=f"{layout}: {name}")
+        assert qcfg.to_json_dict()["layers"] == want_layers, layout
+        assert loader.stats["fused_layers"] == ([] if layout in ("per_expert", "sharded") else list(d["widths"]))
+
+
+# -- vLLM -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("variant", ["single", "sharded"])
-def test_greedy_equals_transformers_on_masked(variant: str, masked: dict, runs: dict) -> None:
-    want = transformers_greedy(masked["single"])
-    got = runs[variant]
-    assert got["tokens"] == runs["plain"]["tokens"]  # stock vLLM on the masked model agrees too
+@pytest.mark.parametrize("kind", ["loader", "convert"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_equals_the_masked_model(arch: str, kind: str, masked: dict, runs: dict) -> None:
+    d, got = masked[arch], runs[f"{arch}/{kind}"]
+    assert "error" not in got, got.get("traceback")
+    assert got["quantization"] == "camera"
+    assert (got["compilation_mode"] == "0") == (arch != COMPILED or kind == "convert"), got["compilation_mode"]
+    if arch in STOCK_VLLM_ORACLE:
+        stock = runs[f"{arch}/stock"]
+        assert stock["quantization"] is None and stock["memory"]["methods"] == ["UnquantizedFusedMoEMethod"]
+        want, oracle = stock["tokens"], "stock vLLM on the masked model"
+    else:
+        want, oracle = d["hf_tokens"], "transformers on the masked model"
     for prompt, g, w in zip(PROMPTS, got["tokens"], want):
-        assert g == w, f"{variant}: --load-format camera diverges from transformers on {prompt!r}:\n vllm {g}\n hf   {w}"
-    # guard against vacuity: masking changed the model
-    assert transformers_greedy(masked["original"]) != want
+        assert g == w, f"{arch} {kind}: vLLM diverges from {oracle} on {prompt!r}:\n vllm   {g}\n oracle {w}"
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("variant", ["single", "sharded"])
-def test_resident_expert_bytes_drop_with_the_mask(variant: str, masked: dict, runs: dict) -> None:
-    got, plain = runs[variant], runs["plain"]
+def test_stock_vllm_on_the_masked_model_agrees(masked: dict, runs: dict) -> None:
+    assert runs["qwen2_moe/stock"]["tokens"] == masked["qwen2_moe"]["hf_tokens"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kind", ["loader", "convert"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_resident_expert_bytes_drop_with_the_mask(arch: str, kind: str, masked: dict, runs: dict) -> None:
+    d, got = masked[arch], runs[f"{arch}/{kind}"]
+    arch_info = SourceCheckpoint(d["original"]).arch
+    hidden, fp32 = arch_info.hidden_size, 4
+    dense = len(d["widths"]) * arch_info.num_experts * 3 * arch_info.intermediate_size * hidden * fp32
+    kept = sum(sum(w) for w in d["widths"].values())
+    total = len(d["widths"]) * arch_info.num_experts * arch_info.intermediate_size
     assert got["memory"]["methods"] == ["CameraPruneMoEMethod"]
-    assert plain["memory"]["methods"] == ["UnquantizedFusedMoEMethod"]
-    stats = got["loader_stats"]
-    assert stats is not None
-    assert stats["widths"] == {str(k): v for k, v in masked["widths"].items()}
-    assert stats["empty_experts"] == len(masked["widths"])  # one per MoE layer
-    kept, total = stats["routed_channels_kept"], stats["routed_channels_total"]
-    assert kept == sum(sum(w) for w in masked["widths"].values()) and kept < total
-    ratio = got["memory"]["routed_bytes"] / plain["memory"]["routed_bytes"]
-    assert abs(ratio - kept / total) < 0.02, (ratio, kept / total, got["memory"], plain["memory"])
-    assert stats["shared_channels_kept"] == stats["shared_channels_total"] - len(SHARED_MASKED) * len(masked["widths"])
+    ratio = got["memory"]["routed_bytes"] / dense
+    assert abs(ratio - kept / total) < 0.02, (ratio, kept / total, got["memory"])
+    if kind == "loader":
+        stats = got["loader_stats"]
+        assert stats["widths"] == {str(k): v for k, v in d["widths"].items()}
+        assert stats["empty_experts"] == len(d["widths"])  # one per MoE layer
+        assert (stats["routed_channels_kept"], stats["routed_channels_total"]) == (kept, total)
+        assert stats["fused_layers"] == ([] if PLAN[arch][0] in ("per_expert", "sharded") else list(d["widths"]))
+        # Shared experts, weighed as loaded (vLLM's CPU linear layers then repack them as oneDNN
+        # handles, which are no longer parameters).
+        shared_dense = len(d["widths"]) * 3 * (arch_info.shared_intermediate_size or 0) * hidden * fp32
+        shared_kept = sum(d["shared_widths"].values())
+        assert stats["shared_loaded_bytes"] == shared_kept * 3 * hidden * fp32
+        if d["shared_widths"]:
+            assert stats["shared_loaded_bytes"] < shared_dense
+
+
+@pytest.mark.vllm
+def test_the_dense_byte_count_is_what_stock_vllm_holds(masked: dict, runs: dict) -> None:
+    """The denominator above: stock vLLM's resident routed-expert bytes for the same (masked, dense) model."""
+    arch_info = SourceCheckpoint(masked["qwen2_moe"]["original"]).arch
+    layers = len(masked["qwen2_moe"]["widths"])
+    mem = runs["qwen2_moe/stock"]["memory"]
+    assert mem["routed_bytes"] == layers * arch_info.num_experts * 3 * arch_info.intermediate_size * arch_info.hidden_size * 4
+
+
+@pytest.mark.vllm
+def test_quantization_camera_with_load_format_camera_is_refused(runs: dict) -> None:
+    """A zero-masked directory has no quantization_config for ``--quantization camera`` to read: refused up front."""
+    got = runs["both-flags"]
+    assert "error" in got, "vLLM accepted --quantization camera together with --load-format camera"
+    assert "--quantization camera" in got["error"] and "quantization_config" in got["error"], got["error"]
+    assert "create_engine_config" in got["frames"], got["frames"]  # refused while vLLM builds its config
+    assert "load_model" not in got["frames"]  # before any engine or model loader ran

