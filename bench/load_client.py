@@ -93,6 +93,41 @@ def make_request(rng: random.Random, *, seeded: bool = False) -> RequestSpec:
     )
 
 
+class SSELines:
+    """Splits a server-sent-event byte stream into lines, at LF, CRLF or CR only (as the SSE spec says).
+
+    ``httpx``'s ``aiter_lines`` splits like ``str.splitlines``, also at U+0085, U+2028 and
+    U+2029, which JSON leaves unescaped: a generated token holding one of them would cut a
+    ``data:`` payload in two.  Bytes are split before decoding, so a multi-byte character
+    cut between two network chunks is never decoded in halves.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        """The complete lines in ``data`` plus what was buffered (terminators removed)."""
+        self._buf += data
+        out: list[str] = []
+        while True:
+            cr, lf = self._buf.find(b"\r"), self._buf.find(b"\n")
+            if cr < 0 and lf < 0:
+                return out
+            if cr >= 0 and (lf < 0 or cr < lf):
+                if cr == len(self._buf) - 1:  # a CR at the end may be the first half of CRLF
+                    return out
+                end, skip = cr, 2 if self._buf[cr + 1:cr + 2] == b"\n" else 1
+            else:
+                end, skip = lf, 1
+            out.append(self._buf[:end].decode("utf-8", errors="replace"))
+            self._buf = self._buf[end + skip:]
+
+    def close(self) -> list[str]:
+        """The last line, if the stream did not end with a terminator."""
+        rest, self._buf = self._buf.rstrip(b"\r"), b""
+        return [rest.decode("utf-8", errors="replace")] if rest else []
+
+
 @dataclass
 class StreamCheck:
     """What one stream delivered and whether it is complete."""
@@ -133,7 +168,7 @@ def check_stream(events: list[str], spec: RequestSpec) -> StreamCheck:
         try:
             chunk = json.loads(raw)
         except json.JSONDecodeError:
-            return bad(f"payload is not JSON: {raw[:80]!r}")
+            return bad(f"payload is not JSON: {raw[:60]!r} ... {raw[-60:]!r}")
         if "error" in chunk:
             return bad(f"error event: {str(chunk['error'])[:200]}")
         if chunk.get("usage") and not chunk.get("choices"):
@@ -212,9 +247,15 @@ async def one_request(
                 body = (await resp.aread()).decode(errors="replace")
                 error = f"HTTP {status}: {body[:300]}"
                 return
-            async for line in resp.aiter_lines():
+            lines = SSELines()
+            async for data in resp.aiter_bytes():
+                for line in lines.feed(data):
+                    if line.startswith("data:"):
+                        events.append(line[5:].removeprefix(" "))
+                        times.append(time.monotonic())
+            for line in lines.close():
                 if line.startswith("data:"):
-                    events.append(line[5:].strip())
+                    events.append(line[5:].removeprefix(" "))
                     times.append(time.monotonic())
 
     try:

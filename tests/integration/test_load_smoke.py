@@ -70,6 +70,19 @@ def test_check_stream_flags_broken_streams(events: list[str], spec: RequestSpec,
     assert c.problem is not None and why in c.problem, c.problem
 
 
+def test_sse_lines_split_only_at_cr_lf() -> None:
+    # JSON leaves U+0085, U+2028 and U+2029 unescaped; str.splitlines (httpx aiter_lines) cuts there.
+    payload = json.dumps({"choices": [{"text": "a\x85b\u2028c\u2029d\x1ce"}]}, ensure_ascii=False)
+    raw = f"data: {payload}\n\ndata: [DONE]\r\n\r\n".encode()
+    assert len(raw.decode().splitlines()) > 4  # what a splitlines-based reader would see
+    for size in (1, 2, 3, 7, len(raw)):  # every chunking, including inside multi-byte characters
+        lines = load_client.SSELines()
+        got = [ln for i in range(0, len(raw), size) for ln in lines.feed(raw[i:i + size])] + lines.close()
+        assert got == [f"data: {payload}", "", "data: [DONE]", ""], size
+    lines = load_client.SSELines()
+    assert lines.feed(b"data: x\rdata: y") == ["data: x"] and lines.close() == ["data: y"]
+
+
 def test_request_mix_covers_both_endpoints_and_fits_the_context() -> None:
     import random
 
