@@ -189,6 +189,8 @@ def _manifest(masked: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         common = {"max_num_seqs": seqs, "quantization": None}
         runs.append({"id": f"{arch}/loader", "model": str(d["served"]), "load_format": "camera", "eager": arch != COMPILED, **common})
         runs.append({"id": f"{arch}/convert", "model": str(d["converted"]), "load_format": "auto", "eager": True, **common})
+        if arch == COMPILED:  # a CAMERA checkpoint under --load-format camera is loaded as it is
+            runs.append({"id": f"{arch}/convert-camera", "model": str(d["converted"]), "load_format": "camera", "eager": True, **common})
         if arch in STOCK_VLLM_ORACLE or arch == "qwen2_moe":  # oracle / memory baseline: stock vLLM, masked model
             runs.append({"id": f"{arch}/stock", "model": str(d["per_expert"]), "load_format": "auto", "eager": True, **common})
     runs.append(
@@ -275,6 +277,21 @@ def test_loader_compaction_equals_the_converter_in_every_layout(arch: str, maske
         assert loader.stats["fused_layers"] == ([] if layout in ("per_expert", "sharded") else list(d["widths"]))
 
 
+def test_another_quantization_with_load_format_camera_is_refused(masked: dict) -> None:
+    """E.g. an online ``--quantization fp8``: the loader names both flags and says what to do."""
+    from types import SimpleNamespace
+
+    from vllm.config import LoadConfig
+
+    from camera_vllm.vllm_plugin.loader import CameraZeroMaskLoader
+
+    model_dir = str(masked["qwen3_moe"]["per_expert"])
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(), quantization="fp8", model=model_dir)
+    vllm_config = SimpleNamespace(quant_config=object())
+    with pytest.raises(ValueError, match=r"--load-format camera cannot be combined with --quantization fp8.*drop --quantization"):
+        CameraZeroMaskLoader(LoadConfig(load_format="camera")).load_model(vllm_config, model_config)
+
+
 # -- vLLM -------------------------------------------------------------------------------------------------
 
 
@@ -294,6 +311,14 @@ def test_greedy_equals_the_masked_model(arch: str, kind: str, masked: dict, runs
         want, oracle = d["hf_tokens"], "transformers on the masked model"
     for prompt, g, w in zip(PROMPTS, got["tokens"], want):
         assert g == w, f"{arch} {kind}: vLLM diverges from {oracle} on {prompt!r}:\n vllm   {g}\n oracle {w}"
+
+
+@pytest.mark.vllm
+def test_a_camera_checkpoint_under_load_format_camera_loads_as_it_is(masked: dict, runs: dict) -> None:
+    got = runs[f"{COMPILED}/convert-camera"]
+    assert "error" not in got, got.get("traceback")
+    assert got["quantization"] == "camera" and got["loader_stats"] is None  # no zero scan
+    assert got["tokens"] == masked[COMPILED]["hf_tokens"]
 
 
 @pytest.mark.vllm
