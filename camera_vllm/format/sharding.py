@@ -7,26 +7,28 @@ output, and vLLM's all-reduce adds the partials.  The sum over ranks is the full
 because the down projection is linear in the micro-experts.  No micro-expert is
 dropped, whatever the widths.
 
-The rules (``balanced(k, P, r)``: the first ``k mod P`` ranks take ``ceil(k / P)`` units,
-the others ``floor(k / P)``, in rank order, contiguously):
+**Units.**  CAMERA-P (unquantized, ``bits == [16]``): one micro-expert; each expert is one
+item of ``n`` micro-experts.  CAMERA-Q: one quantization group of the down projection,
+``G = group_size`` micro-experts (the last group of a slab may be shorter); each slab is
+an item of ``ceil(n / G)`` groups, and the slabs of an expert are split independently,
+in bit order.  A group, with its scale and zero, is therefore never split across ranks,
+and since ``G`` is a multiple of 32 (the packing block) neither is a packed ``int32``
+row of the down projection.
 
-* **CAMERA-P** (unquantized, ``bits == [16]``): the unit is one micro-expert.  An expert
-  of width ``n`` gives rank ``r`` the micro-experts ``balanced(n, P, r)``.  The shared
-  expert is split the same way.
-* **CAMERA-Q** (slabs): the unit is one quantization group of the down projection,
-  ``G = group_size`` micro-experts (the last group of a slab may be shorter).  Each slab
-  of ``n`` micro-experts has ``ceil(n / G)`` groups; rank ``r`` takes groups
-  ``balanced(ceil(n / G), P, r)``, i.e. micro-experts ``[g_lo * G, min(g_hi * G, n))`` of
-  that slab.  A group, with its scale and zero, is therefore never split across ranks;
-  since ``G`` is a multiple of 32 (the packing block), neither is a packed ``int32`` row
-  of the down projection.  Every slab of an expert is split independently, and a rank's
-  slabs keep the bit order, so each rank holds an ordinary (smaller) slab layout.  A
-  rank may get an empty share of a slab (fewer groups than ranks).
+**Rule.**  An item of ``k`` units is split contiguously in rank order: every rank takes
+``floor(k / P)`` units, and ``k mod P`` ranks take one more.  Those ranks are a cyclic
+window starting at a *cursor* ``c``: ranks ``c, c + 1, ..., c + (k mod P) - 1`` (mod
+``P``); then ``c`` advances by ``k mod P``.  The cursor starts at 0 for each layer's
+routed experts (experts in id order, slabs in bit order inside an expert) and at 0
+again for the layer's shared expert.  So every expert and every layer is balanced
+across ranks within one unit per item, instead of rank 0 taking every remainder.
+A rank's share of an item may be empty (fewer units than ranks), and a rank's share of
+an expert is again an ordinary (smaller) ragged expert or slab layout.
 
 Expert parallelism needs no rule here: whole experts live on one rank, and vLLM's MoE
 tensor-parallel size is 1 then.
 
-Pure Python: no torch, no vLLM.
+Pure Python (the packing arithmetic only): no vLLM.
 """
 
 from __future__ import annotations
@@ -41,59 +43,79 @@ def _check_rank(tp_size: int, tp_rank: int) -> None:
         raise ValueError(f"tensor-parallel rank {tp_rank} is not in [0, {tp_size})")
 
 
-def balanced_range(count: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """``[lo, hi)`` of ``count`` units held by ``tp_rank``: contiguous, first ``count % tp_size`` ranks get one more."""
+def balanced_range(count: int, tp_size: int, tp_rank: int, first: int = 0) -> tuple[int, int]:
+    """``[lo, hi)`` of ``count`` units held by ``tp_rank``.
+
+    Contiguous in rank order; the ``count % tp_size`` ranks ``first, first + 1, ...``
+    (cyclically) take one unit more than the others.
+    """
     _check_rank(tp_size, tp_rank)
     if count < 0:
         raise ValueError(f"cannot split a negative count {count}")
     base, extra = divmod(count, tp_size)
-    lo = tp_rank * base + min(tp_rank, extra)
-    return lo, lo + base + (1 if tp_rank < extra else 0)
+    takes_extra = [(q - first) % tp_size < extra for q in range(tp_size)]
+    lo = tp_rank * base + sum(takes_extra[:tp_rank])
+    return lo, lo + base + (1 if takes_extra[tp_rank] else 0)
 
 
-def channel_range(width: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """CAMERA-P: micro-experts ``[lo, hi)`` of an expert of ``width`` held by ``tp_rank``."""
-    return balanced_range(width, tp_size, tp_rank)
+def layer_shares(
+    items: Sequence[Sequence[int]], unit: int, tp_size: int, tp_rank: int
+) -> list[list[tuple[int, int]]]:
+    """``[lo, hi)`` micro-experts of every item held by ``tp_rank``, with the running cursor.
+
+    :param items: per expert, the sizes (micro-experts) of its items: ``[[n_e]]`` for
+        CAMERA-P, the slab sizes ``[[n_e0, n_e1, ...]]`` for CAMERA-Q.
+    :param unit: 1 (CAMERA-P) or the group size (CAMERA-Q).
+    """
+    if unit <= 0:
+        raise ValueError(f"the split unit must be positive, got {unit}")
+    cursor, out = 0, []
+    for sizes in items:
+        row = []
+        for n in sizes:
+            if n < 0:
+                raise ValueError(f"cannot split a negative size {n}")
+            k = -(-int(n) // unit)
+            u_lo, u_hi = balanced_range(k, tp_size, tp_rank, first=cursor)
+            cursor = (cursor + k % tp_size) % tp_size
+            row.append((min(u_lo * unit, n), min(u_hi * unit, n)))
+        out.append(row)
+    return out
 
 
-def slab_groups(size: int, group_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """CAMERA-Q: quantization groups ``[g_lo, g_hi)`` of a slab of ``size`` held by ``tp_rank``."""
+def prune_shares(widths: Sequence[int], tp_size: int, tp_rank: int) -> list[tuple[int, int]]:
+    """CAMERA-P: micro-experts ``[lo, hi)`` of every expert of ``widths`` held by ``tp_rank``."""
+    return [row[0] for row in layer_shares([[w] for w in widths], 1, tp_size, tp_rank)]
+
+
+def mixed_shares(
+    expert_slabs: Sequence[Sequence[int]], group_size: int, tp_size: int, tp_rank: int
+) -> list[list[tuple[int, int]]]:
+    """CAMERA-Q: micro-experts ``[lo, hi)`` of every slab of every expert held by ``tp_rank`` (whole groups)."""
     if group_size <= 0 or group_size % PACK_BLOCK:
         raise ValueError(f"group_size must be a positive multiple of {PACK_BLOCK}, got {group_size}")
-    return balanced_range(num_groups(size, group_size), tp_size, tp_rank)
+    return layer_shares(expert_slabs, group_size, tp_size, tp_rank)
 
 
-def slab_range(size: int, group_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """CAMERA-Q: micro-experts ``[lo, hi)`` of a slab of ``size`` held by ``tp_rank`` (whole groups)."""
-    g_lo, g_hi = slab_groups(size, group_size, tp_size, tp_rank)
-    return min(g_lo * group_size, size), min(g_hi * group_size, size)
+def share_sizes(shares: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Sizes ``hi - lo`` of a list of shares (a rank's slab sizes of one expert)."""
+    return tuple(hi - lo for lo, hi in shares)
 
 
-def shard_width(width: int, tp_size: int, tp_rank: int) -> int:
-    """CAMERA-P: how many micro-experts of an expert of ``width`` ``tp_rank`` holds."""
-    lo, hi = channel_range(width, tp_size, tp_rank)
-    return hi - lo
+def down_packed_rows(lo: int, hi: int, bits: int) -> tuple[int, int]:
+    """Rows of a down-projection ``qweight_bB [packed_rows(n, b), H]`` that hold micro-experts ``[lo, hi)``.
 
-
-def shard_slabs(slabs: Sequence[int], group_size: int, tp_size: int, tp_rank: int) -> tuple[int, ...]:
-    """CAMERA-Q: the slab sizes (same bit order) of ``tp_rank``'s share of one expert."""
-    out = []
-    for n in slabs:
-        lo, hi = slab_range(int(n), group_size, tp_size, tp_rank)
-        out.append(hi - lo)
-    return tuple(out)
-
-
-def down_packed_rows(size: int, bits: int, group_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of a down-projection ``qweight_bB [packed_rows(size, b), H]`` held by ``tp_rank``."""
-    g_lo, _ = slab_groups(size, group_size, tp_size, tp_rank)
-    lo, hi = slab_range(size, group_size, tp_size, tp_rank)
-    # A group is group_size // 32 whole packing blocks of ``bits`` rows each.
-    # (An empty share sits at the end.)
-    start = min(g_lo * (group_size // PACK_BLOCK) * bits, packed_rows(size, bits))
+    ``lo`` must start a packing block (a share of :func:`mixed_shares` starts a group).
+    """
+    if lo % PACK_BLOCK and hi > lo:
+        raise ValueError(f"a share of a packed slab must start on a {PACK_BLOCK}-row block, got {lo}")
+    start = packed_rows(lo, bits)
     return start, start + packed_rows(hi - lo, bits)
 
 
-def down_group_rows(size: int, group_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of a down-projection ``scales_bB`` / ``zeros_bB [ceil(size / G), H]`` held by ``tp_rank``."""
-    return slab_groups(size, group_size, tp_size, tp_rank)
+def down_group_rows(lo: int, hi: int, group_size: int) -> tuple[int, int]:
+    """Rows of a down-projection ``scales_bB`` / ``zeros_bB [ceil(n / G), H]`` for micro-experts ``[lo, hi)``."""
+    if lo % group_size and hi > lo:
+        raise ValueError(f"a share of a quantized slab must start on a group boundary, got {lo} (G={group_size})")
+    start = num_groups(lo, group_size)
+    return start, start + num_groups(hi - lo, group_size)

@@ -11,6 +11,13 @@ A CAMERA-Q checkpoint stores the kept micro-experts in slabs of different bit-wi
 (``shared_expert.{gate,up,down}_proj.{qweight,scales,zeros}_bB``).
 :class:`CameraSlabLinearMethod` keeps them packed and computes each projection by
 dequantizing one slab at a time (``torch.ops.camera_vllm.slab_linear``).
+
+Tensor parallelism follows vLLM's MLP split (column-parallel gate/up, row-parallel
+down, whose partial outputs vLLM all-reduces) on the kept micro-experts, with the
+rule of :mod:`camera_vllm.format.sharding`: each rank takes a contiguous share of the
+micro-experts (CAMERA-P) or whole quantization groups of every slab (CAMERA-Q), the
+same share in gate, up and down.  The checkpoint tensors arrive whole and each rank's
+loader slices its share.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
+from ..format import sharding
 from ..format.schema import CameraFormatError
 
 if TYPE_CHECKING:
@@ -59,8 +67,9 @@ class CameraPrunedLinearMethod(UnquantizedLinearMethod):
 
     def __init__(self, width: int, prefix: str) -> None:
         super().__init__()
-        self.width = width
+        self.width = width  # the checkpoint's (global) kept width
         self.prefix = prefix
+        self.lo, self.hi = 0, width  # this rank's share, set in create_weights
         self._loaded: set[int | None] = set()
         self._expected: set[int | None] = set()
 
@@ -75,22 +84,23 @@ class CameraPrunedLinearMethod(UnquantizedLinearMethod):
         **extra_weight_attrs: Any,
     ) -> None:
         assert isinstance(layer, LinearBase)
-        if layer.tp_size > 1:
-            raise NotImplementedError(
-                f"{self.prefix}: pruned shared experts are served with tensor_parallel_size=1 for now; "
-                "splitting the kept micro-experts across ranks is planned"
-            )
+        self.lo, self.hi = sharding.prune_shares([self.width], layer.tp_size, layer.tp_rank)[0]
+        local = self.hi - self.lo
         extra_weight_attrs.pop("weight_loader", None)
         if isinstance(layer, MergedColumnParallelLinear):
             if len(output_partition_sizes) != 2:
                 raise CameraFormatError(
                     f"{self.prefix}: expected a fused gate/up projection, got {output_partition_sizes}"
                 )
-            shape = (2 * self.width, input_size_per_partition)
+            shape = (2 * local, input_size_per_partition)
             self._expected = {0, 1}
             loader = self._load_gate_up
         elif isinstance(layer, RowParallelLinear):
-            shape = (output_size, self.width)
+            if not layer.input_is_parallel:
+                raise NotImplementedError(
+                    f"{self.prefix}: a pruned down projection needs its input already split across ranks"
+                )
+            shape = (output_size, local)
             self._expected = {None}
             loader = self._load_down
         else:
@@ -117,15 +127,18 @@ class CameraPrunedLinearMethod(UnquantizedLinearMethod):
         loaded_shard_id: int | tuple[int, ...] | None = None,
     ) -> None:
         hidden = param.shape[1]
+        lo, hi = self.lo, self.hi
+        local = hi - lo
         if loaded_shard_id in (0, 1):
-            # shard 0 = gate_proj -> rows [0, S); shard 1 = up_proj -> rows [S, 2S)
+            # shard 0 = gate_proj -> rows [0, s); shard 1 = up_proj -> rows [s, 2s), s = this rank's share
             self._check(("gate_proj", "up_proj")[loaded_shard_id], loaded_weight, (self.width, hidden))
-            start = loaded_shard_id * self.width
-            param.data[start : start + self.width].copy_(loaded_weight)
+            start = loaded_shard_id * local
+            param.data[start : start + local].copy_(loaded_weight[lo:hi])
             self._loaded.add(loaded_shard_id)
         elif loaded_shard_id is None or tuple(loaded_shard_id) == (0, 1):
             self._check("gate_up_proj", loaded_weight, (2 * self.width, hidden))
-            param.data.copy_(loaded_weight)
+            param.data[:local].copy_(loaded_weight[lo:hi])
+            param.data[local:].copy_(loaded_weight[self.width + lo : self.width + hi])
             self._loaded.update((0, 1))
         else:
             raise CameraFormatError(
@@ -133,8 +146,8 @@ class CameraPrunedLinearMethod(UnquantizedLinearMethod):
             )
 
     def _load_down(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor, *unused: Any) -> None:
-        self._check("down_proj", loaded_weight, tuple(param.shape))
-        param.data.copy_(loaded_weight)
+        self._check("down_proj", loaded_weight, (param.shape[0], self.width))
+        param.data.copy_(loaded_weight[:, self.lo : self.hi])
         self._loaded.add(None)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -162,6 +175,10 @@ class CameraSlabLinearMethod(LinearMethodBase):
     The output of gate_up is ``[..., 2 S]``: every gate slab, then every up slab, in bit
     order, so vLLM's ``SiluAndMul`` pairs gate and up of the same micro-expert and the
     down projection consumes the activation in that same slab order.
+
+    Under tensor parallelism every shape above uses this rank's share of each slab
+    (``sharding.mixed_shares``); a slab whose share is empty keeps a zero-size parameter
+    that takes its checkpoint tensors and drops them.
     """
 
     def __init__(self, bits: tuple[int, ...], slabs: tuple[int, ...], group_size: int, prefix: str) -> None:
@@ -171,6 +188,9 @@ class CameraSlabLinearMethod(LinearMethodBase):
         self.group_size = group_size
         self.prefix = prefix
         self.width = sum(slabs)
+        self.local_slabs = slabs  # this rank's share of each slab, set in create_weights
+        self.tp_size, self.tp_rank = 1, 0
+        self.ranges = [(0, n) for n in slabs]
         self.gate_up = False
         self.out_features = 0
         self._loaded: set[tuple[str, int | None]] = set()
@@ -192,11 +212,10 @@ class CameraSlabLinearMethod(LinearMethodBase):
         from . import ops
 
         assert isinstance(layer, LinearBase)
-        if layer.tp_size > 1:
-            raise NotImplementedError(
-                f"{self.prefix}: quantized shared experts are served with tensor_parallel_size=1 for now"
-            )
         ops.ensure_registered()
+        tp, rank = self.tp_size, self.tp_rank = layer.tp_size, layer.tp_rank
+        self.ranges = sharding.mixed_shares([self.slabs], self.group_size, tp, rank)[0]
+        self.local_slabs = sharding.share_sizes(self.ranges)
         extra_weight_attrs.pop("weight_loader", None)
         if isinstance(layer, MergedColumnParallelLinear):
             if len(output_partition_sizes) != 2:
@@ -204,10 +223,14 @@ class CameraSlabLinearMethod(LinearMethodBase):
                     f"{self.prefix}: expected a fused gate/up projection, got {output_partition_sizes}"
                 )
             self.gate_up = True
-            self.out_features = 2 * self.width
+            self.out_features = 2 * sum(self.local_slabs)
             hidden = input_size_per_partition
             shards: tuple[int | None, ...] = (0, 1)
         elif isinstance(layer, RowParallelLinear):
+            if not layer.input_is_parallel:
+                raise NotImplementedError(
+                    f"{self.prefix}: a quantized down projection needs its input already split across ranks"
+                )
             self.out_features = hidden = output_size
             shards = (None,)
         else:
@@ -215,13 +238,14 @@ class CameraSlabLinearMethod(LinearMethodBase):
                 f"{self.prefix}: unexpected layer type {type(layer).__name__} for a shared expert"
             )
         self.hidden = hidden
-        for b, n in zip(self.bits, self.slabs):
+        for bi, (b, n, m) in enumerate(zip(self.bits, self.slabs, self.local_slabs)):
             if n == 0:
                 continue  # empty slabs are not stored
+            # m: this rank's share of the n micro-experts
             if self.gate_up:
-                shapes = {"qweight": (packed_rows(hidden, b), 2 * n), "scales": (num_groups(hidden, self.group_size), 2 * n)}
+                shapes = {"qweight": (packed_rows(hidden, b), 2 * m), "scales": (num_groups(hidden, self.group_size), 2 * m)}
             else:
-                shapes = {"qweight": (packed_rows(n, b), hidden), "scales": (num_groups(n, self.group_size), hidden)}
+                shapes = {"qweight": (packed_rows(m, b), hidden), "scales": (num_groups(m, self.group_size), hidden)}
             shapes["zeros"] = shapes["scales"]
             for kind, shape in shapes.items():
                 dtype = QWEIGHT_DTYPE if kind == "qweight" else SCALE_DTYPE
@@ -229,7 +253,8 @@ class CameraSlabLinearMethod(LinearMethodBase):
                 name = f"{kind}_b{b}"
                 layer.register_parameter(name, param)
                 set_weight_attrs(
-                    param, {**extra_weight_attrs, "weight_loader": self._loader, "camera_slab": (kind, b, n)}
+                    param,
+                    {**extra_weight_attrs, "weight_loader": self._loader, "camera_slab": (kind, b, n, bi)},
                 )
                 self._expected.update((name, s) for s in shards)
 
@@ -240,8 +265,12 @@ class CameraSlabLinearMethod(LinearMethodBase):
         loaded_shard_id: int | None = None,
         *unused: Any,
     ) -> None:
-        kind, b, n = param.camera_slab
+        from camera_kernels.packing import num_groups, packed_rows
+
+        kind, b, n, bi = param.camera_slab
         name = f"{kind}_b{b}"
+        lo, hi = self.ranges[bi]  # this rank's micro-experts of the slab
+        m = hi - lo
         if self.gate_up:
             if loaded_shard_id not in (0, 1):
                 raise CameraFormatError(
@@ -249,17 +278,24 @@ class CameraSlabLinearMethod(LinearMethodBase):
                 )
             what = f"{self.prefix} ({('gate_proj', 'up_proj')[loaded_shard_id]}).{name}"
             expected = (param.shape[0], n)
-            dest = param.data[:, loaded_shard_id * n : (loaded_shard_id + 1) * n]
+            dest = param.data[:, loaded_shard_id * m : (loaded_shard_id + 1) * m]
+            source = loaded_weight[:, lo:hi]
         else:
             what = f"{self.prefix}.{name}"
-            expected = tuple(param.shape)
-            dest = param.data
+            hidden = param.shape[1]
+            if kind == "qweight":
+                expected = (packed_rows(n, b), hidden)
+                src = sharding.down_packed_rows(lo, hi, b)
+            else:
+                expected = (num_groups(n, self.group_size), hidden)
+                src = sharding.down_group_rows(lo, hi, self.group_size)
+            dest, source = param.data, loaded_weight[src[0] : src[1]]
         if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != param.dtype:
             raise CameraFormatError(
                 f"{what} is {tuple(loaded_weight.shape)} {loaded_weight.dtype}, but quantization_config "
                 f"(shared slabs {list(self.slabs)} at bits {list(self.bits)}) needs {expected} {param.dtype}"
             )
-        dest.copy_(loaded_weight)
+        dest.copy_(source)
         self._loaded.add((name, loaded_shard_id if self.gate_up else None))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -271,8 +307,8 @@ class CameraSlabLinearMethod(LinearMethodBase):
     def op_weights(self, layer: torch.nn.Module) -> list[torch.Tensor]:
         return [
             getattr(layer, f"{kind}_b{b}")
-            for b, n in zip(self.bits, self.slabs)
-            if n > 0
+            for b, m in zip(self.bits, self.local_slabs)
+            if m > 0
             for kind in ("qweight", "scales", "zeros")
         ]
 
@@ -280,6 +316,12 @@ class CameraSlabLinearMethod(LinearMethodBase):
         from . import ops
 
         out = ops.slab_linear(
-            x, self.op_weights(layer), list(self.bits), list(self.slabs), self.group_size, self.gate_up, self.out_features
+            x,
+            self.op_weights(layer),
+            list(self.bits),
+            list(self.local_slabs),
+            self.group_size,
+            self.gate_up,
+            self.out_features,
         )
         return out if bias is None else out + bias

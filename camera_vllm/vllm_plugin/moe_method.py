@@ -24,6 +24,7 @@ from vllm.model_executor.layers.fused_moe.config import (
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
+from ..format import sharding
 from ..format.schema import CameraFormatError
 from . import ops
 from .config import layer_index as layer_index_of
@@ -43,12 +44,11 @@ _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 def check_parallel_support(parallel: FusedMoEParallelConfig, prefix: str) -> None:
-    """CAMERA layers run on one rank for now (raises NotImplementedError otherwise)."""
-    if parallel.tp_size > 1 or parallel.ep_size > 1 or parallel.dp_size > 1:
+    """CAMERA layers support tensor and expert parallelism, not data parallelism (raises NotImplementedError)."""
+    if parallel.dp_size > 1:
         raise NotImplementedError(
-            f"{prefix}: CAMERA MoE layers are served with tensor/data/expert parallel size 1 for now "
-            f"(got tp={parallel.tp_size}, dp={parallel.dp_size}, ep={parallel.ep_size}). Splitting each "
-            "expert's kept micro-experts across TP ranks and expert parallelism are planned."
+            f"{prefix}: CAMERA MoE layers are not served with data parallelism (got dp={parallel.dp_size}); "
+            "use --tensor-parallel-size, optionally with --enable-expert-parallel, or run replicas"
         )
 
 
@@ -75,7 +75,10 @@ class CameraMoEMethod(FusedMoEMethodBase):
         super().__init__(moe)
         self.config = config
         self.prefix = prefix
-        check_parallel_support(moe.moe_parallel_config, prefix)
+        parallel = moe.moe_parallel_config
+        check_parallel_support(parallel, prefix)
+        # With expert parallelism vLLM's MoE tp_size is 1: experts stay whole.
+        self.tp_size, self.tp_rank = parallel.tp_size, parallel.tp_rank
         self.global_widths = config.routed_widths(prefix)
         if moe.num_experts != len(self.global_widths):
             raise CameraFormatError(
@@ -104,10 +107,14 @@ class CameraMoEMethod(FusedMoEMethodBase):
         act_dtype: torch.dtype,
         moe_parallel_config: FusedMoEParallelConfig,
     ) -> tuple[int, int]:
-        # The layer's widest kept expert, so vLLM's bookkeeping reflects this layer and
-        # not config.json's single moe_intermediate_size.  The hidden size is never
-        # padded: our weights are not laid out for padded kernels.
-        return hidden_size, max(self.global_widths, default=0)
+        # The layer's widest kept expert share on this rank, so vLLM's bookkeeping
+        # reflects this layer and not config.json's single moe_intermediate_size.  The
+        # hidden size is never padded: our weights are not laid out for padded kernels.
+        return hidden_size, max(self.rank_widths(), default=0)
+
+    def rank_widths(self) -> list[int]:
+        """Micro-experts of every global expert held by this tensor-parallel rank (sharding rule)."""
+        raise NotImplementedError
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
         # Non-None, so the runner does not ask again on every forward.
@@ -144,9 +151,21 @@ def local_to_global_ids(layer: RoutedExperts, num_local: int) -> list[int]:
 
 
 class CameraPruneMoEMethod(CameraMoEMethod):
-    """CAMERA-P: every expert keeps its own number of micro-experts, stored ragged (no padding)."""
+    """CAMERA-P: every expert keeps its own number of micro-experts, stored ragged (no padding).
+
+    Under tensor parallelism a rank stores only its contiguous share of every expert's
+    micro-experts (:func:`camera_vllm.format.sharding.prune_shares`): a smaller ragged
+    layout, computed by the same op; vLLM all-reduces the partial outputs.
+    """
 
     scheme = "prune"
+
+    def rank_shares(self) -> list[tuple[int, int]]:
+        """Micro-experts ``[lo, hi)`` of every global expert held by this rank (sharding rule)."""
+        return sharding.prune_shares(self.global_widths, self.tp_size, self.tp_rank)
+
+    def rank_widths(self) -> list[int]:
+        return list(sharding.share_sizes(self.rank_shares()))
 
     def create_weights(
         self,
@@ -160,7 +179,8 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         self._check_layer(layer)
         ops.ensure_registered()
         local_to_global = self._local_to_global(layer, num_experts)
-        layout = RaggedLayout.for_local_experts(self.global_widths, local_to_global)
+        self._shares = self.rank_shares()
+        layout = RaggedLayout.for_local_experts(sharding.share_sizes(self._shares), local_to_global)
         self.layout = layout
         self.local_to_global = local_to_global
         self._global_to_local = {g: local for local, g in enumerate(local_to_global)}
@@ -199,16 +219,18 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         """Copy one checkpoint tensor ``experts.N.{gate,up,down}_proj.weight`` into its ragged rows."""
         layer_local = self._global_to_local.get(expert_id, -1)
         if layer_local < 0:
-            return False if return_success else None  # held by another rank
-        width = self.layout.widths[layer_local]
+            # Held by another rank; an empty parameter is complete as it is.
+            return (param.numel() == 0) if return_success else None
+        width = self.global_widths[expert_id]
+        lo, hi = self._shares[expert_id]  # this rank's share
         hidden = self.hidden_size
         if shard_id in ("w1", "w3"):
             rows = (
                 self.layout.gate_rows(layer_local) if shard_id == "w1" else self.layout.up_rows(layer_local)
             )
-            expected, source = (width, hidden), loaded_weight
+            expected, source = (width, hidden), loaded_weight[lo:hi]
         elif shard_id == "w2":
-            rows, expected, source = self.layout.down_rows(layer_local), (hidden, width), loaded_weight.t()
+            rows, expected, source = self.layout.down_rows(layer_local), (hidden, width), loaded_weight[:, lo:hi].t()
         else:
             raise CameraFormatError(f"{weight_name}: unexpected expert shard id {shard_id!r}")
         if tuple(loaded_weight.shape) != expected:
@@ -225,7 +247,13 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         # An empty set means nothing went through our loader (e.g. --load-format dummy);
         # a partial set means the checkpoint lacks tensors the config promises.
         if self._loaded:
-            expected = {(e, s) for e, w in enumerate(self.layout.widths) if w > 0 for s in _SHARD_NAMES}
+            # Global widths: an expert whose share on this rank is empty still has tensors.
+            expected = {
+                (e, s)
+                for e, g in enumerate(self.local_to_global)
+                if self.global_widths[g] > 0
+                for s in _SHARD_NAMES
+            }
             missing = sorted(expected - self._loaded)
             if missing:
                 shown = ", ".join(
@@ -256,11 +284,33 @@ class CameraMixedMoEMethod(CameraMoEMethod):
     ``w2_{qweight,scales,zeros}_b{b}``: all local experts' slabs of that width
     concatenated as :class:`camera_kernels.SlabLayout` prescribes (gate/up by columns,
     down by packed rows / groups).  The loader copies each checkpoint tensor into its
-    slice; nothing is ever dequantized into a persistent tensor.  A bit-width no local
-    expert uses in this layer has zero-size tensors, kept as buffers (nothing to load).
+    slice; nothing is ever dequantized into a persistent tensor.  A bit-width no expert
+    of the layer uses has zero-size tensors, kept as buffers (nothing to load); one that
+    only experts (or shares) on other ranks use is a zero-size parameter.
+
+    Under tensor parallelism a rank holds whole quantization groups of every slab
+    (:func:`camera_vllm.format.sharding.mixed_shares`), so its share is again a slab layout
+    and the same op computes it; vLLM all-reduces the partial outputs.
     """
 
     scheme = "mixed"
+
+    def global_slabs(self) -> list[tuple[int, ...]]:
+        """Slab sizes of every global expert of this layer, as the checkpoint stores them."""
+        camera = self.config.camera
+        index = layer_index_of(self.prefix)
+        spec = camera.layer(index) if index is not None else None
+        assert spec is not None  # routed_widths() in __init__ already refused an undescribed layer
+        return [tuple(slabs) for slabs in spec.expert_slabs]
+
+    def rank_shares(self) -> list[list[tuple[int, int]]]:
+        """Micro-experts ``[lo, hi)`` of every slab of every global expert held by this rank (sharding rule)."""
+        group = self.config.camera.group_size
+        assert group is not None
+        return sharding.mixed_shares(self.global_slabs(), group, self.tp_size, self.tp_rank)
+
+    def rank_widths(self) -> list[int]:
+        return [sum(sharding.share_sizes(s)) for s in self.rank_shares()]
 
     def create_weights(
         self,
@@ -277,18 +327,17 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         self._check_layer(layer)
         ops.ensure_registered()
         camera = self.config.camera
-        index = layer_index_of(self.prefix)
-        spec = camera.layer(index) if index is not None else None
-        assert spec is not None  # routed_widths() in __init__ already refused an undescribed layer
         local_to_global = local_to_global_ids(layer, num_experts)
         self.local_to_global = local_to_global
         self._global_to_local = {g: local for local, g in enumerate(local_to_global)}
         assert camera.group_size is not None
+        self._global_slabs = self.global_slabs()
+        self._shares = self.rank_shares()
         layout = SlabLayout(
             hidden_size,
             camera.group_size,
             tuple(camera.bits),
-            tuple(tuple(spec.expert_slabs[g]) for g in local_to_global),
+            tuple(sharding.share_sizes(self._shares[g]) for g in local_to_global),
         )
         self.layout = layout
         self.op_scheme = ops.mixed_scheme(layout)
@@ -309,9 +358,11 @@ class CameraMixedMoEMethod(CameraMoEMethod):
                     # Zeros, not empty: an unloaded slice is caught by the completeness check,
                     # but must never be read as garbage in a dummy-weights run.
                     tensor = torch.zeros(shape, dtype=dtype)
-                    if layout.slab_total(i) == 0:
+                    if not any(slabs[i] for slabs in self._global_slabs):
                         # Nothing of this width in this layer: no checkpoint tensor will come,
-                        # and weight tracking only checks parameters.
+                        # and weight tracking only checks parameters.  (A width some expert
+                        # has but no local one does is a zero-size parameter that accepts
+                        # and drops its tensors.)
                         layer.register_buffer(name, tensor, persistent=False)
                         continue
                     param = torch.nn.Parameter(tensor, requires_grad=False)
@@ -335,10 +386,15 @@ class CameraMixedMoEMethod(CameraMoEMethod):
 
         local = self._global_to_local.get(expert_id, -1)
         if local < 0:
-            return False if return_success else None  # held by another rank
+            # Held by another rank.  An empty parameter (no local expert has this width)
+            # is complete as it is, so weight tracking may count it as loaded.
+            return (param.numel() == 0) if return_success else None
         proj, kind, i = param.camera_slab
         lay = self.layout
-        b, n, hidden = lay.bits[i], lay.sizes[local][i], lay.hidden_size
+        b, n, hidden = lay.bits[i], self._global_slabs[expert_id][i], lay.hidden_size
+        # This rank's share of the slab: whole groups (see camera_vllm.format.sharding).
+        group = lay.group_size
+        lo, hi = self._shares[expert_id][i]
         what = f"{self.prefix}: expert {expert_id} {_SHARD_NAMES.get(shard_id, shard_id)}_proj.{kind}_b{b}"
         if n == 0:
             raise CameraFormatError(
@@ -349,19 +405,21 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         if proj == "w13":
             cols = lay.gate_cols(local, i) if shard_id == "w1" else lay.up_cols(local, i)
             expected = (param.shape[0], n)
-            dest = param.data[:, cols]
+            dest, source = param.data[:, cols], loaded_weight[:, lo:hi]
         else:
             if kind == "qweight":
                 rows, expected = lay.down_rows(local, i), (packed_rows(n, b), hidden)
+                src_lo, src_hi = sharding.down_packed_rows(lo, hi, b)
             else:
-                rows, expected = lay.down_groups(local, i), (num_groups(n, lay.group_size), hidden)
-            dest = param.data[rows]
+                rows, expected = lay.down_groups(local, i), (num_groups(n, group), hidden)
+                src_lo, src_hi = sharding.down_group_rows(lo, hi, group)
+            dest, source = param.data[rows], loaded_weight[src_lo:src_hi]
         if tuple(loaded_weight.shape) != expected or loaded_weight.dtype != param.dtype:
             raise CameraFormatError(
                 f"{what} is {tuple(loaded_weight.shape)} {loaded_weight.dtype}, but quantization_config "
                 f"(a {n}-wide {b}-bit slab, group size {lay.group_size}) needs {expected} {param.dtype}"
             )
-        dest.copy_(loaded_weight)
+        dest.copy_(source)
         self._loaded.add((local, i, shard_id, kind))
         return True if return_success else None
 
@@ -374,7 +432,8 @@ class CameraMixedMoEMethod(CameraMoEMethod):
                 (e, i, s, k)
                 for e in range(lay.num_experts)
                 for i in range(lay.num_bits)
-                if lay.sizes[e][i] > 0
+                # Global sizes: a slab whose share on this rank is empty is still stored.
+                if self._global_slabs[self.local_to_global[e]][i] > 0
                 for s in _SHARD_NAMES
                 for k in _SLAB_KINDS
             }
