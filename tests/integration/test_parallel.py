@@ -221,3 +221,13 @@ def test_ranks_hold_their_share(engine: str, parallel_runs: dict[str, Any]) -> N
             else:
                 shares = sharding.mixed_shares([spec["shared_slabs"]], group, 2, r)[0]
                 assert info["slabs"] == list(sharding.share_sizes(shares))
+
+
+def test_data_parallel_is_refused_clearly() -> None:
+    from types import SimpleNamespace
+
+    from camera_vllm.vllm_plugin.moe_method import check_parallel_support
+
+    check_parallel_support(SimpleNamespace(dp_size=1, tp_size=2, ep_size=1), "model.layers.0.mlp.experts")
+    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.experts: .*data parallelism \(got dp=2\)"):
+        check_parallel_support(SimpleNamespace(dp_size=2, tp_size=1, ep_size=2), "model.layers.0.mlp.experts")
