@@ -30,9 +30,12 @@ def test_merge_keeps_old_rows_in_table_order_and_records_commits(tmp_path):
 
 def test_verdict_counts_wins_both_ways():
     rows = [_row("camera-q gptq", "2.25 bpw", 62.0, "c"), _row("mc-like gptq", "2.25 bpw", 63.0, "c"),
-            _row("camera-q rtn", "2.5 bpw", 64.0, "c"), _row("mc-like rtn", "2.5 bpw", 63.5, "c")]
+            _row("camera-q rtn", "2.5 bpw", 64.0, "c"), _row("mc-like rtn", "2.5 bpw", 63.0, "c"),
+            _row("camera-q rtn", "2.25 bpw", 64.0, "c"), _row("mc-like rtn", "2.25 bpw", 64.1, "c"),
+            _row("uniform gptq 2-bit", "2.25 bpw (g128)", 61.5, "c")]
     text = "\n".join(quality._mc_verdict(rows))
-    assert "2.25 bpw, GPTQ: CAMERA-Q 62.00" in text and "CAMERA-Q wins" in text
+    assert "2.25 bpw, GPTQ: CAMERA-Q 62.00" in text and "CAMERA-Q wins; uniform 2-bit GPTQ at the same bytes: 61.50" in text
     assert "2.5 bpw, RTN: CAMERA-Q 64.00" in text and "MC-like wins" in text
-    assert "lower perplexity in 1 of 2 comparisons" in text
+    assert "2.25 bpw, RTN: CAMERA-Q 64.00" in text and "about equal" in text
+    assert "CAMERA-Q wins 1, MC-like wins 1, the rest" in text
     assert quality._mc_verdict(rows[:1]) == []
