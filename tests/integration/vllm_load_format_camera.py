@@ -5,10 +5,13 @@ Used by ``test_load_format_camera.py`` as a subprocess::
     python vllm_load_format_camera.py MANIFEST.json OUT.json
 
 MANIFEST is a list of ``{"id", "model", "load_format", "eager", "max_num_seqs",
-"quantization"}``.  Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-``distributed_executor_backend="uni"``): on this CPU machine a spawned engine core and
-worker cost 40-70 s per engine, an in-process one about 5 s.  The model loader, the
-CAMERA quantization config and the MoE method run exactly as in a worker process.
+"quantization", "spawn"}``.  Engines with ``spawn`` run as ``vllm serve`` runs them (an
+engine-core process and a worker process, spawned); the others run in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``): on this
+CPU machine a spawned engine costs 40-70 s, an in-process one about 5 s once its model
+class has been inspected.  The model loader, the CAMERA quantization config and the MoE
+method run the same code either way.  Spawned engines must come first: an in-process
+engine freezes vLLM's environment variables for the rest of the process.
 Every engine is fp32 with weight tracking on; the ``camera`` loader's own summary comes
 through ``CAMERA_LOAD_STATS``.  A run that raises records the error instead of tokens.
 """
@@ -28,11 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from integration_helpers import MAX_TOKENS, PROMPTS
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
 
 def moe_memory(worker: Any) -> dict[str, Any]:
-    """Runs in the worker: bytes of the routed-expert layers' own parameters, and their methods."""
+    """Runs in the worker: bytes of the routed-expert layers' own parameters, their methods, the worker's quantization."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     model = worker.model_runner.get_model()
@@ -42,13 +43,19 @@ def moe_memory(worker: Any) -> dict[str, Any]:
         if isinstance(module, RoutedExperts):
             routed += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
             methods.add(type(module.quant_method).__name__)
-    return {"routed_bytes": routed, "methods": sorted(methods)}
+    quantization = worker.model_runner.model_config.quantization
+    return {"routed_bytes": routed, "methods": sorted(methods), "quantization": quantization}
+
+
+def _pid(worker: Any) -> int:
+    return os.getpid()
 
 
 def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     os.environ["CAMERA_LOAD_STATS"] = str(stats_path)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if entry.get("spawn") else "0"
     stats_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
@@ -61,7 +68,7 @@ def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
             max_model_len=256,
             max_num_seqs=entry["max_num_seqs"],
             seed=0,
-            distributed_executor_backend="uni",
+            distributed_executor_backend=None if entry.get("spawn") else "uni",
             model_loader_extra_config={"enable_weights_track": True},
         )
     except Exception as err:  # noqa: BLE001 - the test checks what was raised
@@ -76,6 +83,7 @@ def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
         "quantization": config.model_config.quantization,
         "compilation_mode": str(config.compilation_config.mode),
         "engine_start_s": round(t_start, 2),
+        "engine_pid": llm.collective_rpc(_pid)[0],
         "memory": llm.collective_rpc(moe_memory)[0],
         "loader_stats": json.loads(stats_path.read_text()) if stats_path.exists() else None,
     }
@@ -87,7 +95,10 @@ def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
 
 def main() -> None:
     manifest, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
-    results: dict[str, Any] = {}
+    spawned = [i for i, e in enumerate(manifest) if e.get("spawn")]
+    if spawned != list(range(len(spawned))):
+        raise ValueError(f"{sys.argv[1]}: spawned engines must come before in-process ones")
+    results: dict[str, Any] = {"driver_pid": os.getpid()}
     for entry in manifest:
         print(f"=== {entry['id']}", flush=True)
         results[entry["id"]] = run_one(entry, Path(f"{out}.stats.json"))
