@@ -88,7 +88,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         raise ValueError(f"{path}: expected a dict of tensor name -> tensor, got {type(obj).__name__}")
     return obj
 
@@ -124,7 +126,9 @@ def convert_zero_masked(
     reference code's ``prune_model_dict.pt``.
     """
     if state_dict_path is not None:
-        source: SourceCheckpoint = StateDictSource(model_dir, load_state_dict_file(state_dict_path), str(state_dict_path))
+        source: SourceCheckpoint = StateDictSource(
+            model_dir, load_state_dict_file(state_dict_path), str(state_dict_path)
+        )
     else:
         source = SourceCheckpoint(model_dir)
     keeps = detect_keeps(source)

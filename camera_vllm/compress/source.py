@@ -40,7 +40,7 @@ def canonical_name(architecture: str, name: str) -> str:
     module = names.moe_prefix(architecture, int(m.group(1))).rsplit(".", 1)[1]
     if module == _IN_MEMORY_MOE_MODULE:
         return name
-    return f"model.layers.{m.group(1)}.{module}.{name[m.end():]}"
+    return f"model.layers.{m.group(1)}.{module}.{name[m.end() :]}"
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,19 @@ class FusedExperts:
     down: str
     transposed: bool  # True: [E, H, 2I] and [E, I, H]
 
-    def split(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def split(
+        self, gate_up: torch.Tensor, down: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(gate [I, H], up [I, H], down [H, I]) views per expert."""
         if self.transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         inter = gate_up.shape[1] // 2
         experts = range(gate_up.shape[0])
-        return [gate_up[e, :inter] for e in experts], [gate_up[e, inter:] for e in experts], [down[e] for e in experts]
+        return (
+            [gate_up[e, :inter] for e in experts],
+            [gate_up[e, inter:] for e in experts],
+            [down[e] for e in experts],
+        )
 
 
 def fused_orientation(
@@ -119,7 +125,9 @@ class SourceCheckpoint:
         for stored in self.stored_map:
             canon = canonical_name(self.arch.architecture, stored)
             if canon in out:
-                raise ValueError(f"{self.path}: both {out[canon]!r} and {stored!r} are stored; they name the same tensor")
+                raise ValueError(
+                    f"{self.path}: both {out[canon]!r} and {stored!r} are stored; they name the same tensor"
+                )
             out[canon] = stored
         return out
 
@@ -167,7 +175,9 @@ class SourceCheckpoint:
             return None
         for present, absent in ((gate_up, down), (down, gate_up)):
             if self.has(present) and not self.has(absent):
-                raise KeyError(f"{self.where}: fused expert tensor {present!r} is stored but {absent!r} is not")
+                raise KeyError(
+                    f"{self.where}: fused expert tensor {present!r} is stored but {absent!r} is not"
+                )
         try:
             transposed = fused_orientation(self.arch, gate_up, self.shape(gate_up), down, self.shape(down))
         except ValueError as err:

@@ -60,10 +60,16 @@ def _keep_plan(source: Any, keeps: dict[int, Any]) -> dict[str, tuple[torch.Tens
     for layer, keep in keeps.items():
         for e, idx in enumerate(keep.experts):
             for proj in range(3):
-                plan[names.expert_tensor(a, layer, e, proj, "weight")] = (idx.to(torch.long), 0 if proj < 2 else 1)
+                plan[names.expert_tensor(a, layer, e, proj, "weight")] = (
+                    idx.to(torch.long),
+                    0 if proj < 2 else 1,
+                )
         if keep.shared is not None:
             for proj in range(3):
-                plan[names.shared_tensor(a, layer, proj, "weight")] = (keep.shared.to(torch.long), 0 if proj < 2 else 1)
+                plan[names.shared_tensor(a, layer, proj, "weight")] = (
+                    keep.shared.to(torch.long),
+                    0 if proj < 2 else 1,
+                )
     return plan
 
 
@@ -82,7 +88,9 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         self.stats: dict[str, Any] = {}
 
     # -- model construction -------------------------------------------------------------------------
-    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> torch.nn.Module:
         hf_qc = getattr(model_config.hf_config, "quantization_config", None)
         if not hf_qc and vllm_config.quant_config is not None:
             raise ValueError(
@@ -101,7 +109,9 @@ class CameraZeroMaskLoader(DefaultModelLoader):
                     f"--load-format {LOAD_FORMAT}: {model_config.model} has a quantization_config but "
                     "vLLM built no quantization config for it"
                 )
-            logger.info("camera-vllm: %s is already a CAMERA checkpoint; loading it as is", model_config.model)
+            logger.info(
+                "camera-vllm: %s is already a CAMERA checkpoint; loading it as is", model_config.model
+            )
             return super().load_model(vllm_config, model_config, prefix)
         self._install_camera_config(vllm_config, model_config)
         model = super().load_model(vllm_config, model_config, prefix)
@@ -182,14 +192,18 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         return qcfg
 
     # -- weights ------------------------------------------------------------------------------------
-    def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+    def get_all_weights(
+        self, model_config: ModelConfig, model: torch.nn.Module
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
         weights = super().get_all_weights(model_config, model)
         if self._plan is None:
             yield from weights
         else:
             yield from self._compact(weights)
 
-    def _compact(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Generator[tuple[str, torch.Tensor], None, None]:
+    def _compact(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
         assert self._plan is not None and self._arch is not None
         from ..compress.source import canonical_name
 
@@ -221,10 +235,19 @@ class CameraZeroMaskLoader(DefaultModelLoader):
                 continue
             idx = idx.to(device=tensor.device, dtype=torch.long)
             if kind == "gate_up":
-                yield names.expert_tensor(self._arch, layer, e, 0, "weight"), tensor[e, :inter].index_select(0, idx).contiguous()
-                yield names.expert_tensor(self._arch, layer, e, 1, "weight"), tensor[e, inter:].index_select(0, idx).contiguous()
+                yield (
+                    names.expert_tensor(self._arch, layer, e, 0, "weight"),
+                    tensor[e, :inter].index_select(0, idx).contiguous(),
+                )
+                yield (
+                    names.expert_tensor(self._arch, layer, e, 1, "weight"),
+                    tensor[e, inter:].index_select(0, idx).contiguous(),
+                )
             else:
-                yield names.expert_tensor(self._arch, layer, e, 2, "weight"), tensor[e].index_select(1, idx).contiguous()
+                yield (
+                    names.expert_tensor(self._arch, layer, e, 2, "weight"),
+                    tensor[e].index_select(1, idx).contiguous(),
+                )
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         super().load_weights(model, model_config)

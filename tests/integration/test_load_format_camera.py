@@ -77,7 +77,7 @@ def channel_masks(arch: MoEArch, j: int) -> dict[int, list[int]]:
     n, i = arch.num_experts, arch.intermediate_size
     return {
         (3 + j) % n: list(range(i)),  # the whole expert
-        (0 + j) % n: list(range(0, 5 * i // 8)),
+        (0 + j) % n: list(range(5 * i // 8)),
         (1 + j) % n: list(range(i // 8, i // 4)),
         (5 + j) % n: list(range(i // 2, i)),
         (6 + j) % n: [1, 7, 9],
@@ -116,7 +116,11 @@ def mask_model(model: torch.nn.Module) -> tuple[dict[int, list[int]], dict[int, 
 
 def _with_side_files(original: Path, out: Path) -> Path:
     for f in original.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".index.json")) and not (out / f.name).exists():
+        if (
+            f.is_file()
+            and not f.name.endswith((".safetensors", ".index.json"))
+            and not (out / f.name).exists()
+        ):
             shutil.copy(f, out / f.name)
     return out
 
@@ -188,16 +192,47 @@ def _manifest(masked: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for arch, d in masked.items():
         seqs = 1 if arch in STOCK_VLLM_ORACLE else 4
         common = {"max_num_seqs": seqs, "quantization": None}
-        loader = {"id": f"{arch}/loader", "model": str(d["served"]), "load_format": "camera", "eager": arch != COMPILED}
+        loader = {
+            "id": f"{arch}/loader",
+            "model": str(d["served"]),
+            "load_format": "camera",
+            "eager": arch != COMPILED,
+        }
         if arch == COMPILED:  # runs as `vllm serve` runs it: spawned engine core and worker (first)
             runs.insert(0, {**loader, **common, "spawn": True})
         else:
             runs.append({**loader, **common})
-        runs.append({"id": f"{arch}/convert", "model": str(d["converted"]), "load_format": "auto", "eager": True, **common})
+        runs.append(
+            {
+                "id": f"{arch}/convert",
+                "model": str(d["converted"]),
+                "load_format": "auto",
+                "eager": True,
+                **common,
+            }
+        )
         if arch == COMPILED:  # a CAMERA checkpoint under --load-format camera is loaded as it is
-            runs.append({"id": f"{arch}/convert-camera", "model": str(d["converted"]), "load_format": "camera", "eager": True, **common})
-        if arch in STOCK_VLLM_ORACLE or arch == "qwen2_moe":  # oracle / memory baseline: stock vLLM, masked model
-            runs.append({"id": f"{arch}/stock", "model": str(d["per_expert"]), "load_format": "auto", "eager": True, **common})
+            runs.append(
+                {
+                    "id": f"{arch}/convert-camera",
+                    "model": str(d["converted"]),
+                    "load_format": "camera",
+                    "eager": True,
+                    **common,
+                }
+            )
+        if (
+            arch in STOCK_VLLM_ORACLE or arch == "qwen2_moe"
+        ):  # oracle / memory baseline: stock vLLM, masked model
+            runs.append(
+                {
+                    "id": f"{arch}/stock",
+                    "model": str(d["per_expert"]),
+                    "load_format": "auto",
+                    "eager": True,
+                    **common,
+                }
+            )
     runs.append(
         {
             "id": "both-flags",
@@ -212,7 +247,9 @@ def _manifest(masked: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def runs(masked: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, vllm_cache_root: Path) -> dict[str, dict]:
+def runs(
+    masked: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, vllm_cache_root: Path
+) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("camera-load-format-runs")
     manifest, out, log = root / "manifest.json", root / "runs.json", root / "runs.log"
     entries = _manifest(masked)
@@ -226,7 +263,12 @@ def runs(masked: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFac
     start = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(manifest), str(out)], check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=1200
+            [sys.executable, str(SCRIPT), str(manifest), str(out)],
+            check=False,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=1200,
         )
     results = json.loads(out.read_text()) if out.exists() else {}
     if proc.returncode != 0 or len(results) != len(entries) + 1:
@@ -259,7 +301,7 @@ def test_detect_keeps_sees_the_mask_in_every_layout(arch: str, masked: dict) -> 
 def _stored_tensors(model_dir: Path):
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                 yield name, fh.get_tensor(name)
 
 
@@ -281,7 +323,9 @@ def test_loader_compaction_equals_the_converter_in_every_layout(arch: str, maske
         for name, t in want.items():
             torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=f"{layout}: {name}")
         assert qcfg.to_json_dict()["layers"] == want_layers, layout
-        assert loader.stats["fused_layers"] == ([] if layout in ("per_expert", "sharded") else list(d["widths"]))
+        assert loader.stats["fused_layers"] == (
+            [] if layout in ("per_expert", "sharded") else list(d["widths"])
+        )
 
 
 def test_another_quantization_with_load_format_camera_is_refused(masked: dict) -> None:
@@ -295,7 +339,10 @@ def test_another_quantization_with_load_format_camera_is_refused(masked: dict) -
     model_dir = str(masked["qwen3_moe"]["per_expert"])
     model_config = SimpleNamespace(hf_config=SimpleNamespace(), quantization="fp8", model=model_dir)
     vllm_config = SimpleNamespace(quant_config=object())
-    with pytest.raises(ValueError, match=r"--load-format camera cannot be combined with --quantization fp8.*drop --quantization"):
+    with pytest.raises(
+        ValueError,
+        match=r"--load-format camera cannot be combined with --quantization fp8.*drop --quantization",
+    ):
         CameraZeroMaskLoader(LoadConfig(load_format="camera")).load_model(vllm_config, model_config)
 
 
@@ -313,7 +360,9 @@ def test_greedy_equals_the_masked_model(arch: str, kind: str, masked: dict, runs
     # The loader installs the CAMERA config in the worker; a spawned worker's API process keeps its own.
     assert got["memory"]["quantization"] == "camera"
     assert got["quantization"] == (None if spawned else "camera")
-    assert (got["compilation_mode"] == "0") == (arch != COMPILED or kind == "convert"), got["compilation_mode"]
+    assert (got["compilation_mode"] == "0") == (arch != COMPILED or kind == "convert"), got[
+        "compilation_mode"
+    ]
     if arch in STOCK_VLLM_ORACLE:
         stock = runs[f"{arch}/stock"]
         assert stock["quantization"] is None and stock["memory"]["methods"] == ["UnquantizedFusedMoEMethod"]
@@ -355,7 +404,9 @@ def test_resident_expert_bytes_drop_with_the_mask(arch: str, kind: str, masked: 
         assert stats["widths"] == {str(k): v for k, v in d["widths"].items()}
         assert stats["empty_experts"] == len(d["widths"])  # one per MoE layer
         assert (stats["routed_channels_kept"], stats["routed_channels_total"]) == (kept, total)
-        assert stats["fused_layers"] == ([] if PLAN[arch][0] in ("per_expert", "sharded") else list(d["widths"]))
+        assert stats["fused_layers"] == (
+            [] if PLAN[arch][0] in ("per_expert", "sharded") else list(d["widths"])
+        )
         # Shared experts, weighed as loaded (vLLM's CPU linear layers then repack them as oneDNN
         # handles, which are no longer parameters).
         shared_dense = len(d["widths"]) * 3 * (arch_info.shared_intermediate_size or 0) * hidden * fp32
@@ -371,7 +422,10 @@ def test_the_dense_byte_count_is_what_stock_vllm_holds(masked: dict, runs: dict)
     arch_info = SourceCheckpoint(masked["qwen2_moe"]["original"]).arch
     layers = len(masked["qwen2_moe"]["widths"])
     mem = runs["qwen2_moe/stock"]["memory"]
-    assert mem["routed_bytes"] == layers * arch_info.num_experts * 3 * arch_info.intermediate_size * arch_info.hidden_size * 4
+    assert (
+        mem["routed_bytes"]
+        == layers * arch_info.num_experts * 3 * arch_info.intermediate_size * arch_info.hidden_size * 4
+    )
 
 
 @pytest.mark.vllm

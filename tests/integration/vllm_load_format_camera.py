@@ -73,7 +73,11 @@ def run_one(entry: dict[str, Any], stats_path: Path) -> dict[str, Any]:
         )
     except Exception as err:  # noqa: BLE001 - the test checks what was raised
         frames = [f.name for f in traceback.extract_tb(err.__traceback__)]
-        return {"error": f"{type(err).__name__}: {err}", "frames": frames, "traceback": traceback.format_exc()[-4000:]}
+        return {
+            "error": f"{type(err).__name__}: {err}",
+            "frames": frames,
+            "traceback": traceback.format_exc()[-4000:],
+        }
     t_start = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)

@@ -40,7 +40,10 @@ def _masked_model(original: Path):
         for j, layer in enumerate(arch.moe_layers):
             mlp = model.model.layers[layer].mlp
             gate_up, down = mlp.experts.gate_up_proj, mlp.experts.down_proj
-            masks = {(EMPTY + j) % arch.num_experts: list(range(inter)), (1 + j) % arch.num_experts: list(range(j, inter, 3))}
+            masks = {
+                (EMPTY + j) % arch.num_experts: list(range(inter)),
+                (1 + j) % arch.num_experts: list(range(j, inter, 3)),
+            }
             w = [inter] * arch.num_experts
             for e, chans in masks.items():
                 gate_up[e, chans] = 0
@@ -63,7 +66,11 @@ def _masked_model(original: Path):
 
 def _copy_side_files(original: Path, out: Path) -> None:
     for f in original.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".index.json")) and not (out / f.name).exists():
+        if (
+            f.is_file()
+            and not f.name.endswith((".safetensors", ".index.json"))
+            and not (out / f.name).exists()
+        ):
             shutil.copy(f, out / f.name)
 
 
@@ -115,7 +122,9 @@ def test_transformers_writes_the_layouts_this_test_assumes(layouts) -> None:
     assert not any(".experts.0." in k for k in fused_keys)
     state = torch.load(layouts["pt"], weights_only=True)
     assert state[f"model.layers.{layer}.mlp.experts.gate_up_proj"].shape == (
-        src.arch.num_experts, 2 * src.arch.intermediate_size, src.arch.hidden_size
+        src.arch.num_experts,
+        2 * src.arch.intermediate_size,
+        src.arch.hidden_size,
     )
 
 
@@ -126,13 +135,22 @@ def test_fused_orientation_is_read_from_the_shapes(layouts) -> None:
             fused = src.fused_experts(layer)
             assert fused is not None and fused.transposed is transposed
             assert fused.gate_up == names.moe_prefix(src.arch.architecture, layer) + ".experts.gate_up_proj"
-    assert SourceCheckpoint(layouts["per_expert"]).fused_experts(SourceCheckpoint(layouts["per_expert"]).arch.moe_layers[0]) is None
+    assert (
+        SourceCheckpoint(layouts["per_expert"]).fused_experts(
+            SourceCheckpoint(layouts["per_expert"]).arch.moe_layers[0]
+        )
+        is None
+    )
 
 
 def test_every_layout_reads_the_same_experts(layouts) -> None:
     ref = SourceCheckpoint(layouts["per_expert"])
     others = [SourceCheckpoint(layouts["fused"]), SourceCheckpoint(layouts["transposed"])]
-    others.append(StateDictSource(layouts["original"], torch.load(layouts["pt"], weights_only=True), "prune_model_dict.pt"))
+    others.append(
+        StateDictSource(
+            layouts["original"], torch.load(layouts["pt"], weights_only=True), "prune_model_dict.pt"
+        )
+    )
     for layer in ref.arch.moe_layers:
         want = ref.expert_weights(layer)
         for src in others:
@@ -141,7 +159,9 @@ def test_every_layout_reads_the_same_experts(layouts) -> None:
                 for w, g in zip(w_list, g_list):
                     torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert set(others[0].weight_map) - set(ref.weight_map) == {
-        names.moe_prefix(ref.arch.architecture, layer) + f".experts.{p}" for layer in ref.arch.moe_layers for p in ("gate_up_proj", "down_proj")
+        names.moe_prefix(ref.arch.architecture, layer) + f".experts.{p}"
+        for layer in ref.arch.moe_layers
+        for p in ("gate_up_proj", "down_proj")
     }
 
 
@@ -151,7 +171,9 @@ def test_convert_gives_one_checkpoint_from_every_layout(layouts) -> None:
         "per_expert": convert_zero_masked(layouts["per_expert"], root / "out-per-expert", overwrite=True),
         "fused": convert_zero_masked(layouts["fused"], root / "out-fused", overwrite=True),
         "transposed": convert_zero_masked(layouts["transposed"], root / "out-transposed", overwrite=True),
-        "pt": convert_zero_masked(layouts["original"], root / "out-pt", state_dict_path=layouts["pt"], overwrite=True),
+        "pt": convert_zero_masked(
+            layouts["original"], root / "out-pt", state_dict_path=layouts["pt"], overwrite=True
+        ),
     }
     ref = load_file(outs["per_expert"] / "model.safetensors")
     qc = json.loads((outs["per_expert"] / "config.json").read_text())["quantization_config"]
@@ -181,13 +203,22 @@ def test_convert_gives_one_checkpoint_from_every_layout(layouts) -> None:
 
 
 def test_canonical_name_maps_transformers_in_memory_names() -> None:
-    assert canonical_name("MixtralForCausalLM", "model.layers.3.mlp.gate.weight") == "model.layers.3.block_sparse_moe.gate.weight"
+    assert (
+        canonical_name("MixtralForCausalLM", "model.layers.3.mlp.gate.weight")
+        == "model.layers.3.block_sparse_moe.gate.weight"
+    )
     assert (
         canonical_name("MixtralForCausalLM", "model.layers.0.mlp.experts.gate_up_proj")
         == "model.layers.0.block_sparse_moe.experts.gate_up_proj"
     )
-    assert canonical_name("MixtralForCausalLM", "model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
-    assert canonical_name("Qwen3MoeForCausalLM", "model.layers.3.mlp.gate.weight") == "model.layers.3.mlp.gate.weight"
+    assert (
+        canonical_name("MixtralForCausalLM", "model.layers.0.self_attn.q_proj.weight")
+        == "model.layers.0.self_attn.q_proj.weight"
+    )
+    assert (
+        canonical_name("Qwen3MoeForCausalLM", "model.layers.3.mlp.gate.weight")
+        == "model.layers.3.mlp.gate.weight"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +233,9 @@ def test_fused_tensors_of_the_wrong_shape_are_named(qwen3, tmp_path: Path) -> No
     original, state = qwen3[0], dict(qwen3[1])
     name = "model.layers.1.mlp.experts.down_proj"
     state[name] = state[name][:, :, :10]
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj .*down_proj \[8, 64, 10\]"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj .*down_proj \[8, 64, 10\]"
+    ):
         StateDictSource(original, state, "bad.pt")
 
 
