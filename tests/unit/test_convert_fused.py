@@ -24,6 +24,7 @@ from camera_vllm.arch import moe_arch_from_config
 from camera_vllm.compress.convert import StateDictSource, convert_zero_masked, detect_keeps
 from camera_vllm.compress.source import SourceCheckpoint, canonical_name
 from camera_vllm.format import names
+from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
 EMPTY = 3  # expert zeroed entirely
@@ -182,6 +183,8 @@ def test_convert_gives_one_checkpoint_from_every_layout(layouts) -> None:
         if layouts["shared_widths"]:
             assert qc["layers"][str(layer)]["shared_slabs"] == [layouts["shared_widths"][layer]]
     for key, out in outs.items():
+        report = validate(out)
+        assert report.ok, f"{key}: {report}"
         got = load_file(out / "model.safetensors")
         assert set(got) == set(ref), f"{key}: tensor names differ: {sorted(set(got) ^ set(ref))[:6]}"
         for name, t in ref.items():
