@@ -18,11 +18,12 @@ expert's projections (:mod:`.linear_method`) by dequantizing one slab at a time.
 # annotation objects of the op function.
 import functools
 import json
+import os
 from collections.abc import Callable
 
 import torch
 
-from .ragged import ragged_moe_forward
+from .ragged import CPU_KERNEL_ALIGN, cpu_kernel_isa, cpu_pack_of, pack_for_cpu_, ragged_moe_forward, ragged_moe_forward_cpu
 
 OP_NAMESPACE = "camera_vllm"
 OP_NAME = "moe"
@@ -45,7 +46,32 @@ def _prune_impl(
     arg: str | None,
 ) -> torch.Tensor:
     w13, w2t, offsets = weights
+    pack = cpu_pack_of(w13)
+    if pack is None and _served_cpu_layer(x, w13, w2t):
+        # Once per served layer: repack its weights in place (same bytes) for vLLM's
+        # compiled CPU MoE kernel.  Only vLLM parameters are packed: a plain tensor
+        # (tests, the reference) keeps the layout that every other reader expects.
+        pack = pack_for_cpu_(w13, w2t, offsets, cpu_kernel_isa(w13.dtype))  # type: ignore[arg-type]
+    if pack is not None:
+        return ragged_moe_forward_cpu(x, topk_weights, topk_ids, w13, w2t, pack, expert_map)
     return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
+
+
+#: Set to ``0`` to serve CAMERA-P on CPU with the pure-torch path only (A/B checks).
+CPU_KERNEL_ENV = "CAMERA_VLLM_CPU_KERNEL"
+
+
+def _served_cpu_layer(x: torch.Tensor, w13: torch.Tensor, w2t: torch.Tensor) -> bool:
+    """True for a served CAMERA-P layer (nn.Parameter weights) that vLLM's CPU kernel can run."""
+    if os.environ.get(CPU_KERNEL_ENV, "1") == "0":
+        return False
+    if not (isinstance(w13, torch.nn.Parameter) and isinstance(w2t, torch.nn.Parameter)):
+        return False
+    if x.device.type != "cpu" or w13.device.type != "cpu" or x.dtype != w13.dtype:
+        return False
+    if w13.shape[-1] % CPU_KERNEL_ALIGN != 0:  # the kernel's output tile (hidden is w2's output)
+        return False
+    return cpu_kernel_isa(w13.dtype) is not None
 
 
 # Order of the per-bit tensor groups in a "mixed" weight list; the four int32

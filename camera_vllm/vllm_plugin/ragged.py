@@ -131,3 +131,163 @@ def ragged_moe_forward(
         y = torch.matmul(act, w2t[lo:hi])  # [count, H]
         out.index_add_(0, tokens, y.to(torch.float32) * flat_weights[slots].to(torch.float32).unsqueeze(1))
     return out.to(x.dtype)
+
+
+# -- CPU fast path: vLLM's compiled CPU MoE kernel on the aligned part of every expert ---------------
+
+#: ``cpu_fused_moe`` takes expert widths that are multiples of this (its output tile).
+CPU_KERNEL_ALIGN = 32
+
+_PACK_ATTR = "_camera_cpu_pack"
+
+
+@dataclass(frozen=True)
+class CpuPack:
+    """How one layer's ragged weights were repacked in place for vLLM's CPU MoE kernel.
+
+    Expert ``e`` of width ``n_e`` is split into a head of ``a_e = n_e - n_e % 32``
+    micro-experts, run by ``torch.ops._C.cpu_fused_moe`` from its prepacked (VNNI) form,
+    and a tail of ``r_e = n_e % 32`` micro-experts, run by plain torch matmuls (SwiGLU
+    is per channel, so the split is exact).  Within the expert's own rows, nothing
+    moves to another expert and no byte is added:
+
+    * ``w13`` rows ``[2 off_e, 2 off_e + 2 n_e)``: the prepacked ``[2 a_e, H]`` head
+      (gate rows then up rows), then the tail's ``r_e`` gate rows and ``r_e`` up rows;
+    * ``w2t`` rows ``[off_e, off_e + n_e)``: the prepacked ``W_down[:, :a_e]`` (``[H, a_e]``,
+      stored in the first ``a_e`` rows), then the tail's ``r_e`` rows as before.
+    """
+
+    isa: str
+    widths: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def head(self, e: int) -> int:
+        return self.widths[e] - self.widths[e] % CPU_KERNEL_ALIGN
+
+
+def cpu_kernel_isa(dtype: torch.dtype) -> str | None:
+    """The ``cpu_fused_moe`` ISA for ``dtype`` here, or None when the kernel cannot serve it.
+
+    The kernel is vLLM's (``torch.ops._C``), present once vLLM's CPU extension is loaded;
+    bf16 only: fp32 layers keep the pure-torch path (the exactness oracle's dtype).
+    """
+    if dtype != torch.bfloat16:
+        return None
+    try:
+        torch.ops._C.cpu_fused_moe  # noqa: B018 - raises when vLLM's CPU extension is not loaded
+        torch.ops._C.prepack_moe_weight  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return "amx" if amx is not None and amx() else "vec"
+
+
+def cpu_pack_of(w13: torch.Tensor) -> CpuPack | None:
+    """The :class:`CpuPack` of a layer whose ``w13`` was packed by :func:`pack_for_cpu_`, else None."""
+    return getattr(w13, _PACK_ATTR, None)
+
+
+def _prepack(weight: torch.Tensor, isa: str) -> torch.Tensor:
+    out = torch.empty_like(weight)
+    torch.ops._C.prepack_moe_weight(weight, out, isa)
+    return out
+
+
+@torch.no_grad()
+def pack_for_cpu_(w13: torch.Tensor, w2t: torch.Tensor, offsets: torch.Tensor, isa: str) -> CpuPack:
+    """Repack a layer's ragged ``w13``/``w2t`` in place into the :class:`CpuPack` layout.
+
+    Works one expert at a time (transient memory: one expert); the tensors keep their
+    shapes, storage and byte count.  Afterwards only :func:`ragged_moe_forward_cpu`
+    may read them; the pack is recorded on ``w13`` (see :func:`cpu_pack_of`), so a
+    second call is refused instead of packing twice.
+    """
+    if cpu_pack_of(w13) is not None:
+        raise ValueError("pack_for_cpu_: these weights are already packed")
+    if w13.dim() != 2 or w2t.dim() != 2 or w13.shape[0] != 2 * w2t.shape[0] or w13.shape[1] != w2t.shape[1]:
+        raise ValueError(f"pack_for_cpu_: w13 {tuple(w13.shape)} and w2t {tuple(w2t.shape)} are not a ragged layer")
+    if not (w13.is_contiguous() and w2t.is_contiguous()):
+        raise ValueError("pack_for_cpu_: w13 and w2t must be contiguous")
+    off = tuple(int(v) for v in offsets.tolist())
+    widths = tuple(off[e + 1] - off[e] for e in range(len(off) - 1))
+    pack = CpuPack(isa, widths, off)
+    hidden = w13.shape[1]
+    for e, n in enumerate(widths):
+        a = pack.head(e)
+        if a == 0:
+            continue  # all tail (or empty): plain layout, untouched
+        lo = off[e]
+        block13 = w13[2 * lo : 2 * lo + 2 * n]  # [gate n; up n]
+        gate, up = block13[:n], block13[n:]
+        head13 = _prepack(torch.cat([gate[:a], up[:a]]).unsqueeze(0), isa)  # [1, 2a, H]
+        tail13 = torch.cat([gate[a:], up[a:]])  # [2r, H]
+        block13[: 2 * a].copy_(head13.view(2 * a, hidden))
+        block13[2 * a :].copy_(tail13)
+        block2 = w2t[lo : lo + n]
+        head2 = _prepack(block2[:a].t().contiguous().unsqueeze(0), isa)  # W_down[:, :a]: [1, H, a]
+        block2[:a].copy_(head2.view(a, hidden))  # same a*H elements, read back as [1, H, a]
+    setattr(w13, _PACK_ATTR, pack)
+    return pack
+
+
+def ragged_moe_forward_cpu(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2t: torch.Tensor,
+    pack: CpuPack,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`ragged_moe_forward` on weights packed by :func:`pack_for_cpu_` (same arguments).
+
+    Per hit expert: one ``cpu_fused_moe`` call on the prepacked head (router weight
+    applied inside the kernel), plus two small matmuls for a tail of fewer than 32
+    micro-experts; partial outputs are accumulated in fp32.
+    """
+    num_tokens, hidden = x.shape
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out.to(x.dtype)
+    top_k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    if expert_map is not None:
+        ids = expert_map.to(torch.int64)[ids]
+    num_local = len(pack.widths)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids[ids >= 0], minlength=num_local).tolist()
+    flat_weights = topk_weights.reshape(-1).to(torch.float32)
+    xc = x.contiguous()
+    zero_ids: torch.Tensor | None = None
+    pos = ids.numel() - sum(counts)
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[pos : pos + count]
+        pos += count
+        n = pack.widths[e]
+        if n == 0:
+            continue
+        lo = pack.offsets[e]
+        a = pack.head(e)
+        r = n - a
+        tokens = slots // top_k
+        xe = xc.index_select(0, tokens)
+        we = flat_weights.index_select(0, slots).unsqueeze(1)  # [count, 1] fp32
+        if a:
+            if zero_ids is None or zero_ids.shape[0] < count:
+                zero_ids = torch.zeros((num_tokens * top_k, 1), dtype=torch.int32, device=x.device)
+            ye = torch.empty_like(xe)
+            torch.ops._C.cpu_fused_moe(
+                ye, xe,
+                w13[2 * lo : 2 * lo + 2 * a].view(1, 2 * a, hidden),
+                w2t[lo : lo + a].view(1, hidden, a),
+                None, None, we, zero_ids[:count], False, "silu", pack.isa,
+            )
+            out.index_add_(0, tokens, ye.to(torch.float32))
+        if r:
+            gate_up = F.linear(xe, w13[2 * lo + 2 * a : 2 * lo + 2 * n])  # [count, 2r]
+            act = F.silu(gate_up[:, :r]) * gate_up[:, r:]
+            y = torch.matmul(act, w2t[lo + a : lo + n])
+            out.index_add_(0, tokens, y.to(torch.float32) * we)
+    return out.to(x.dtype)
