@@ -8,12 +8,12 @@ small attention and vocabulary, bf16.  It is compressed with the project's own C
 time) and measured with vLLM's own ``vllm bench serve`` (random prompts of fixed
 length, fixed seed, ``--ignore-eos``):
 
-* decode tok/s: 32-token prompts, 64 generated tokens; ``concurrency * 1000 / median
+* decode tok/s: 32-token prompts, 32 generated tokens; ``concurrency * 1000 / median
   TPOT (ms)``, i.e. the aggregate rate of the running sequences between their first and
   last token;
-* prefill tok/s: 512-token prompts, 1 generated token; prompt tokens / wall time.
+* prefill tok/s: 256-token prompts, 1 generated token; prompt tokens / wall time.
 
-Both at 1 and 8 concurrent requests (``--max-concurrency``, twice as many prompts).
+Both at 1 and 8 concurrent requests (``--max-concurrency``, as many prompts).
 The machine may be shared, so the whole model sweep is repeated (``--reps``, models in
 the same order each time): every repetition is recorded, the table shows medians, and
 each measurement carries the 1-minute load average around it.
@@ -82,10 +82,12 @@ class Settings:
     """Lengths and repetitions of one run."""
 
     decode_input: int = 32
-    decode_output: int = 64
-    prefill_input: int = 512
+    decode_output: int = 32
+    prefill_input: int = 256
     concurrencies: tuple[int, ...] = (1, 8)
-    prompts_per_slot: int = 2  # num_prompts = concurrency * this
+    # num_prompts = concurrency * this: one full wave (CAMERA-Q's CPU path is slow, so
+    # longer runs would take hours on 2 cores).
+    prompts_per_slot: int = 1
     reps: int = 2
     seed: int = 0
     # Calibration only decides which micro-experts survive (widths / bits): speed needs
@@ -100,11 +102,12 @@ QUICK_SETTINGS = Settings(decode_input=16, decode_output=16, prefill_input=128, 
                           calib_len=32)
 
 # name -> (label, camera-vllm subcommand args or None for the dense model)
+# Measured in this order within a repetition (the targets' rows first).
 VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "dense": ("dense bf16", None),
-    "p25": ("CAMERA-P 25 %", ["prune", "--ratio", "0.25"]),
     "p50": ("CAMERA-P 50 %", ["prune", "--ratio", "0.5"]),
     "q225": ("CAMERA-Q 2.25 bit", ["quantize", "--avg-bits", "2.25", "--method", "rtn", "--group-size", "128"]),
+    "p25": ("CAMERA-P 25 %", ["prune", "--ratio", "0.25"]),
     "q25": ("CAMERA-Q 2.5 bit", ["quantize", "--avg-bits", "2.5", "--method", "rtn", "--group-size", "128"]),
 }
 
@@ -161,9 +164,29 @@ def calib_file() -> Path:
 
 
 def compress(base: Path, name: str, args: list[str], out: Path, st: Settings) -> Path:
-    """Run ``camera-vllm <args>`` on ``base`` into ``out`` unless it already exists."""
+    """Run ``camera-vllm <args>`` on ``base`` into ``out`` unless it already exists.
+
+    ``<out>.lock`` holds the pid of the process compressing it; another run (e.g.
+    ``--prepare-only`` started beside a measuring run) waits for it instead of redoing it.
+    """
+    lock = out.with_name(out.name + ".lock")
+    while lock.exists() and not (out / "config.json").exists():
+        try:
+            os.kill(int(lock.read_text().strip() or 0), 0)
+        except (OSError, ValueError):
+            break  # stale lock: its process is gone
+        log(f"waiting for {name}: being compressed by pid {lock.read_text().strip()}")
+        time.sleep(30)
     if (out / "config.json").exists():
         return out
+    lock.write_text(str(os.getpid()))
+    try:
+        return _compress(base, name, args, out, st)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _compress(base: Path, name: str, args: list[str], out: Path, st: Settings) -> Path:
     cmd = [str(VENV_BIN / "camera-vllm"), *args, str(base), "--out", str(out), "--overwrite",
            "--calib", str(calib_file()), "--num-seqs", str(st.calib_seqs), "--seq-len", str(st.calib_len),
            "--device", "cpu"]
@@ -383,9 +406,13 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
         f"(random prompts, `--ignore-eos`, seed {st['seed']}). Decode: {st['decode_input']}-token prompts, "
         f"{st['decode_output']} new tokens, rate = concurrency / median TPOT. Prefill: "
         f"{st['prefill_input']}-token prompts, 1 new token, rate = prompt tokens / wall time. "
-        f"Medians of {st['reps']} repetitions of the whole sweep (every repetition is in the JSON, "
+        f"Medians of {st['reps']} repetition(s) of the whole sweep (every repetition is in the JSON, "
         "with the 1-minute load average around each measurement).",
         "",
+    ]
+    if not result.get("complete", True):
+        lines += ["**Partial run**: the sweep was interrupted; only the rows below were measured.", ""]
+    lines += [
         "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | expert bytes | × dense |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -466,10 +493,18 @@ def main(argv: list[str] | None = None) -> Path:
     model_root = CACHE / shape.tag
     model_root.mkdir(parents=True, exist_ok=True)
     ckpts = {"dense": build_base(shape, model_root / "dense")}
-    for name in order[1:]:
-        ckpts[name] = compress(ckpts["dense"], name, VARIANTS[name][1] or [], model_root / name, st)
-    bytes_by_model = {m: expert_bytes(p) for m, p in ckpts.items()}
+    bytes_by_model: dict[str, int] = {}
+
+    def checkpoint(name: str) -> Path:
+        # Compressed on first use, so measuring starts before every checkpoint exists.
+        if name not in ckpts:
+            ckpts[name] = compress(ckpts["dense"], name, VARIANTS[name][1] or [], model_root / name, st)
+        bytes_by_model[name] = expert_bytes(ckpts[name])
+        return ckpts[name]
+
     if args.prepare_only:
+        for name in order:
+            checkpoint(name)
         log(f"checkpoints ready under {model_root}")
         return model_root
 
@@ -481,12 +516,13 @@ def main(argv: list[str] | None = None) -> Path:
     # SIGTERM (e.g. a timeout) unwinds through the Server context managers: no orphaned servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for i, (rep, m) in enumerate(tqdm(jobs, desc="serve+measure", unit="server")):
-        raw.extend(measure_model(m, ckpts[m], st, rep, work))
+        raw.extend(measure_model(m, checkpoint(m), st, rep, work))
         # Written after every server, so an interrupted run leaves an honest partial file.
         done = i + 1 == len(jobs)
         write_result(out_json, raw, bytes_by_model, order, shape, st, ckpts, work, t_start, complete=done)
+        if write_public_docs:
+            write_docs(json.loads(out_json.read_text()), DOCS / "speed.md", DOCS / "speed.png")
     if write_public_docs:
-        write_docs(json.loads(out_json.read_text()), DOCS / "speed.md", DOCS / "speed.png")
         log(f"wrote {DOCS / 'speed.md'} and {DOCS / 'speed.png'}")
     for v in json.loads(out_json.read_text())["verdicts"]:
         log(v)
