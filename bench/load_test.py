@@ -322,8 +322,9 @@ def plot(summary: dict[str, Any], samples: list[dict[str, Any]], path: Path, tit
         ax1.axvspan(mark - rss["window_s"], mark, color="tab:orange", alpha=0.2)
         if val is not None:
             ax1.annotate(f"{val:.0f} MiB", (mark, val), textcoords="offset points", xytext=(-40, 8))
-    lo, hi = min(s["rss_mb"] for s in samples), max(s["rss_mb"] for s in samples)
-    ax1.set_ylim(lo - 0.05 * hi, hi * 1.05)
+    if samples:  # none when the server died before the first sample
+        lo, hi = min(s["rss_mb"] for s in samples), max(s["rss_mb"] for s in samples)
+        ax1.set_ylim(lo - 0.05 * hi, hi * 1.05)
     ax1.set_ylabel("server tree RSS (MiB)")
     growth = rss["growth_pct"]
     ax1.set_title(f"{title}\nRSS growth between the marks: {growth:+.2f} %" if growth is not None else title,
@@ -382,7 +383,7 @@ def run(model: Path | None, work: Path, cfg: LoadConfig) -> dict[str, Any]:
     """Build (if needed) and serve the checkpoint, load it, stop it; the summary dict."""
     work.mkdir(parents=True, exist_ok=True)
     if model is None:
-        _say("building a tiny CAMERA-Q checkpoint (camera-vllm quantize)")
+        _say(f"tiny CAMERA-Q checkpoint under {work} (camera-vllm quantize, reused if there)")
         model = build_checkpoint(work)
     _say(f"starting vllm serve on {model} (log {work / 'serve.log'})")
     load_before = os.getloadavg()

@@ -101,6 +101,37 @@ def test_request_mix_covers_both_endpoints_and_fits_the_context() -> None:
     assert any(s.body("m").get("seed") is not None for s in seeded)
 
 
+def _result(client: int, start: float, *, failed: bool = False, complete: bool = True) -> load_client.RequestResult:
+    check = {"complete": complete, "finish_reason": "length", "completion_tokens": 4,
+             "problem": None if complete else "no [DONE] at the end"}
+    return load_client.RequestResult(client=client, kind="chat" if client % 2 else "completion", max_tokens=4,
+                                     start=start, end=start + 0.5, ttft=0.1, status=None if failed else 200,
+                                     failed=failed, error="ReadError" if failed else None,
+                                     check={} if failed else check)
+
+
+@pytest.mark.parametrize(
+    "rss_end, bad, passed",
+    [(1040.0, None, True), (1060.0, None, False), (1000.0, "failed", False), (1000.0, "incomplete", False)],
+)
+def test_summary_criteria(rss_end: float, bad: str | None, passed: bool) -> None:
+    cfg = load_test.LoadConfig(clients=2, duration_s=120.0, warmup_s=10.0)
+    # RSS flat at 1000 MiB through minute 1, then at rss_end: the marks average (50, 60] and (110, 120].
+    samples = [{"t": float(t), "rss_mb": 1000.0 if t <= 60 else rss_end, "procs_mb": {"worker": 1.0}}
+               for t in range(-10, 121, 2)]
+    results = [_result(c, t) for c in range(2) for t in range(-5, 120, 5)]
+    if bad:
+        results.append(_result(1, 30.0, failed=bad == "failed", complete=False))
+    summary = load_test.summarize(results, samples, cfg)
+    growth = summary["rss"]["growth_pct"]
+    assert growth == pytest.approx((rss_end - 1000) / 10)
+    assert (summary["rss"]["min1_mb"], summary["rss"]["min2_mb"]) == (1000.0, rss_end)
+    assert summary["passed"] is passed, summary["criteria"]
+    assert summary["requests"]["failed"] == (bad == "failed")
+    assert summary["requests"]["incomplete"] == (bad == "incomplete")
+    assert summary["requests"]["ok"] == 2 * 24 and summary["requests"]["warmup"] == 2
+
+
 @pytest.mark.vllm
 def test_served_camera_q_checkpoint_under_concurrent_streams(tmp_path_factory: pytest.TempPathFactory) -> None:
     cfg = load_test.LoadConfig(clients=8, duration_s=15.0, warmup_s=5.0, sample_every_s=2.0, eager=True,
