@@ -45,7 +45,9 @@ class CameraConfig(QuantizationConfig):
             # for a checkpoint whose config.json has no quantization_config.
             raise CameraFormatError(
                 "--quantization camera needs a CAMERA checkpoint, but config.json has no "
-                "'quantization_config'; compress the model with camera-vllm first"
+                "'quantization_config'. Compress the model with camera-vllm first, or serve a "
+                "zero-masked model (the CAMERA reference code's output) with --load-format camera "
+                "and without --quantization"
             )
         self.camera = camera
 

@@ -434,5 +434,6 @@ def test_quantization_camera_with_load_format_camera_is_refused(runs: dict) -> N
     got = runs["both-flags"]
     assert "error" in got, "vLLM accepted --quantization camera together with --load-format camera"
     assert "--quantization camera" in got["error"] and "quantization_config" in got["error"], got["error"]
+    assert "--load-format camera" in got["error"], got["error"]  # says how to serve such a directory
     assert "create_engine_config" in got["frames"], got["frames"]  # refused while vLLM builds its config
     assert "load_model" not in got["frames"]  # before any engine or model loader ran
