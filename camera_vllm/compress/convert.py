@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..format import names
-from .prune import LayerKeep, write_pruned_checkpoint
+from ..format.schema import CameraQuantConfig
+from .prune import LayerKeep, prune_quant_config, write_pruned_checkpoint
 from .source import FUSED_DOWN, FUSED_GATE_UP, SourceCheckpoint
 
 
@@ -132,13 +133,29 @@ def convert_zero_masked(
     else:
         source = SourceCheckpoint(model_dir)
     keeps = detect_keeps(source)
-    total = sum(source.arch.intermediate_size for _ in source.arch.moe_layers) * source.arch.num_experts
-    kept = sum(sum(k.widths) for k in keeps.values())
-    compression: dict[str, Any] = {
+    compression = zero_mask_compression(source, keeps, "zero-masked", str(state_dict_path or model_dir))
+    return write_pruned_checkpoint(source, out_dir, keeps, compression=compression, overwrite=overwrite)
+
+
+def zero_mask_compression(
+    source: SourceCheckpoint, keeps: dict[int, LayerKeep], origin: str, where: str
+) -> dict[str, Any]:
+    """The ``compression`` record of a CAMERA-P config derived from a zero-masked model."""
+    total = len(source.arch.moe_layers) * source.arch.num_experts * source.arch.intermediate_size
+    return {
         "method": "camera-p",
-        "origin": "zero-masked",
-        "source": str(state_dict_path or model_dir),
-        "routed_channels_kept": kept,
+        "origin": origin,
+        "source": where,
+        "routed_channels_kept": sum(sum(k.widths) for k in keeps.values()),
         "routed_channels_total": total,
     }
-    return write_pruned_checkpoint(source, out_dir, keeps, compression=compression, overwrite=overwrite)
+
+
+def zero_masked_quant_config(model_dir: str | Path, origin: str = "zero-masked") -> CameraQuantConfig:
+    """The CAMERA-P ``quantization_config`` that a zero-masked HF directory amounts to.
+
+    This is what ``--load-format camera`` installs; it reads every expert tensor once.
+    """
+    source = SourceCheckpoint(model_dir)
+    keeps = detect_keeps(source)
+    return prune_quant_config(source, keeps, zero_mask_compression(source, keeps, origin, str(model_dir)))

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 LOAD_FORMAT = "camera"
 # If set, the worker writes a JSON summary of what it dropped to this path (tests, tools).
 STATS_ENV = "CAMERA_LOAD_STATS"
+# ``quantization_config.compression.origin`` of the config this loader installs.
+ZERO_MASK_ORIGIN = "zero-masked (--load-format camera)"
 
 
 def _keep_plan(source: Any, keeps: dict[int, Any]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -136,26 +138,16 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         Afterwards :meth:`get_all_weights` yields the checkpoint with only the kept
         micro-experts, per expert and under the names vLLM's model classes load.
         """
-        from ..compress.convert import detect_keeps
+        from ..compress.convert import detect_keeps, zero_mask_compression
         from ..compress.prune import prune_quant_config
         from ..compress.source import SourceCheckpoint
 
         source = SourceCheckpoint(model_dir)
         keeps = detect_keeps(source)
+        compression = zero_mask_compression(source, keeps, ZERO_MASK_ORIGIN, str(model_dir))
+        qcfg = prune_quant_config(source, keeps, compression)
         arch = source.arch
-        total = len(arch.moe_layers) * arch.num_experts * arch.intermediate_size
-        kept = sum(sum(k.widths) for k in keeps.values())
-        qcfg = prune_quant_config(
-            source,
-            keeps,
-            {
-                "method": "camera-p",
-                "origin": "zero-masked (--load-format camera)",
-                "source": str(model_dir),
-                "routed_channels_kept": kept,
-                "routed_channels_total": total,
-            },
-        )
+        kept, total = compression["routed_channels_kept"], compression["routed_channels_total"]
         self._arch = arch.architecture
         self._plan = _keep_plan(source, keeps)
         self._fused = {}

@@ -252,6 +252,19 @@ def _served_names(model_config: Any, args: Any, model: str | None) -> list[str]:
     return [str(n) for n in names or []]
 
 
+def _has_no_quant_block(config: dict[str, Any]) -> bool:
+    return config.get("quantization_config") is None and _text_config(config).get("quantization_config") is None
+
+
+def _load_format(model_config: Any, engine_client: Any, args: Any) -> str | None:
+    """The server's ``--load-format`` (from the engine's load config, else the CLI args)."""
+    load_config = getattr(getattr(engine_client, "vllm_config", None), "load_config", None)
+    fmt = getattr(load_config, "load_format", None)
+    if fmt is None and args is not None:
+        fmt = getattr(args, "load_format", None)
+    return None if fmt is None else str(getattr(fmt, "value", fmt))
+
+
 def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> dict[str, Any]:
     """The /camera/stats payload, or raise NotACameraCheckpoint / CameraFormatError / OSError.
 
@@ -265,6 +278,14 @@ def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> di
     if os.path.isdir(model):
         config = read_config_json(model)
         source = str(Path(model).resolve() / CONFIG_FILE)
+        if _has_no_quant_block(config) and _load_format(model_config, engine_client, args) == "camera":
+            # A zero-masked model: the workers serve the CAMERA-P config derived from its zeros,
+            # so derive the same one here (one read of every expert tensor, at server start).
+            from ..compress.convert import zero_masked_quant_config
+            from .loader import LOAD_FORMAT, ZERO_MASK_ORIGIN
+
+            config["quantization_config"] = zero_masked_quant_config(model, ZERO_MASK_ORIGIN).to_json_dict()
+            source += f" + zero-mask scan (--load-format {LOAD_FORMAT})"
     else:
         hf_config = getattr(model_config, "hf_config", None)
         if hf_config is None:

@@ -219,3 +219,41 @@ def test_deploy_stats_endpoint_plugin_entry_point_declared():
         "pyproject.toml lacks [project.entry-points.\"vllm.endpoint_plugins\"] "
         "camera_stats = \"camera_vllm.vllm_plugin.stats_api:CameraStatsPlugin\" (then reinstall)"
     )
+
+
+def test_deploy_stats_for_a_zero_masked_model_under_load_format_camera(tmp_path):
+    """--load-format camera serves a directory without quantization_config: the stats describe
+    the CAMERA-P config the workers derive from its zeros; without that flag it is not CAMERA."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from camera_vllm.testing.tiny_models import build_tiny_moe
+
+    orig = build_tiny_moe("qwen2_moe", tmp_path / "orig")
+    masked = tmp_path / "masked"
+    shutil.copytree(orig, masked)
+    sd = load_file(str(orig / "model.safetensors"))
+    layer1 = "model.layers.1.mlp.experts"
+    for name in list(sd):
+        if name.startswith(f"{layer1}.3."):  # a whole expert pruned
+            sd[name] = torch.zeros_like(sd[name])
+    for proj in ("gate_proj", "up_proj"):  # 10 channels of expert 1
+        sd[f"{layer1}.1.{proj}.weight"][:10] = 0
+    sd[f"{layer1}.1.down_proj.weight"][:, :10] = 0
+    save_file(sd, str(masked / "model.safetensors"), metadata={"format": "pt"})
+
+    def engine(load_format):
+        return Namespace(model_config=Namespace(model=str(masked), served_model_name=None),
+                         vllm_config=Namespace(load_config=Namespace(load_format=load_format)))
+
+    s = stats_api.collect_stats(engine("camera"), Namespace(model=str(masked)))
+    width = 64  # tiny qwen2_moe moe_intermediate_size
+    by_layer = {entry["layer"]: entry for entry in s["layers"]}
+    assert by_layer[0]["expert_width"]["total"] == 8 * width
+    assert by_layer[1]["expert_width"] == {"min": 0, "max": width, "mean": (7 * width - 10) / 8,
+                                           "total": 7 * width - 10}
+    assert "zero-mask scan" in s["model"]["config_source"]
+    with pytest.raises(stats_api.NotACameraCheckpoint):
+        stats_api.collect_stats(engine("auto"), Namespace(model=str(masked)))
