@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.camera-vllm-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install demo test test-fast kernel-test bench bench-model gpu-bench clean
+.PHONY: install demo test test-fast kernel-test bench bench-model bench-load gpu-bench clean
 
 install: $(STAMP)
 
@@ -33,3 +33,11 @@ clean:
 # The benchmark MoE (trained on this CPU, ~20-35 min; cached in bench/.cache, outside git).
 bench-model: install
 	$(PY) bench/build_model.py $(BENCH_MODEL_ARGS)
+
+# vllm serve under 32 concurrent streaming clients for 2 minutes (docs/load-test.md).
+bench-load: install
+	$(PY) bench/load_test.py $(LOAD_ARGS)
+
+# The Triton kernel correctness check and benchmark, on a CUDA machine (bench/run_gpu_bench.sh).
+gpu-bench:
+	bash bench/run_gpu_bench.sh

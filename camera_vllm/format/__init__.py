@@ -4,6 +4,7 @@
 * :mod:`.schema` - the ``quantization_config`` model (versioned, validated)
 * :mod:`.layout` - slab tensor shapes and dtypes
 * :mod:`.validate` - check a checkpoint directory against all of the above
+* :mod:`.sharding` - how tensor-parallel ranks split experts and slabs
 """
 
 from .names import FORMAT_VERSION, QUANT_METHOD
