@@ -41,3 +41,8 @@ bench-load: install
 # The Triton kernel correctness check and benchmark, on a CUDA machine (bench/run_gpu_bench.sh).
 gpu-bench:
 	bash bench/run_gpu_bench.sh
+
+# Every CPU benchmark: quality table, compressor cost, CPU speed table (2-3 h on 2 cores;
+# trains the benchmark model first if its cache is missing). BENCH_STEPS=quality|cost|speed
+bench: install
+	bash bench/run_all.sh $(BENCH_STEPS)
