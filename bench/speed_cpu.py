@@ -418,19 +418,24 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
     if not result.get("complete", True):
         lines += ["**Partial run**: the sweep was interrupted; only the rows below were measured.", ""]
     lines += [
-        "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | expert bytes | × dense |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | expert bytes | × dense "
+        "| 1-min load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
+        loads = [x for q in result["raw"] if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
+                 for x in q["loadavg_1min"]]
         lines.append(
             f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | {r['decode_ratio_vs_dense']:.2f} | "
             f"{r['prefill_tok_s']:.0f} | {r['prefill_ratio_vs_dense']:.2f} | {r['expert_bytes'] / 2**20:.0f} MiB | "
-            f"{r['expert_bytes_ratio_vs_dense']:.3f} |"
+            f"{r['expert_bytes_ratio_vs_dense']:.3f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in result["verdicts"]]
     loads = [x for r in result["raw"] for x in r["loadavg_1min"]]
     lines += ["", f"1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f} "
-              f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared).", "",
+              f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "
+              "Rows measured under a higher load than the dense row are slowed by it, and the reverse: "
+              "read a ratio together with the load column.", "",
               "![speed ratios](speed.png)", ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines))
@@ -476,7 +481,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/speed-cpu.json; "
                     "quick: bench/.cache/speed/speed-cpu-quick.json)")
     ap.add_argument("--prepare-only", action="store_true", help="build and compress the checkpoints, measure nothing")
-    ap.add_argument("--docs", action="store_true", help="with --quick: still write docs/speed.md and docs/speed.png")
+    ap.add_argument("--docs", action="store_true", help="with --quick or --out: still write docs/speed.md and docs/speed.png")
     args = ap.parse_args(argv)
 
     shape, st = (QUICK_SHAPE, QUICK_SETTINGS) if args.quick else (ModelShape(), Settings())
@@ -492,7 +497,8 @@ def main(argv: list[str] | None = None) -> Path:
             ap.error(f"--only: unknown model(s) {bad}; choose from {list(VARIANTS)}")
         order = ["dense"] + [m for m in order if m in want and m != "dense"]
     out_json = args.out or ((CACHE / "speed-cpu-quick.json") if args.quick else (RESULTS / "speed-cpu.json"))
-    write_public_docs = (not args.quick) or args.docs
+    # docs/ describe the default full run only (unless asked).
+    write_public_docs = (not args.quick and args.out is None) or args.docs
 
     t_start = time.time()
     model_root = CACHE / shape.tag
