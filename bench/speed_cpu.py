@@ -435,7 +435,22 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
     lines += ["", f"1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f} "
               f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "
               "Rows measured under a higher load than the dense row are slowed by it, and the reverse: "
-              "read a ratio together with the load column.", "",
+              "read a ratio together with the load column.", ""]
+    # Other runs with --out bench/results/speed-cpu-*.json (e.g. a re-check of a few rows at low load).
+    for other in sorted(RESULTS.glob("speed-cpu-*.json")):
+        o = json.loads(other.read_text())
+        lines += [f"## Re-check: `bench/results/{other.name}` (commit {str(o['stamp']['commit'])[:10]}, "
+                  f"{o['settings']['reps']} repetition(s), same settings)", "",
+                  "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | 1-min load |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in o["table"]:
+            ld = [x for q in o["raw"] if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
+                  for x in q["loadavg_1min"]]
+            lines.append(f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | "
+                         f"{r['decode_ratio_vs_dense']:.2f} | {r['prefill_tok_s']:.0f} | "
+                         f"{r['prefill_ratio_vs_dense']:.2f} | {min(ld):.1f}-{max(ld):.1f} |")
+        lines += [""] + [f"- {v}" for v in o["verdicts"]] + [""]
+    lines += [
               "![speed ratios](speed.png)", ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines))
