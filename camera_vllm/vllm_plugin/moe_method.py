@@ -263,6 +263,8 @@ class CameraPruneMoEMethod(CameraMoEMethod):
                     f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint: {shown}"
                 )
         self._loaded = set()
+        # bf16 on CPU: vLLM's compiled MoE kernel runs each expert's 32-aligned part (same bytes).
+        ops.prepare_cpu_weights_(getattr(layer, W13), getattr(layer, W2), getattr(layer, OFFSETS))
 
     def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
         return [getattr(layer, W13), getattr(layer, W2), getattr(layer, OFFSETS)]

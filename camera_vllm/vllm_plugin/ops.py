@@ -23,7 +23,15 @@ from collections.abc import Callable
 
 import torch
 
-from .ragged import CPU_KERNEL_ALIGN, cpu_kernel_isa, cpu_pack_of, pack_for_cpu_, ragged_moe_forward, ragged_moe_forward_cpu
+from .ragged import (
+    CPU_KERNEL_ALIGN,
+    CpuPack,
+    cpu_kernel_isa,
+    cpu_pack_of,
+    pack_for_cpu_,
+    ragged_moe_forward,
+    ragged_moe_forward_cpu,
+)
 
 OP_NAMESPACE = "camera_vllm"
 OP_NAME = "moe"
@@ -46,12 +54,7 @@ def _prune_impl(
     arg: str | None,
 ) -> torch.Tensor:
     w13, w2t, offsets = weights
-    pack = cpu_pack_of(w13)
-    if pack is None and _served_cpu_layer(x, w13, w2t):
-        # Once per served layer: repack its weights in place (same bytes) for vLLM's
-        # compiled CPU MoE kernel.  Only vLLM parameters are packed: a plain tensor
-        # (tests, the reference) keeps the layout that every other reader expects.
-        pack = pack_for_cpu_(w13, w2t, offsets, cpu_kernel_isa(w13.dtype))  # type: ignore[arg-type]
+    pack = cpu_pack_of(w13)  # set by prepare_cpu_weights_ when the layer was loaded
     if pack is not None:
         return ragged_moe_forward_cpu(x, topk_weights, topk_ids, w13, w2t, pack, expert_map)
     return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
@@ -61,17 +64,27 @@ def _prune_impl(
 CPU_KERNEL_ENV = "CAMERA_VLLM_CPU_KERNEL"
 
 
-def _served_cpu_layer(x: torch.Tensor, w13: torch.Tensor, w2t: torch.Tensor) -> bool:
-    """True for a served CAMERA-P layer (nn.Parameter weights) that vLLM's CPU kernel can run."""
+def prepare_cpu_weights_(w13: torch.Tensor, w2t: torch.Tensor, offsets: torch.Tensor) -> CpuPack | None:
+    """Repack a loaded CAMERA-P layer in place for vLLM's compiled CPU MoE kernel, when it can run it.
+
+    Called once per layer after loading (``process_weights_after_loading``), never inside
+    the op, so the op stays free of side effects under torch.compile.  The kernel serves
+    bf16 CPU weights whose hidden size is a multiple of its tile; anything else (fp32,
+    other devices, ``CAMERA_VLLM_CPU_KERNEL=0``) keeps the exact pure-torch path and
+    returns None.  The tensors keep their storage and byte count.
+    """
+    if cpu_pack_of(w13) is not None:  # loaded twice (e.g. a weight reload): already packed
+        return cpu_pack_of(w13)
     if os.environ.get(CPU_KERNEL_ENV, "1") == "0":
-        return False
-    if not (isinstance(w13, torch.nn.Parameter) and isinstance(w2t, torch.nn.Parameter)):
-        return False
-    if x.device.type != "cpu" or w13.device.type != "cpu" or x.dtype != w13.dtype:
-        return False
+        return None
+    if w13.device.type != "cpu" or w2t.device.type != "cpu" or w13.numel() == 0:
+        return None
     if w13.shape[-1] % CPU_KERNEL_ALIGN != 0:  # the kernel's output tile (hidden is w2's output)
-        return False
-    return cpu_kernel_isa(w13.dtype) is not None
+        return None
+    isa = cpu_kernel_isa(w13.dtype)
+    if isa is None:
+        return None
+    return pack_for_cpu_(w13, w2t, offsets, isa)
 
 
 # Order of the per-bit tensor groups in a "mixed" weight list; the four int32

@@ -1,4 +1,4 @@
-"""CAMERA-P's CPU fast path: ragged weights repacked in place for vLLM's ``cpu_fused_moe``.
+"""CAMERA-P's CPU fast path: ragged weights repacked in place (after loading) for vLLM's ``cpu_fused_moe``.
 
 The oracle is the pure-torch ragged forward in fp32 on the same (bf16-rounded) weights.
 """
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("vllm._custom_ops")  # loads torch.ops._C (vLLM's CPU kernels)
 
 from camera_vllm.vllm_plugin import ops  # noqa: E402
-from camera_vllm.vllm_plugin.ops import camera_moe_impl  # noqa: E402
+from camera_vllm.vllm_plugin.ops import camera_moe_impl, prepare_cpu_weights_  # noqa: E402
 from camera_vllm.vllm_plugin.ragged import (  # noqa: E402
     RaggedLayout,
     cpu_kernel_isa,
@@ -54,8 +54,8 @@ def test_packed_path_matches_fp32_reference(tokens: int) -> None:
     x, tw, ids = _routing(tokens, 3, seed=tokens)
     want = ragged_moe_forward(x.float(), tw, ids, w13.float(), w2t.float(), offsets)
     p13, p2 = _params(w13, w2t)
+    assert prepare_cpu_weights_(p13, p2, offsets) is not None, "a bf16 CPU layer must take the kernel path"
     got = camera_moe_impl(x, tw, ids, [p13, p2, offsets], None, "prune")
-    assert cpu_pack_of(p13) is not None, "a served bf16 layer must take the kernel path"
     # The bf16 pure-torch path sets the scale of acceptable rounding error.
     plain = ragged_moe_forward(x, tw, ids, w13, w2t, offsets)
     err_plain = (plain.float() - want).abs().max().item()
@@ -76,8 +76,8 @@ def test_expert_map_skips_other_ranks() -> None:
     tw = torch.rand(9, 4, generator=gen)
     want = ragged_moe_forward(x.float(), tw, ids, w13.float(), w2t.float(), offsets, expert_map)
     p13, p2 = _params(w13, w2t)
+    assert prepare_cpu_weights_(p13, p2, offsets) is not None
     got = camera_moe_impl(x, tw, ids, [p13, p2, offsets], expert_map, "prune")
-    assert cpu_pack_of(p13) is not None
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02 * want.abs().max().item())
 
 
@@ -97,20 +97,28 @@ def test_pack_keeps_storage_and_bytes_and_refuses_twice() -> None:
         pack_for_cpu_(p13, p2, offsets, pack.isa)
 
 
-def test_plain_tensors_fp32_and_opt_out_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unpacked_layers_fp32_and_opt_out_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     w13, w2t, offsets = _layer(3)
     x, tw, ids = _routing(6, 2, seed=7)
-    # Plain tensors (what tests and the reference pass) are never repacked.
+    # The op itself never repacks: weights not prepared after loading stay as they are.
     a, b = w13.clone(), w2t.clone()
     camera_moe_impl(x, tw, ids, [a, b, offsets], None, "prune")
     assert torch.equal(a, w13) and torch.equal(b, w2t) and cpu_pack_of(a) is None
-    # fp32 parameters keep the exact pure-torch path.
+    # fp32 layers keep the exact pure-torch path.
     p13, p2 = (torch.nn.Parameter(w.float(), requires_grad=False) for w in (w13, w2t))
+    assert prepare_cpu_weights_(p13, p2, offsets) is None
     got = camera_moe_impl(x.float(), tw, ids, [p13, p2, offsets], None, "prune")
-    assert cpu_pack_of(p13) is None
     assert torch.equal(got, ragged_moe_forward(x.float(), tw, ids, w13.float(), w2t.float(), offsets))
     # The opt-out switch.
     monkeypatch.setenv(ops.CPU_KERNEL_ENV, "0")
     q13, q2 = _params(w13, w2t)
-    camera_moe_impl(x, tw, ids, [q13, q2, offsets], None, "prune")
+    assert prepare_cpu_weights_(q13, q2, offsets) is None
     assert cpu_pack_of(q13) is None and torch.equal(q13, w13)
+
+
+def test_prepare_twice_keeps_the_first_pack() -> None:
+    w13, w2t, offsets = _layer(4)
+    p13, p2 = _params(w13, w2t)
+    first = prepare_cpu_weights_(p13, p2, offsets)
+    packed = p13.clone()
+    assert prepare_cpu_weights_(p13, p2, offsets) is first and torch.equal(p13, packed)
