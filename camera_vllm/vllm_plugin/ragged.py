@@ -21,7 +21,7 @@ layout in :mod:`camera_kernels.slab_weights`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,26 @@ class RaggedLayout:
         return slice(off, off + self.widths[e])
 
 
+def _expert_slots(
+    topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(local expert, its flat (token, k) slots)`` for every local expert that got tokens.
+
+    One stable sort groups the slots by expert; slots routed to other ranks' experts
+    (``expert_map`` gives -1) sort first and are skipped.
+    """
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    if expert_map is not None:
+        ids = expert_map.to(torch.int64)[ids]
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids[ids >= 0], minlength=num_local).tolist()
+    pos = ids.numel() - sum(counts)
+    for e, count in enumerate(counts):
+        if count:
+            yield e, order[pos : pos + count]
+            pos += count
+
+
 def ragged_moe_forward(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -105,22 +125,10 @@ def ragged_moe_forward(
     if num_tokens == 0:
         return out.to(x.dtype)
     top_k = topk_ids.shape[1]
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    if expert_map is not None:
-        ids = expert_map.to(torch.int64)[ids]
-    num_local = offsets.numel() - 1
     # Host copies: this runs eagerly inside a custom op (CPU), where a sync is cheap.
     off = offsets.tolist()
-    # Non-local slots (-1) sort first and are skipped.
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids[ids >= 0], minlength=num_local).tolist()
     flat_weights = topk_weights.reshape(-1)
-    pos = ids.numel() - sum(counts)
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[pos : pos + count]
-        pos += count
+    for e, slots in _expert_slots(topk_ids, expert_map, offsets.numel() - 1):
         lo, hi = off[e], off[e + 1]
         width = hi - lo
         if width == 0:  # every micro-expert of this expert was pruned: it contributes 0
@@ -250,21 +258,11 @@ def ragged_moe_forward_cpu(
     if num_tokens == 0:
         return out.to(x.dtype)
     top_k = topk_ids.shape[1]
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    if expert_map is not None:
-        ids = expert_map.to(torch.int64)[ids]
-    num_local = len(pack.widths)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids[ids >= 0], minlength=num_local).tolist()
     flat_weights = topk_weights.reshape(-1).to(torch.float32)
     xc = x.contiguous()
     zero_ids: torch.Tensor | None = None
-    pos = ids.numel() - sum(counts)
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[pos : pos + count]
-        pos += count
+    for e, slots in _expert_slots(topk_ids, expert_map, len(pack.widths)):
+        count = slots.numel()
         n = pack.widths[e]
         if n == 0:
             continue
