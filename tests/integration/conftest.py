@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from integration_helpers import build_pruned, vllm_env
+from integration_helpers import build_pruned, run_vllm_driver, vllm_env
 
 GREEDY_SCRIPT = Path(__file__).resolve().parent / "vllm_greedy.py"
 ENGINE_TIMEOUT_S = 900
@@ -60,7 +58,6 @@ def vllm_greedy(ckpt_root: Path, vllm_cache_root: Path) -> Callable[..., dict]:
         )
         out, log = ckpt_root / f"{tag}.json", ckpt_root / f"{tag}.log"
         cmd = [
-            sys.executable,
             str(GREEDY_SCRIPT),
             str(model_dir),
             str(out),
@@ -74,14 +71,7 @@ def vllm_greedy(ckpt_root: Path, vllm_cache_root: Path) -> Callable[..., dict]:
         env = vllm_env(arch)
         env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
         start = time.perf_counter()
-        with open(log, "wb") as fh:
-            proc = subprocess.run(
-                cmd, check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=ENGINE_TIMEOUT_S
-            )
-        if proc.returncode != 0 or not out.exists():
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-            pytest.fail(f"vLLM run {tag} failed (exit {proc.returncode}); log {log}:\n{tail}")
-        result = json.loads(out.read_text())
+        result = run_vllm_driver(cmd, out, log, env, ENGINE_TIMEOUT_S, f"vLLM run {tag}")
         result["process_s"] = round(time.perf_counter() - start, 1)
         cache[key] = result
         return result

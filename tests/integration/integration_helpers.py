@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_vllm_driver(
+    args: list[str], out: Path, log: Path, env: dict[str, str], timeout_s: float, what: str
+) -> Any:
+    """Run ``python ARGS...`` (a driver that starts vLLM engines) with its output in ``log``.
+
+    Returns the JSON the driver wrote to ``out``; raises RuntimeError with the log's tail
+    when the driver failed or wrote nothing.
+    """
+    with open(log, "wb") as fh:
+        proc = subprocess.run(
+            [sys.executable, *args], check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+        )
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return json.loads(out.read_text())

@@ -7,7 +7,6 @@ model's prompt log-probabilities match the same checkpoint served on the pure-to
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from integration_helpers import vllm_env
+from integration_helpers import run_vllm_driver, vllm_env
 
 DRIVER = Path(__file__).resolve().parent / "vllm_cpu_kernel.py"
 
@@ -28,15 +27,7 @@ def test_bf16_camera_p_serves_through_the_cpu_kernel(checkpoints, ckpt_root: Pat
     out, log = ckpt_root / "cpu-kernel.json", ckpt_root / "cpu-kernel.log"
     env = vllm_env("qwen3_moe")
     env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
-    with open(log, "wb") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(DRIVER), str(pruned), str(out)],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=900, check=False,
-        )
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        pytest.fail(f"bf16 CPU-kernel run failed (exit {proc.returncode}); log {log}:\n{tail}")
-    got = json.loads(out.read_text())
+    got = run_vllm_driver([str(DRIVER), str(pruned), str(out)], out, log, env, 900, "bf16 CPU-kernel run")
     assert got["kernel"]["packed_layers"] == moe_layers, got["kernel"]["packed_layers"]
     assert got["torch"]["packed_layers"] == 0  # CAMERA_VLLM_CPU_KERNEL=0 keeps the torch path
     diffs = [

@@ -21,16 +21,13 @@ rank also reports its share of every CAMERA layer, checked against the split rul
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from integration_helpers import PROMPTS, quant_config, reference_greedy, vllm_env
+from integration_helpers import PROMPTS, quant_config, reference_greedy, run_vllm_driver, vllm_env
 
 from camera_vllm.compress.prune import LayerKeep, write_pruned_checkpoint
 from camera_vllm.compress.source import SourceCheckpoint
@@ -95,19 +92,7 @@ def run_parallel(root: Path) -> dict[str, Any]:
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     env["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     start = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), *items],
-            check=False,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=TIMEOUT_S,
-        )
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-        raise RuntimeError(f"vLLM parallel runs failed (exit {proc.returncode}); log {log}:\n{tail}")
-    results = json.loads(out.read_text())
+    results = run_vllm_driver([str(SCRIPT), str(out), *items], out, log, env, TIMEOUT_S, "vLLM parallel runs")
     runs: dict[str, Any] = dict(zip(ENGINES, results))
     runs["_dirs"] = dirs
     runs["_process_s"] = round(time.perf_counter() - start, 1)

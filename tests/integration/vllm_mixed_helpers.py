@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,7 +131,7 @@ def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
     :data:`STOCK_VLLM_ORACLE` cases "dense" and "stock" (stock vLLM on the dense equivalent)}.
     Raises RuntimeError with the log tail if the subprocess fails.
     """
-    from integration_helpers import vllm_env
+    from integration_helpers import run_vllm_driver, vllm_env
 
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
@@ -153,19 +151,8 @@ def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (memory probe)
     env["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")  # compile for real, no cached artifacts
     start = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), *items],
-            check=False,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=TIMEOUT_S,
-        )
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-        raise RuntimeError(f"vLLM CAMERA-Q runs failed (exit {proc.returncode}); log {log}:\n{tail}")
-    by_model = {r["model"]: r for r in json.loads(out.read_text())}
+    raw = run_vllm_driver([str(SCRIPT), str(out), *items], out, log, env, TIMEOUT_S, "vLLM CAMERA-Q runs")
+    by_model = {r["model"]: r for r in raw}
     for info in runs.values():
         info["result"] = by_model[str(info["dir"])]
         if "dense" in info:
