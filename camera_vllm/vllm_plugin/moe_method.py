@@ -86,6 +86,12 @@ class CameraMoEMethod(FusedMoEMethodBase):
                 f"{len(self.global_widths)} (redundant/fused shared experts are not supported)"
             )
 
+    def _bind_local_experts(self, layer: RoutedExperts, num_local: int) -> list[int]:
+        """Record which global experts this rank holds (``local_to_global`` and its inverse)."""
+        self.local_to_global = local_to_global_ids(layer, num_local)
+        self._global_to_local = {g: local for local, g in enumerate(self.local_to_global)}
+        return self.local_to_global
+
     def _check_layer(self, layer: RoutedExperts) -> None:
         if layer.activation != MoEActivation.SILU or not layer.moe_config.is_act_and_mul:
             raise NotImplementedError(
@@ -178,12 +184,10 @@ class CameraPruneMoEMethod(CameraMoEMethod):
     ) -> None:
         self._check_layer(layer)
         ops.ensure_registered()
-        local_to_global = self._local_to_global(layer, num_experts)
+        local_to_global = self._bind_local_experts(layer, num_experts)
         self._shares = self.rank_shares()
         layout = RaggedLayout.for_local_experts(sharding.share_sizes(self._shares), local_to_global)
         self.layout = layout
-        self.local_to_global = local_to_global
-        self._global_to_local = {g: local for local, g in enumerate(local_to_global)}
         self.hidden_size = hidden_size
         self._loaded: set[tuple[int, str]] = set()
 
@@ -202,10 +206,6 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         set_weight_attrs(w13, attrs)
         set_weight_attrs(w2t, attrs)
         layer.register_buffer(OFFSETS, layout.offsets_tensor(), persistent=False)
-
-    @staticmethod
-    def _local_to_global(layer: RoutedExperts, num_local: int) -> list[int]:
-        return local_to_global_ids(layer, num_local)
 
     def _weight_loader(
         self,
@@ -329,9 +329,7 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         self._check_layer(layer)
         ops.ensure_registered()
         camera = self.config.camera
-        local_to_global = local_to_global_ids(layer, num_experts)
-        self.local_to_global = local_to_global
-        self._global_to_local = {g: local for local, g in enumerate(local_to_global)}
+        local_to_global = self._bind_local_experts(layer, num_experts)
         assert camera.group_size is not None
         self._global_slabs = self.global_slabs()
         self._shares = self.rank_shares()
