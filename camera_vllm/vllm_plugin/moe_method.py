@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 W13 = "w13_weight"
 W2 = "w2_weight"
 OFFSETS = "camera_offsets"
+# CAMERA-P layers served by vLLM's CPU kernel: the slot route and the prepacked width buckets.
+CPU_ROUTE = "camera_cpu_route"
+CPU_BUCKET = "camera_cpu_bucket"
 _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
@@ -263,11 +266,24 @@ class CameraPruneMoEMethod(CameraMoEMethod):
                     f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint: {shown}"
                 )
         self._loaded = set()
-        # bf16 on CPU: vLLM's compiled MoE kernel runs each expert's 32-aligned part (same bytes).
-        ops.prepare_cpu_weights_(getattr(layer, W13), getattr(layer, W2), getattr(layer, OFFSETS))
+        # bf16 on CPU: vLLM's compiled MoE kernel, one call per width bucket (ragged_cpu.py).
+        buckets = ops.prepare_cpu_buckets(getattr(layer, W13), getattr(layer, W2), list(self.layout.widths))
+        if buckets is not None:
+            self._use_cpu_buckets(layer, buckets)
+
+    def _use_cpu_buckets(self, layer: RoutedExperts, buckets: ops.CpuBuckets) -> None:
+        """Serve ``layer`` from its bucketed copy and free the ragged tensors it replaces."""
+        names = [CPU_ROUTE] + [f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(buckets.weights) - 1)]
+        for name, tensor in zip(names, buckets.weights):
+            layer.register_buffer(name, tensor, persistent=False)
+        for name in (W13, W2):
+            param = getattr(layer, name)
+            param.data = param.data.new_empty((0, param.shape[1]))
+        self.scheme = buckets.scheme
+        self._op_names = names
 
     def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
-        return [getattr(layer, W13), getattr(layer, W2), getattr(layer, OFFSETS)]
+        return [getattr(layer, name) for name in getattr(self, "_op_names", (W13, W2, OFFSETS))]
 
 
 # Checkpoint kinds of a slab tensor and the SlabMoEWeights field each (projection, kind) fills.

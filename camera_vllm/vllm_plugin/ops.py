@@ -20,18 +20,12 @@ import functools
 import json
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .ragged import (
-    CPU_KERNEL_ALIGN,
-    CpuPack,
-    cpu_kernel_isa,
-    cpu_pack_of,
-    pack_for_cpu_,
-    ragged_moe_forward,
-    ragged_moe_forward_cpu,
-)
+from .ragged import ragged_moe_forward
+from .ragged_cpu import CPU_KERNEL_ALIGN, BucketPlan, bucketed_moe_forward, cpu_kernel_isa, pack_buckets, plan_buckets
 
 OP_NAMESPACE = "camera_vllm"
 OP_NAME = "moe"
@@ -54,27 +48,45 @@ def _prune_impl(
     arg: str | None,
 ) -> torch.Tensor:
     w13, w2t, offsets = weights
-    pack = cpu_pack_of(w13)  # set by prepare_cpu_weights_ when the layer was loaded
-    if pack is not None:
-        return ragged_moe_forward_cpu(x, topk_weights, topk_ids, w13, w2t, pack, expert_map)
     return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
+
+
+def _prune_cpu_impl(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: "list[torch.Tensor]",
+    expert_map: torch.Tensor | None,
+    arg: str | None,
+) -> torch.Tensor:
+    if arg is None:
+        raise NotImplementedError("camera_vllm.moe: scheme 'prune_cpu' needs its ISA ('prune_cpu:<isa>')")
+    if len(weights) % 2 != 1:
+        raise ValueError(f"camera_vllm.moe: scheme 'prune_cpu' takes a route and bucket pairs, got {len(weights)} tensors")
+    return bucketed_moe_forward(x, topk_weights, topk_ids, weights[0], weights[1:], arg, expert_map)
 
 
 #: Set to ``0`` to serve CAMERA-P on CPU with the pure-torch path only (A/B checks).
 CPU_KERNEL_ENV = "CAMERA_VLLM_CPU_KERNEL"
 
 
-def prepare_cpu_weights_(w13: torch.Tensor, w2t: torch.Tensor, offsets: torch.Tensor) -> CpuPack | None:
-    """Repack a loaded CAMERA-P layer in place for vLLM's compiled CPU MoE kernel, when it can run it.
+class CpuBuckets(NamedTuple):
+    """A CAMERA-P layer prepared for vLLM's CPU kernel: call the op with ``scheme`` and ``weights``."""
+
+    scheme: str
+    plan: BucketPlan
+    weights: list[torch.Tensor]  # [route, w13_0, w2_0, w13_1, w2_1, ...]
+
+
+def prepare_cpu_buckets(w13: torch.Tensor, w2t: torch.Tensor, widths: "list[int]") -> CpuBuckets | None:
+    """Bucketed, prepacked copies of a loaded CAMERA-P layer for vLLM's CPU kernel, when it can run it.
 
     Called once per layer after loading (``process_weights_after_loading``), never inside
     the op, so the op stays free of side effects under torch.compile.  The kernel serves
     bf16 CPU weights whose hidden size is a multiple of its tile; anything else (fp32,
     other devices, ``CAMERA_VLLM_CPU_KERNEL=0``) keeps the exact pure-torch path and
-    returns None.  The tensors keep their storage and byte count.
+    returns None.  The inputs are left as they are; the caller drops them.
     """
-    if cpu_pack_of(w13) is not None:  # loaded twice (e.g. a weight reload): already packed
-        return cpu_pack_of(w13)
     if os.environ.get(CPU_KERNEL_ENV, "1") == "0":
         return None
     if w13.device.type != "cpu" or w2t.device.type != "cpu" or w13.numel() == 0:
@@ -84,7 +96,8 @@ def prepare_cpu_weights_(w13: torch.Tensor, w2t: torch.Tensor, offsets: torch.Te
     isa = cpu_kernel_isa(w13.dtype)
     if isa is None:
         return None
-    return pack_for_cpu_(w13, w2t, offsets, isa)
+    plan = plan_buckets(widths)
+    return CpuBuckets(f"prune_cpu:{isa}", plan, [plan.route(), *pack_buckets(w13, w2t, widths, plan, isa)])
 
 
 # Order of the per-bit tensor groups in a "mixed" weight list; the four int32
@@ -147,6 +160,7 @@ def _mixed_impl(
 # scheme name -> (number of weight tensors or None when the argument fixes it, implementation)
 _SCHEMES: dict[str, tuple[int | None, SchemeImpl]] = {
     "prune": (3, _prune_impl),
+    "prune_cpu": (None, _prune_cpu_impl),
     "mixed": (None, _mixed_impl),
 }
 

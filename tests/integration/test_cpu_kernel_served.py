@@ -1,6 +1,6 @@
 """A served bf16 CAMERA-P model on CPU runs its experts through vLLM's ``cpu_fused_moe``.
 
-The layers are repacked once after loading (``process_weights_after_loading``), and the
+The layers are bucketed by width once after loading (``process_weights_after_loading``), and the
 model's prompt log-probabilities match the same checkpoint served on the pure-torch path.
 """
 

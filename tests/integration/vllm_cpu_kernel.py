@@ -1,6 +1,6 @@
 """Serve one CAMERA-P checkpoint in bf16 twice in-process: with and without the CPU kernel path.
 
-Writes, per run, how many MoE layers were repacked for vLLM's ``cpu_fused_moe`` and the
+Writes, per run, how many MoE layers were bucketed for vLLM's ``cpu_fused_moe`` and the
 prompt log-probabilities of :data:`integration_helpers.PROMPTS`::
 
     python vllm_cpu_kernel.py MODEL_DIR OUT.json
@@ -21,13 +21,11 @@ from integration_helpers import PROMPTS
 
 
 def packed_layers(worker: Any) -> int:
-    """MoE layers of the worker's model whose weights carry a CPU-kernel pack."""
-    from camera_vllm.vllm_plugin.ragged import cpu_pack_of
+    """MoE layers of the worker's model served from prepacked width buckets, their ragged tensors freed."""
+    from camera_vllm.vllm_plugin.moe_method import CPU_ROUTE, W13
 
     model = worker.get_model()
-    return sum(
-        1 for m in model.modules() if hasattr(m, "w13_weight") and cpu_pack_of(m.w13_weight) is not None
-    )
+    return sum(1 for m in model.modules() if hasattr(m, CPU_ROUTE) and getattr(m, W13).numel() == 0)
 
 
 def run(model: str, kernel: str) -> dict[str, Any]:
