@@ -27,9 +27,9 @@ import torch
 #: ``cpu_fused_moe`` takes expert widths that are multiples of this (its output tile).
 CPU_KERNEL_ALIGN = 32
 #: At most this many kernel calls per layer and step.
-DEFAULT_MAX_BUCKETS = 8
+DEFAULT_MAX_BUCKETS = 16
 #: Accept this much padding over the 32-aligned widths to save a bucket.
-DEFAULT_MAX_PADDING = 0.05
+DEFAULT_MAX_PADDING = 0.02
 
 
 def _align(n: int) -> int:
@@ -50,16 +50,17 @@ class BucketPlan:
         return sum(w * len(m) for w, m in zip(self.widths, self.members))
 
     def route(self) -> torch.Tensor:
-        """int64 ``[2, E + 1]``: row 0 the bucket of every local expert, row 1 its index there.
+        """int64 ``[E + 1]``: ``bucket * (E + 1) + index in bucket`` of every local expert.
 
-        Experts of width 0 and the extra last column (what id ``-1`` indexes) point to
-        bucket ``len(widths)``: no bucket, skipped.
+        Sorting slots by this key groups them by bucket, and ``key % (E + 1)`` is the
+        expert's index inside its bucket.  Experts of width 0 and the extra last entry
+        (what id ``-1`` indexes) get ``len(widths) * (E + 1)``: no bucket, sorted last.
         """
-        route = torch.zeros((2, self.num_experts + 1), dtype=torch.int64)
-        route[0] = len(self.widths)
+        stride = self.num_experts + 1
+        route = torch.full((stride,), len(self.widths) * stride, dtype=torch.int64)
         for j, members in enumerate(self.members):
             for i, e in enumerate(members):
-                route[0, e], route[1, e] = j, i
+                route[e] = j * stride + i
         return route
 
 
@@ -175,33 +176,39 @@ def bucketed_moe_forward(
     """
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
-    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
-    if num_tokens == 0 or top_k == 0:
-        return out.to(x.dtype)
+    num_buckets = len(buckets) // 2
+    if num_tokens == 0 or top_k == 0 or num_buckets == 0:
+        return x.new_zeros((num_tokens, hidden))
+    # Decode runs this once per layer and token step, so it is kept to few torch calls.
     ids = topk_ids.reshape(-1).to(torch.int64)
     if expert_map is not None:
         ids = expert_map.to(torch.int64)[ids]
-    slot_route = route[:, ids]  # [2, S]; id -1 reads the last column: no bucket
-    order = torch.argsort(slot_route[0], stable=True)
-    num_buckets = len(buckets) // 2
-    counts = torch.bincount(slot_route[0], minlength=num_buckets + 1).tolist()
-    served = sum(counts[:num_buckets])
+    stride = route.numel()
+    keys, order = torch.sort(route[ids])  # id -1 reads the last entry: no bucket
+    bounds = torch.arange(1, num_buckets + 1, dtype=torch.int64).mul_(stride)
+    ends = torch.searchsorted(keys, bounds).tolist()  # slots [ends[j-1], ends[j]) are bucket j's
+    served = ends[-1]
     if served == 0:
-        return out.to(x.dtype)
+        return x.new_zeros((num_tokens, hidden))
     order = order[:served]
-    tokens = order // top_k
-    xs = x.index_select(0, tokens).contiguous()
-    local = slot_route[1].index_select(0, order).to(torch.int32).unsqueeze(1)
+    local = keys[:served].remainder(stride).to(torch.int32).unsqueeze(1)
     weights = topk_weights.reshape(-1).index_select(0, order).to(torch.float32).unsqueeze(1)
+    if num_tokens == 1:
+        xs = x.expand(served, hidden).contiguous()
+    else:
+        tokens = order.div(top_k, rounding_mode="floor")
+        xs = x.index_select(0, tokens)
     ys = torch.empty_like(xs)
     start = 0
-    for j in range(num_buckets):
-        stop = start + counts[j]
+    for j, stop in enumerate(ends):
         if stop > start:
             torch.ops._C.cpu_fused_moe(
                 ys[start:stop], xs[start:stop], buckets[2 * j], buckets[2 * j + 1],
                 None, None, weights[start:stop], local[start:stop], False, "silu", isa,
             )
         start = stop
+    if num_tokens == 1:
+        return ys.sum(dim=0, keepdim=True, dtype=torch.float32).to(x.dtype)
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
     out.index_add_(0, tokens, ys.to(torch.float32))
     return out.to(x.dtype)

@@ -56,13 +56,13 @@ def _check_plan(plan: BucketPlan, widths: tuple[int, ...], max_buckets: int) -> 
     assert 0 < len(plan.widths) <= max_buckets or not members
     for width, group in zip(plan.widths, plan.members):
         assert width % CPU_KERNEL_ALIGN == 0 and width == _align(max(widths[e] for e in group))
-    route = plan.route()
-    assert route.shape == (2, len(widths) + 1)
+    route, stride = plan.route(), len(widths) + 1
+    assert route.shape == (stride,)
     for j, group in enumerate(plan.members):
         for i, e in enumerate(group):
-            assert (route[0, e].item(), route[1, e].item()) == (j, i)
+            assert divmod(route[e].item(), stride) == (j, i)
     skipped = [e for e, w in enumerate(widths) if w == 0] + [len(widths)]
-    assert all(route[0, e].item() == len(plan.widths) for e in skipped)
+    assert all(route[e].item() == len(plan.widths) * stride for e in skipped)
 
 
 def _brute_force_best(widths: tuple[int, ...], buckets: int) -> int:
@@ -94,12 +94,12 @@ def test_plan_stops_at_the_padding_limit_and_skips_empty_layers() -> None:
     assert loose.padded_total <= 1.5 * aligned and len(loose.widths) < len(tight.widths)
     assert tight.padded_total == aligned  # no padding beyond the tile: one bucket per distinct width
     empty = plan_buckets((0, 0, 0))
-    assert empty.widths == () and empty.route()[0].tolist() == [0, 0, 0, 0]
+    assert empty.widths == () and empty.route().tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="max_buckets"):
         plan_buckets(widths, max_buckets=0)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 40])
 def test_bucketed_path_matches_fp32_reference(tokens: int) -> None:
     w13, w2t, offsets = _layer()
     x, tw, ids = _routing(tokens, 3, seed=tokens)
@@ -130,6 +130,11 @@ def test_slots_of_empty_experts_and_other_ranks_contribute_nothing() -> None:
     got = camera_moe_impl(x, tw, ids, prepared.weights, expert_map, prepared.scheme)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02 * want.abs().max().item())
+    # One token: all of its slots elsewhere, then some local (the single-token shortcut).
+    for row in (0, 2):
+        one = camera_moe_impl(x[row : row + 1], tw[row : row + 1], ids[row : row + 1], prepared.weights,
+                              expert_map, prepared.scheme)
+        torch.testing.assert_close(one.float(), want[row : row + 1], rtol=0.05, atol=0.02 * want.abs().max().item())
 
 
 def test_fp32_layers_and_the_opt_out_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
