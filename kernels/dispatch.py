@@ -1,4 +1,7 @@
-"""The one backend chooser: ``slab_moe`` runs the Triton kernel on CUDA, the reference elsewhere."""
+"""The one backend chooser: ``slab_moe`` runs the Triton kernel on CUDA, the compiled CPU kernel on CPU.
+
+The pure-torch reference runs where neither can (no triton, no C++ compiler) or on request.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from .slab_weights import SlabMoEWeights
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _logged: set[tuple[str, str]] = set()
 
@@ -31,17 +34,36 @@ def _interpreting() -> bool:
 
 
 def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
-    """``(backend, reason)`` for activations ``x``; ``backend``: ``"auto"``, ``"triton"``, ``"reference"``.
+    """``(backend, reason)`` for activations ``x``; ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``.
 
-    ``auto`` picks ``triton`` for CUDA tensors of a supported dtype when triton is
-    installed, else ``reference``.  An explicit ``triton`` that cannot run raises
-    ``ValueError`` with the reason instead of falling back silently (on CPU it runs
-    only under ``TRITON_INTERPRET=1``, for tests).
+    ``auto`` picks ``cpu`` (the compiled kernel of :mod:`.cpu_slab`) for CPU tensors when it
+    builds here, ``triton`` for CUDA tensors of a supported dtype when triton is installed,
+    else ``reference`` with the reason.  An explicit ``triton`` or ``cpu`` that cannot run
+    raises ``ValueError`` with the reason instead of falling back silently (``triton`` on CPU
+    runs only under ``TRITON_INTERPRET=1``, for tests).  On CPU, ``auto`` builds or loads
+    the extension on first use (see :func:`.cpu_slab.ensure_cpu_kernel`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "reference":
         return "reference", "requested"
+    if backend == "cpu" or (backend == "auto" and x.device.type == "cpu"):
+        from .cpu_slab import cpu_kernel_available, cpu_kernel_reason
+
+        cpu_problem = None
+        if x.device.type != "cpu":
+            cpu_problem = f"tensors are on {x.device.type}, the compiled CPU kernel needs CPU tensors"
+        elif not x.is_floating_point():
+            cpu_problem = f"x must be a floating-point tensor, got {x.dtype}"
+        elif not cpu_kernel_available():
+            cpu_problem = cpu_kernel_reason()
+        if backend == "cpu":
+            if cpu_problem:
+                raise ValueError(f"backend='cpu' cannot run: {cpu_problem}")
+            return "cpu", "requested"
+        if cpu_problem is None:
+            return "cpu", "CPU tensors and the compiled CPU kernel available"
+        return "reference", cpu_problem
     problem = None
     if not _triton_available():
         problem = "triton is not installed"
@@ -72,18 +94,23 @@ def slab_moe(
     :param topk_ids: ``[T, K]`` int32/int64 expert ids (``-1`` or any id outside
         ``[0, E)``: not a local expert, skipped).
     :param weights: the layer (:class:`SlabMoEWeights`) on ``x``'s device.
-    :param backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :func:`choose_backend`;
-        the choice and its reason are logged once per distinct pair).
+    :param backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see
+        :func:`choose_backend`; the choice and its reason are logged once per distinct pair,
+        as a warning when ``auto`` falls back to the slow reference).
     """
     name, reason = choose_backend(x, backend)
     if (name, reason) not in _logged:
         _logged.add((name, reason))
-        level = logging.WARNING if (name == "reference" and x.is_cuda) else logging.INFO
+        level = logging.WARNING if (name == "reference" and backend == "auto") else logging.INFO
         logger.log(level, "camera slab MoE backend: %s (%s)", name, reason)
     if name == "triton":
         from .launch import slab_moe_triton
 
         return slab_moe_triton(x, topk_weights, topk_ids, weights)
+    if name == "cpu":
+        from .cpu_slab import slab_moe_cpu
+
+        return slab_moe_cpu(x, topk_weights, topk_ids, weights)
     from .reference import slab_moe_reference
 
     return slab_moe_reference(x, topk_weights, topk_ids, weights)

@@ -1,0 +1,161 @@
+"""Compiled CPU slab MoE: the math of :func:`.reference.slab_moe_reference` on the packed codes.
+
+The C++ source is ``csrc/slab_moe_cpu.cpp``, built on first use with
+``torch.utils.cpp_extension.load`` (g++ ``-O3 -march=native -fopenmp``, ninja) into torch's
+extension cache, so a process pays the build once per machine and a cached load afterwards.
+It never dequantizes a slab: codes are read with one AND per 16 weights and reduced per
+quantization group (see the source's header), and one call runs the whole layer, so decode
+pays no per-expert Python overhead.  Call :func:`ensure_cpu_kernel` at model load to keep
+the build (or the cached load) off the first request.
+
+``CAMERA_CPU_KERNEL=0`` disables it.  If the extension cannot be built (no compiler, no ninja), :func:`cpu_kernel_available` is
+False with the reason in :func:`cpu_kernel_reason` and :func:`.dispatch.slab_moe` falls back
+to the reference; one warning says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .slab_weights import SlabMoEWeights
+
+__all__ = [
+    "cpu_kernel_available",
+    "cpu_kernel_build_seconds",
+    "cpu_kernel_reason",
+    "ensure_cpu_kernel",
+    "slab_moe_cpu",
+]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "slab_moe_cpu.cpp"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_LOCK = threading.Lock()
+_module: ModuleType | None = None
+_reason: str | None = None  # None: not tried yet
+_build_seconds: float | None = None
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's feature flags: ``-march=native`` builds must not be shared
+    between CPUs with different instruction sets through one extension cache."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def ensure_cpu_kernel() -> bool:
+    """Build or load the extension once per process; True when it is usable.
+
+    Cheap after the first call.  A failed build is not retried in the same process; its
+    reason is in :func:`cpu_kernel_reason` and is logged once as a warning.
+    """
+    global _module, _reason, _build_seconds
+    if _reason is not None:
+        return _module is not None
+    with _LOCK:
+        if _reason is not None:
+            return _module is not None
+        if os.environ.get("CAMERA_CPU_KERNEL", "1") == "0":
+            _reason = "the compiled CPU kernel is disabled (CAMERA_CPU_KERNEL=0)"
+            logger.warning("camera slab MoE: %s", _reason)
+            return False
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load
+
+            if not _SOURCE.is_file():
+                raise FileNotFoundError(f"C++ source {_SOURCE} is missing from the installed package")
+            _module = load(
+                name=f"camera_slab_moe_cpu_{_cpu_tag()}",
+                sources=[str(_SOURCE)],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=os.environ.get("CAMERA_CPU_KERNEL_VERBOSE", "0") not in ("", "0"),
+            )
+            _build_seconds = time.perf_counter() - t0
+            _reason = f"compiled CPU kernel loaded in {_build_seconds:.1f} s"
+            logger.info("camera slab MoE: %s", _reason)
+        except Exception as exc:  # no compiler, no ninja, build error: fall back, say why once
+            _module = None
+            _reason = f"the CPU kernel could not be built ({type(exc).__name__}: {str(exc).strip()[:500]})"
+            logger.warning("camera slab MoE: %s; using the pure-torch reference", _reason)
+        return _module is not None
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the compiled CPU kernel can run here (builds or loads it on first call)."""
+    return ensure_cpu_kernel()
+
+
+def cpu_kernel_reason() -> str:
+    """Why the kernel is or is not available (builds or loads it on first call)."""
+    ensure_cpu_kernel()
+    assert _reason is not None
+    return _reason
+
+
+def cpu_kernel_build_seconds() -> float | None:
+    """Seconds the build (or cached load) took in this process; None if it failed or has not run."""
+    return _build_seconds
+
+
+def slab_moe_cpu(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: SlabMoEWeights,
+) -> torch.Tensor:
+    """``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])`` on CPU, fp32 math.
+
+    Same contract as :func:`.reference.slab_moe_reference`: ``x [T, H]`` (bf16/fp16/fp32),
+    ``topk_weights``/``topk_ids [T, K]``; ids outside ``[0, E)`` contribute nothing; the
+    output is ``[T, H]`` in ``x.dtype``.  Raises ``RuntimeError`` when the extension is not
+    available (use :func:`.dispatch.slab_moe` for the fallback).
+    """
+    if not ensure_cpu_kernel():
+        raise RuntimeError(f"slab_moe_cpu: {_reason}")
+    if x.dim() != 2 or x.shape[1] != weights.hidden_size:
+        raise ValueError(f"x must be [T, {weights.hidden_size}], got {tuple(x.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, K], T={x.shape[0]}"
+        )
+    if x.device.type != "cpu" or weights.device.type != "cpu":
+        raise ValueError(f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}")
+    lay = weights.layout
+    assert _module is not None
+    out = _module.slab_moe_forward(
+        x.to(torch.float32).contiguous(),
+        topk_weights.to(torch.float32).contiguous(),
+        topk_ids.to(torch.int64).contiguous(),
+        list(weights.w13_qweight),
+        list(weights.w13_scales),
+        list(weights.w13_zeros),
+        list(weights.w2_qweight),
+        list(weights.w2_scales),
+        list(weights.w2_zeros),
+        list(lay.bits),
+        weights.slab_sizes,
+        weights.col_offsets,
+        weights.down_row_offsets,
+        weights.down_group_offsets,
+        lay.group_size,
+    )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

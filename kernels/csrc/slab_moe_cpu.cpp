@@ -1,0 +1,563 @@
+// Compiled CPU slab MoE: the math of camera_kernels.reference.slab_moe_reference computed
+// directly on the packed codes (layout: kernels/slab_weights.py, bits: kernels/packing.py).
+//
+// Why this shape (decode reads few tokens per expert, so the cost is per weight, not per MAC):
+//  * columns are the vector lanes (N is contiguous in every packed matrix), 16 floats a vector
+//    (GCC vector extensions: AVX-512 with -march=native, pairs of AVX2 registers elsewhere);
+//  * a code is taken out of its word with ONE AND (no shift): `w & (mask << m*p)` is the
+//    code times 2^(m*p), exact in fp32, and the matching activation is pre-scaled by
+//    2^(-m*p) (exact: a power of two), so per 16 weights the work is AND, convert, and one
+//    FMA per token; 3-bit codes are first rebuilt from their two planes (shift + AND-OR),
+//    1-bit codes are used as masks (test + masked add per token);
+//  * per quantization group only `sum_k x*q` is accumulated; `scale * (acc - zero * sum_k x)`
+//    is applied once per group and column (the dequantized weight is never formed);
+//  * one call does the whole layer: tokens are grouped by expert here, and the column tiles of
+//    every (expert, slab) run in one at::parallel_for per phase (gate/up, then down).
+// All math is fp32; only the summation order differs from the reference.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+constexpr int VL = 16;     // lanes per vector
+constexpr int BLOCK = 32;  // K values per packed block
+
+inline v16u load_u(const int32_t* p) {
+  v16u v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16f load_f(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_f(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// fp16 -> fp32 for `n` values (n <= 16); lanes past n are 0.
+inline v16f load_half(const at::Half* p, int n) {
+  alignas(64) float tmp[VL] = {0};
+#if defined(__F16C__)
+  if (n == VL) {
+    __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+    _mm256_store_ps(tmp, _mm256_cvtph_ps(lo));
+    _mm256_store_ps(tmp + 8, _mm256_cvtph_ps(hi));
+    return load_f(tmp);
+  }
+#endif
+  for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return load_f(tmp);
+}
+
+// Bit position of a rebuilt 3-bit code whose 2-bit part is slot m of its word: 2m, except
+// the last slot (bits 30-31), moved down one bit so that the third bit fits in the word.
+constexpr int pos3(int m) { return m == 15 ? 29 : 2 * m; }
+
+// Scale of the activation paired with value i (0..31) of a block: the AND below leaves the
+// code at its bit position, code * 2^pos, so x is multiplied by 2^-pos (exact: a power of
+// two; |x| < 2^-95 would lose bits to fp32 subnormals, far below any activation).  1-bit
+// codes are consumed as masks (no scaling); 3-bit codes are rebuilt at the 2-bit part's
+// position.
+inline float slot_scale(int bits, int i) {
+  switch (bits) {
+    case 1: return 1.0f;
+    case 3: return std::ldexp(1.0f, -pos3(i % 16));
+    default: return std::ldexp(1.0f, -bits * (i % (BLOCK / bits)));
+  }
+}
+
+// Pre-scaled activations of one token for one bit-width: dst[k] = x[k] * slot_scale(k % 32),
+// zero-padded to whole blocks.
+void prescale(const float* x, int k, int bits, float* dst) {
+  float sc[BLOCK];
+  for (int i = 0; i < BLOCK; ++i) sc[i] = slot_scale(bits, i);
+  const int nblk = (k + BLOCK - 1) / BLOCK;
+  for (int b = 0; b < nblk; ++b)
+    for (int i = 0; i < BLOCK; ++i) {
+      const int kk = b * BLOCK + i;
+      dst[kk] = kk < k ? x[kk] * sc[i] : 0.0f;
+    }
+}
+
+// Group sums of one token's activations: dst[g] = sum of x[k] over group g.
+void group_sums(const float* x, int k, int group, float* dst) {
+  const int ng = (k + group - 1) / group;
+  for (int g = 0; g < ng; ++g) {
+    float s = 0.0f;
+    const int hi = std::min(k, (g + 1) * group);
+    for (int kk = g * group; kk < hi; ++kk) s += x[kk];
+    dst[g] = s;
+  }
+}
+
+// acc[a][t][v] += qf[v] * x_t: one broadcast per token, reused across the column vectors
+// (token-outer keeps one broadcast live, so the accumulators stay in registers).
+template <int TT, int NV, int A>
+inline void fma_tokens(const v16f (&qf)[NV], const float* const* xs, int64_t idx, int a,
+                       v16f (&acc)[A][TT][NV]) {
+  for (int t = 0; t < TT; ++t) {
+    const v16f xb = v16f{} + xs[t][idx];
+    for (int v = 0; v < NV; ++v) acc[a][t][v] += qf[v] * xb;
+  }
+}
+
+// acc[t] += code * xs[t][xoff + i] for the 32 values of one block (words at q, row stride ldq).
+// 2/4/8 bits: one AND (code at its position) + convert + one FMA per token.
+template <int P, int TT, int NV, int A>
+inline void block_pow2(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
+                       v16f (&acc)[A][TT][NV]) {
+  constexpr int PER_WORD = BLOCK / P;
+  constexpr uint32_t MASK = (1u << P) - 1u;
+#pragma GCC unroll 8
+  for (int j = 0; j < P; ++j) {
+    v16u w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
+#pragma GCC unroll 32
+    for (int m = 0; m < PER_WORD; ++m) {
+      const uint32_t mk = MASK << (m * P);
+      const int i = j * PER_WORD + m;
+      v16f qf[NV];
+      for (int v = 0; v < NV; ++v) qf[v] = __builtin_convertvector(w[v] & mk, v16f);
+      fma_tokens<TT, NV, A>(qf, xs, xoff + i, m % A, acc);
+    }
+  }
+}
+
+// 3 bits = a 2-bit word pair (bits 0-1) and a 1-bit word (bit 2): the 1-bit plane is shifted
+// next to the 2-bit code and merged (AND, shift, AND-OR), so a 3-bit code costs one convert
+// and one FMA per token like the others.
+struct Masks3 {
+  uint32_t lo[16], hi[16];
+  constexpr Masks3() : lo(), hi() {
+    for (int m = 0; m < 16; ++m) {
+      lo[m] = 3u << pos3(m);
+      hi[m] = 4u << pos3(m);
+    }
+  }
+};
+alignas(64) constexpr Masks3 MASKS3{};
+
+template <int TT, int NV, int A>
+inline void block_3bit(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
+                       v16f (&acc)[A][TT][NV]) {
+  // Masks are read through an opaque pointer so they stay memory operands (embedded
+  // broadcasts) instead of 32 hoisted registers that would push the accumulators to the stack.
+  const Masks3* mk = &MASKS3;
+  asm("" : "+r"(mk));
+  v16u hi[NV];
+  for (int v = 0; v < NV; ++v) hi[v] = load_u(q + 2 * ldq + v * VL);
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) {
+    v16u w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
+#pragma GCC unroll 16
+    for (int m = 0; m < 16; ++m) {
+      const int i = 16 * j + m;         // value index: its 1-bit plane bit is i
+      const int pos = pos3(m);           // where the 3-bit code is rebuilt
+      const int sh = pos + 2 - i;        // moves the 1-bit plane's bit i to pos + 2
+      const uint32_t lo_mask = mk->lo[m], hi_mask = mk->hi[m];
+      v16f qf[NV];
+      for (int v = 0; v < NV; ++v) {
+        const v16u h = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
+        const v16u l = pos == 2 * m ? w[v] : (w[v] >> 1);
+        qf[v] = __builtin_convertvector((l & lo_mask) | (h & hi_mask), v16f);
+      }
+      fma_tokens<TT, NV, A>(qf, xs, xoff + i, m % A, acc);
+    }
+  }
+}
+
+// 1 bit: the code is a mask; acc += x where the bit is set (test + masked add per token).
+template <int TT, int NV, int A>
+inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, v16f (&acc)[A][TT][NV]) {
+  v16u w[NV];
+  for (int v = 0; v < NV; ++v) w[v] = load_u(q + v * VL);
+#pragma GCC unroll 32
+  for (int m = 0; m < BLOCK; ++m) {
+#if defined(__AVX512F__)
+    __mmask16 k[NV];
+    for (int v = 0; v < NV; ++v) {
+      __m512i wv;
+      std::memcpy(&wv, &w[v], sizeof(wv));
+      k[v] = _mm512_test_epi32_mask(wv, _mm512_set1_epi32(static_cast<int>(1u << m)));
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xb = _mm512_set1_ps(xs[t][xoff + m]);
+      for (int v = 0; v < NV; ++v) {
+        __m512 a;
+        std::memcpy(&a, &acc[m % A][t][v], sizeof(a));
+        a = _mm512_mask_add_ps(a, k[v], a, xb);
+        std::memcpy(&acc[m % A][t][v], &a, sizeof(a));
+      }
+    }
+#else
+    v16f qf[NV];
+    for (int v = 0; v < NV; ++v) qf[v] = __builtin_convertvector((w[v] >> m) & 1u, v16f);
+    fma_tokens<TT, NV, A>(qf, xs, xoff + m, m % A, acc);
+#endif
+  }
+}
+
+template <int BITS, int TT, int NV, int A>
+inline void block_accum(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
+                        v16f (&acc)[A][TT][NV]) {
+  if constexpr (BITS == 1) {
+    block_1bit<TT, NV, A>(q, xs, xoff, acc);
+  } else if constexpr (BITS == 3) {
+    block_3bit<TT, NV, A>(q, ldq, xs, xoff, acc);
+  } else {
+    block_pow2<BITS, TT, NV, A>(q, ldq, xs, xoff, acc);
+  }
+}
+
+// One column tile (NV*16 columns) for TT tokens: res[t][col] = sum_k x[t,k] * W[k, col].
+// q: packed words at the tile's first column (row stride ldq); s/z: scales/zeros at the tile's
+// first column (row stride lds); xs[t]: prescaled activations; xsum[t]: group sums.
+template <int BITS, int TT, int NV>
+void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
+                 int k, int group, int ncols, const float* const* xs, const float* const* xsum,
+                 float* res /* [TT][NV*16] */, bool prefetch) {
+  constexpr int PF = 4;  // blocks of look-ahead
+  constexpr int A = (TT * NV >= 8) ? 1 : 2;  // independent FMA chains to hide latency
+  const int nblk = (k + BLOCK - 1) / BLOCK;
+  const int ng = (k + group - 1) / group;
+  const int bpg = group / BLOCK;
+  v16f fin[TT][NV];
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < NV; ++v) fin[t][v] = v16f{};
+  for (int g = 0; g < ng; ++g) {
+    v16f acc[A][TT][NV];
+    for (int a = 0; a < A; ++a)
+      for (int t = 0; t < TT; ++t)
+        for (int v = 0; v < NV; ++v) acc[a][t][v] = v16f{};
+    const int b_hi = std::min(nblk, (g + 1) * bpg);
+    for (int b = g * bpg; b < b_hi; ++b) {
+      const int32_t* qb = q + static_cast<int64_t>(b) * BITS * ldq;
+      if (prefetch) {
+        // Rows of a tile are ldq apart (a page or more): the hardware prefetchers do not
+        // follow them, so each row would be a DRAM round trip.  Fetch PF blocks ahead in this
+        // tile, and the same rows of the next tile (usually this thread's next work item).
+        const int32_t* ahead = qb + static_cast<int64_t>(PF) * BITS * ldq;
+        const bool in_tile = b + PF < nblk;
+        for (int r = 0; r < BITS; ++r)
+          for (int v = 0; v < NV; ++v) {
+            if (in_tile) __builtin_prefetch(ahead + r * ldq + v * VL);
+            __builtin_prefetch(qb + r * ldq + (NV + v) * VL);
+          }
+      }
+      block_accum<BITS, TT, NV, A>(qb, ldq, xs, static_cast<int64_t>(b) * BLOCK, acc);
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int nv = std::max(0, std::min(VL, ncols - v * VL));
+      const v16f sc = load_half(s + g * lds + v * VL, nv);
+      const v16f zr = load_half(z + g * lds + v * VL, nv);
+      for (int t = 0; t < TT; ++t) {
+        v16f a = acc[0][t][v];
+        if constexpr (A == 2) a += acc[1][t][v];
+        fin[t][v] += sc * (a - zr * xsum[t][g]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < NV; ++v) store_f(res + (t * NV + v) * VL, fin[t][v]);
+}
+
+constexpr int MAX_TT = 8;
+constexpr int TILE_COLS = 32;  // columns of one work item (NV = 2), see run_tile
+
+using TileFn = void (*)(const int32_t*, int64_t, const at::Half*, const at::Half*, int64_t, int, int, int,
+                        const float* const*, const float* const*, float*, bool);
+
+// One tile width (NV = 2, 32 columns) only: narrower tails run on a zero-padded copy; fewer
+// instantiations keep the first build short.
+template <int BITS>
+TileFn pick_tt(int tt) {
+  switch (tt) {
+    case 1: return &tile_kernel<BITS, 1, 2>;
+    case 2: return &tile_kernel<BITS, 2, 2>;
+    case 3: return &tile_kernel<BITS, 3, 2>;
+    case 4: return &tile_kernel<BITS, 4, 2>;
+    case 5: return &tile_kernel<BITS, 5, 2>;
+    case 6: return &tile_kernel<BITS, 6, 2>;
+    case 7: return &tile_kernel<BITS, 7, 2>;
+    default: return &tile_kernel<BITS, 8, 2>;
+  }
+}
+
+TileFn pick(int bits, int tt) {
+  switch (bits) {
+    case 1: return pick_tt<1>(tt);
+    case 2: return pick_tt<2>(tt);
+    case 3: return pick_tt<3>(tt);
+    case 4: return pick_tt<4>(tt);
+    default: return pick_tt<8>(tt);
+  }
+}
+
+// Columns [c0, c0 + ncols) (ncols <= TILE_COLS) of one packed matrix for `count` tokens;
+// out[t * ldo + col] += result.  A tail tile (ncols not a multiple of 16 or past the matrix)
+// reads a zero-padded copy so the kernel never reads past the matrix.
+void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
+              int k, int group, int ncols, int count, const float* const* xs, const float* const* xsum,
+              float* const* out, int64_t col_in_out) {
+  constexpr int nv = TILE_COLS / VL;
+  const int width = TILE_COLS;
+  std::vector<int32_t> qpad;
+  std::vector<at::Half> spad, zpad;
+  const int nrows = (k + BLOCK - 1) / BLOCK * bits;
+  const int ng = (k + group - 1) / group;
+  if (ncols != width) {
+    qpad.assign(static_cast<size_t>(nrows) * width, 0);
+    spad.assign(static_cast<size_t>(ng) * width, at::Half(0.0f));
+    zpad.assign(static_cast<size_t>(ng) * width, at::Half(0.0f));
+    for (int r = 0; r < nrows; ++r) std::memcpy(&qpad[r * width], q + r * ldq, ncols * sizeof(int32_t));
+    for (int g = 0; g < ng; ++g) {
+      std::memcpy(&spad[g * width], s + g * lds, ncols * sizeof(at::Half));
+      std::memcpy(&zpad[g * width], z + g * lds, ncols * sizeof(at::Half));
+    }
+    q = qpad.data();
+    s = spad.data();
+    z = zpad.data();
+    ldq = lds = width;
+  }
+  alignas(64) float res[MAX_TT * TILE_COLS];
+  for (int t0 = 0; t0 < count; t0 += MAX_TT) {
+    const int tt = std::min(MAX_TT, count - t0);
+    pick(bits, tt)(q, ldq, s, z, lds, k, group, ncols, xs + t0, xsum + t0, res, t0 == 0);
+    for (int t = 0; t < tt; ++t) {
+      float* o = out[t0 + t] + col_in_out;
+      const float* r = res + t * nv * VL;
+      for (int c = 0; c < ncols; ++c) o[c] += r[c];
+    }
+  }
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+}  // namespace
+
+// The whole layer; see camera_kernels.cpu_slab.slab_moe_cpu for the contract.  x [T, H] fp32,
+// topk_weights [T, K] fp32, topk_ids [T, K] int64, metadata int32 [E, nb]; returns fp32 [T, H].
+torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torch::Tensor topk_ids,
+                               std::vector<torch::Tensor> w13q, std::vector<torch::Tensor> w13s,
+                               std::vector<torch::Tensor> w13z, std::vector<torch::Tensor> w2q,
+                               std::vector<torch::Tensor> w2s, std::vector<torch::Tensor> w2z,
+                               std::vector<int64_t> bits, torch::Tensor slab_sizes, torch::Tensor col_offsets,
+                               torch::Tensor down_row_offsets, torch::Tensor down_group_offsets,
+                               int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [T, H]");
+  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(), "topk_weights: fp32");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong && topk_ids.is_contiguous(), "topk_ids: int64");
+  const int T = static_cast<int>(x.size(0));
+  const int H = static_cast<int>(x.size(1));
+  const int K = static_cast<int>(topk_ids.size(1));
+  const int E = static_cast<int>(slab_sizes.size(0));
+  const int NB = static_cast<int>(bits.size());
+  const int G = static_cast<int>(group_size);
+  TORCH_CHECK(G > 0 && G % BLOCK == 0, "group_size must be a positive multiple of 32");
+  for (int i = 0; i < NB; ++i) {
+    TORCH_CHECK(w13q[i].is_contiguous() && w2q[i].is_contiguous() && w13s[i].is_contiguous() &&
+                    w13z[i].is_contiguous() && w2s[i].is_contiguous() && w2z[i].is_contiguous(),
+                "slab tensors must be contiguous");
+  }
+  auto out = torch::zeros({T, H}, x.options());
+  if (T == 0 || K == 0) return out;
+
+  const float* xp = x.data_ptr<float>();
+  const float* wp = topk_weights.data_ptr<float>();
+  const int64_t* idp = topk_ids.data_ptr<int64_t>();
+  const int32_t* sizes = slab_sizes.data_ptr<int32_t>();
+  const int32_t* coff = col_offsets.data_ptr<int32_t>();
+  const int32_t* roff = down_row_offsets.data_ptr<int32_t>();
+  const int32_t* goff = down_group_offsets.data_ptr<int32_t>();
+
+  // Group (token, slot) pairs by expert (stable: token order within an expert).
+  std::vector<int> counts(E + 1, 0);
+  for (int p = 0; p < T * K; ++p) {
+    const int64_t e = idp[p];
+    if (e >= 0 && e < E) counts[e + 1]++;
+  }
+  std::vector<int> start(E + 1, 0);
+  for (int e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e + 1];
+  const int npairs = start[E];
+  std::vector<int> pair_token(npairs), fill(start.begin(), start.end() - 1);
+  std::vector<float> pair_weight(npairs);
+  for (int p = 0; p < T * K; ++p) {
+    const int64_t e = idp[p];
+    if (e >= 0 && e < E) {
+      const int at = fill[e]++;
+      pair_token[at] = p / K;
+      pair_weight[at] = wp[p];
+    }
+  }
+  // Hit experts with a non-empty intermediate.
+  std::vector<int> hit;
+  for (int e = 0; e < E; ++e) {
+    int width = 0;
+    for (int i = 0; i < NB; ++i) width += sizes[e * NB + i];
+    if (start[e + 1] > start[e] && width > 0) hit.push_back(e);
+  }
+  if (hit.empty()) return out;
+
+  const int nblk_h = (H + BLOCK - 1) / BLOCK;
+  const int ng_h = (H + G - 1) / G;
+  // Per pair: prescaled x per bit index, x group sums, gate/up results, act, and the output.
+  std::vector<int64_t> xs_off(NB + 1, 0);
+  for (int i = 0; i < NB; ++i) xs_off[i + 1] = xs_off[i] + static_cast<int64_t>(nblk_h) * BLOCK;
+  const int64_t xs_stride = xs_off[NB];
+  // Widest slab per bit index bounds the per-pair scratch.
+  int64_t gu_stride = 0, act_stride = 0, as_stride = 0, asum_stride = 0;
+  std::vector<int64_t> gu_off(NB + 1, 0), act_off(NB + 1, 0), as_off(NB + 1, 0), asum_off(NB + 1, 0);
+  for (int i = 0; i < NB; ++i) {
+    int nmax = 0;
+    for (int e : hit) nmax = std::max(nmax, static_cast<int>(sizes[e * NB + i]));
+    const int nb32 = (nmax + BLOCK - 1) / BLOCK;
+    gu_off[i + 1] = gu_off[i] + 2 * nmax;
+    act_off[i + 1] = act_off[i] + nb32 * BLOCK;
+    as_off[i + 1] = as_off[i] + static_cast<int64_t>(nb32) * BLOCK;
+    asum_off[i + 1] = asum_off[i] + (nmax + G - 1) / G;
+  }
+  gu_stride = gu_off[NB];
+  act_stride = act_off[NB];
+  as_stride = as_off[NB];
+  asum_stride = asum_off[NB];
+
+  std::vector<float> xs(static_cast<size_t>(npairs) * xs_stride);
+  std::vector<float> xsum(static_cast<size_t>(npairs) * ng_h);
+  std::vector<float> gu(static_cast<size_t>(npairs) * gu_stride, 0.0f);
+  std::vector<float> act(static_cast<size_t>(npairs) * act_stride, 0.0f);
+  std::vector<float> as(static_cast<size_t>(npairs) * as_stride);
+  std::vector<float> asum(static_cast<size_t>(npairs) * asum_stride);
+  std::vector<float> ye(static_cast<size_t>(npairs) * H, 0.0f);
+
+  // Phase 0: activations of every pair of a hit expert (prescaled per bit-width, group sums).
+  std::vector<int> hit_pairs;
+  for (int e : hit)
+    for (int p = start[e]; p < start[e + 1]; ++p) hit_pairs.push_back(p);
+  at::parallel_for(0, static_cast<int64_t>(hit_pairs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int p = hit_pairs[j];
+      const float* xt = xp + static_cast<int64_t>(pair_token[p]) * H;
+      for (int i = 0; i < NB; ++i) prescale(xt, H, static_cast<int>(bits[i]), &xs[p * xs_stride + xs_off[i]]);
+      group_sums(xt, H, G, &xsum[p * ng_h]);
+    }
+  });
+
+  // Work items: (expert, bit index, first column) tiles of TILE_COLS columns.
+  struct Item { int e, i, c0; };
+  std::vector<Item> up_items, down_items;
+  for (int e : hit) {
+    for (int i = 0; i < NB; ++i) {
+      const int n = sizes[e * NB + i];
+      for (int c0 = 0; c0 < 2 * n; c0 += TILE_COLS) up_items.push_back({e, i, c0});
+    }
+    for (int c0 = 0; c0 < H; c0 += TILE_COLS) down_items.push_back({e, -1, c0});
+  }
+
+  // Phase 1: gate/up columns of every (expert, slab), all in one parallel region.
+  at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<const float*> xsp, xsump;
+    std::vector<float*> outp;
+    for (int64_t j = lo; j < hi; ++j) {
+      const Item it = up_items[j];
+      const int e = it.e, i = it.i, b = static_cast<int>(bits[i]);
+      const int n = sizes[e * NB + i];
+      const int count = start[e + 1] - start[e];
+      xsp.resize(count);
+      xsump.resize(count);
+      outp.resize(count);
+      for (int c = 0; c < count; ++c) {
+        const int p = start[e] + c;
+        xsp[c] = &xs[p * xs_stride + xs_off[i]];
+        xsump[c] = &xsum[p * ng_h];
+        outp[c] = &gu[p * gu_stride + gu_off[i]];
+      }
+      const int64_t ld = w13q[i].size(1);
+      const int64_t col = 2 * static_cast<int64_t>(coff[e * NB + i]) + it.c0;
+      const int ncols = std::min(TILE_COLS, 2 * n - it.c0);
+      run_tile(b, w13q[i].data_ptr<int32_t>() + col, ld, w13s[i].data_ptr<at::Half>() + col,
+               w13z[i].data_ptr<at::Half>() + col, ld, H, G, ncols, count, xsp.data(), xsump.data(),
+               outp.data(), it.c0);
+    }
+  });
+
+  // Phase 2: SiLU(gate) * up per slab, then its prescaled form and group sums (the down GEMV's x).
+  at::parallel_for(0, static_cast<int64_t>(hit_pairs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int p = hit_pairs[j];
+      int e = 0;
+      while (start[e + 1] <= p) ++e;
+      for (int i = 0; i < NB; ++i) {
+        const int n = sizes[e * NB + i];
+        if (n == 0) continue;
+        const float* g = &gu[p * gu_stride + gu_off[i]];
+        float* a = &act[p * act_stride + act_off[i]];
+        for (int c = 0; c < n; ++c) a[c] = silu(g[c]) * g[n + c];
+        prescale(a, n, static_cast<int>(bits[i]), &as[p * as_stride + as_off[i]]);
+        group_sums(a, n, G, &asum[p * asum_stride + asum_off[i]]);
+      }
+    }
+  });
+
+  // Phase 3: down projection; one item = one expert's column tile over all its slabs.
+  at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<const float*> xsp, xsump;
+    std::vector<float*> outp;
+    for (int64_t j = lo; j < hi; ++j) {
+      const Item it = down_items[j];
+      const int e = it.e;
+      const int count = start[e + 1] - start[e];
+      const int ncols = std::min(TILE_COLS, H - it.c0);
+      xsp.resize(count);
+      xsump.resize(count);
+      outp.resize(count);
+      for (int i = 0; i < NB; ++i) {
+        const int n = sizes[e * NB + i];
+        if (n == 0) continue;
+        const int b = static_cast<int>(bits[i]);
+        for (int c = 0; c < count; ++c) {
+          const int p = start[e] + c;
+          xsp[c] = &as[p * as_stride + as_off[i]];
+          xsump[c] = &asum[p * asum_stride + asum_off[i]];
+          outp[c] = &ye[static_cast<int64_t>(p) * H];
+        }
+        const int64_t row = roff[e * NB + i], grp = goff[e * NB + i];
+        run_tile(b, w2q[i].data_ptr<int32_t>() + row * H + it.c0, H, w2s[i].data_ptr<at::Half>() + grp * H + it.c0,
+                 w2z[i].data_ptr<at::Half>() + grp * H + it.c0, H, n, G, ncols, count, xsp.data(), xsump.data(),
+                 outp.data(), it.c0);
+      }
+    }
+  });
+
+  // Phase 4: out[t] += w * ye, in pair order (deterministic).
+  float* op = out.data_ptr<float>();
+  for (int e : hit) {
+    for (int p = start[e]; p < start[e + 1]; ++p) {
+      float* o = op + static_cast<int64_t>(pair_token[p]) * H;
+      const float* y = &ye[static_cast<int64_t>(p) * H];
+      const float w = pair_weight[p];
+      for (int c = 0; c < H; ++c) o[c] += w * y[c];
+    }
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("slab_moe_forward", &slab_moe_forward, "CAMERA slab MoE layer on packed codes (CPU, fp32 math)");
+}
