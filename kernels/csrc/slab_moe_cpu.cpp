@@ -214,6 +214,104 @@ inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, v
   }
 }
 
+#if defined(__AVX512BF16__)
+#define CAMERA_BF16_DOT 1
+// bf16 dot path (gate/up with bf16-valued activations, several tokens per expert): codes of
+// slots 2p and 2p+1 share one 32-bit lane as two bf16 (a code times 2^pos has at most 8
+// significant bits, so its fp32 form truncates to bf16 exactly), the activations likewise
+// (bf16 values times powers of two), and VDPBF16PS multiplies them exactly and accumulates
+// in fp32: half the multiply instructions of the FMA path per token.
+inline v16u pair_bf16(v16f a, v16f b) {
+  v16u ua, ub;
+  std::memcpy(&ua, &a, sizeof(ua));
+  std::memcpy(&ub, &b, sizeof(ub));
+  return (ua >> 16) | (ub & 0xFFFF0000u);
+}
+
+template <int TT, int NV>
+inline void dot_tokens(const v16u (&qp)[NV], const uint32_t* const* xp, int64_t idx, v16f (&acc)[1][TT][NV]) {
+  for (int t = 0; t < TT; ++t) {
+    const __m512i xb = _mm512_set1_epi32(static_cast<int>(xp[t][idx]));
+    __m512bh xbh;
+    std::memcpy(&xbh, &xb, sizeof(xbh));
+    for (int v = 0; v < NV; ++v) {
+      __m512 a;
+      __m512bh q;
+      std::memcpy(&a, &acc[0][t][v], sizeof(a));
+      std::memcpy(&q, &qp[v], sizeof(q));
+      a = _mm512_dpbf16_ps(a, q, xbh);
+      std::memcpy(&acc[0][t][v], &a, sizeof(a));
+    }
+  }
+}
+
+template <int BITS, int TT, int NV>
+inline void block_dot(const int32_t* q, int64_t ldq, const uint32_t* const* xp, int64_t poff,
+                      v16f (&acc)[1][TT][NV]) {
+  if constexpr (BITS == 3) {
+    const Masks3* mk = &MASKS3;
+    asm("" : "+r"(mk));
+    v16u hi[NV];
+    for (int v = 0; v < NV; ++v) hi[v] = load_u(q + 2 * ldq + v * VL);
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      v16u w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
+#pragma GCC unroll 8
+      for (int mp = 0; mp < 8; ++mp) {
+        v16u qp[NV];
+        for (int v = 0; v < NV; ++v) {
+          v16f c[2];
+          for (int h = 0; h < 2; ++h) {
+            const int m = 2 * mp + h, i = 16 * j + m, pos = pos3(m), sh = pos + 2 - i;
+            const v16u hs = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
+            const v16u l = pos == 2 * m ? w[v] : (w[v] >> 1);
+            c[h] = __builtin_convertvector((l & mk->lo[m]) | (hs & mk->hi[m]), v16f);
+          }
+          qp[v] = pair_bf16(c[0], c[1]);
+        }
+        dot_tokens<TT, NV>(qp, xp, poff + 8 * j + mp, acc);
+      }
+    }
+  } else {
+    constexpr int P = BITS, PER_WORD = BLOCK / P;
+    constexpr uint32_t MASK = (1u << P) - 1u;
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {
+      v16u w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
+#pragma GCC unroll 16
+      for (int mp = 0; mp < PER_WORD / 2; ++mp) {
+        v16u qp[NV];
+        for (int v = 0; v < NV; ++v)
+          qp[v] = pair_bf16(__builtin_convertvector(w[v] & (MASK << (2 * mp * P)), v16f),
+                            __builtin_convertvector(w[v] & (MASK << ((2 * mp + 1) * P)), v16f));
+        dot_tokens<TT, NV>(qp, xp, poff + (j * PER_WORD) / 2 + mp, acc);
+      }
+    }
+  }
+}
+#endif
+
+// Scale of value i of a block on the bf16 dot path: 1-bit codes are converted, not masks.
+inline float slot_scale_dot(int bits, int i) { return bits == 1 ? std::ldexp(1.0f, -i) : slot_scale(bits, i); }
+
+// bf16 pairs of one token's pre-scaled activations: dst[k/2] = (x[k] s(k)) | (x[k+1] s(k+1)) << 16
+// as bf16 bit patterns; x must be bf16-valued (low 16 bits zero), so truncation is exact.
+void prescale_pairs(const float* x, int k, int bits, uint32_t* dst) {
+  float sc[BLOCK];
+  for (int i = 0; i < BLOCK; ++i) sc[i] = slot_scale_dot(bits, i);
+  const int nblk = (k + BLOCK - 1) / BLOCK;
+  for (int kk = 0; kk < nblk * BLOCK; kk += 2) {
+    const float a = kk < k ? x[kk] * sc[kk % BLOCK] : 0.0f;
+    const float b = kk + 1 < k ? x[kk + 1] * sc[(kk + 1) % BLOCK] : 0.0f;
+    uint32_t ua, ub;
+    std::memcpy(&ua, &a, 4);
+    std::memcpy(&ub, &b, 4);
+    dst[kk / 2] = (ua >> 16) | (ub & 0xFFFF0000u);
+  }
+}
+
 template <int BITS, int TT, int NV, int A>
 inline void block_accum(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
                         v16f (&acc)[A][TT][NV]) {
@@ -229,12 +327,13 @@ inline void block_accum(const int32_t* q, int64_t ldq, const float* const* xs, i
 // One column tile (NV*16 columns) for TT tokens: res[t][col] = sum_k x[t,k] * W[k, col].
 // q: packed words at the tile's first column (row stride ldq); s/z: scales/zeros at the tile's
 // first column (row stride lds); xs[t]: prescaled activations; xsum[t]: group sums.
-template <int BITS, int TT, int NV>
+// DOT: the bf16 dot path (xs[t] then holds uint32 bf16 pairs, see prescale_pairs).
+template <int BITS, int TT, int NV, bool DOT>
 void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
                  int k, int group, int ncols, const float* const* xs, const float* const* xsum,
                  float* res /* [TT][NV*16] */, bool prefetch) {
   constexpr int PF = 4;  // blocks of look-ahead
-  constexpr int A = (TT * NV >= 8) ? 1 : 2;  // independent FMA chains to hide latency
+  constexpr int A = (DOT || TT * NV >= 8) ? 1 : 2;  // independent FMA chains to hide latency
   const int nblk = (k + BLOCK - 1) / BLOCK;
   const int ng = (k + group - 1) / group;
   const int bpg = group / BLOCK;
@@ -261,7 +360,14 @@ void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Hal
             __builtin_prefetch(qb + r * ldq + (NV + v) * VL);
           }
       }
-      block_accum<BITS, TT, NV, A>(qb, ldq, xs, static_cast<int64_t>(b) * BLOCK, acc);
+      if constexpr (DOT) {
+#if defined(CAMERA_BF16_DOT)
+        block_dot<BITS, TT, NV>(qb, ldq, reinterpret_cast<const uint32_t* const*>(xs),
+                                static_cast<int64_t>(b) * (BLOCK / 2), acc);
+#endif
+      } else {
+        block_accum<BITS, TT, NV, A>(qb, ldq, xs, static_cast<int64_t>(b) * BLOCK, acc);
+      }
     }
     for (int v = 0; v < NV; ++v) {
       const int nv = std::max(0, std::min(VL, ncols - v * VL));
@@ -289,16 +395,43 @@ using TileFn = void (*)(const int32_t*, int64_t, const at::Half*, const at::Half
 template <int BITS>
 TileFn pick_tt(int tt) {
   switch (tt) {
-    case 1: return &tile_kernel<BITS, 1, 2>;
-    case 2: return &tile_kernel<BITS, 2, 2>;
-    case 3: return &tile_kernel<BITS, 3, 2>;
-    case 4: return &tile_kernel<BITS, 4, 2>;
-    case 5: return &tile_kernel<BITS, 5, 2>;
-    case 6: return &tile_kernel<BITS, 6, 2>;
-    case 7: return &tile_kernel<BITS, 7, 2>;
-    default: return &tile_kernel<BITS, 8, 2>;
+    case 1: return &tile_kernel<BITS, 1, 2, false>;
+    case 2: return &tile_kernel<BITS, 2, 2, false>;
+    case 3: return &tile_kernel<BITS, 3, 2, false>;
+    case 4: return &tile_kernel<BITS, 4, 2, false>;
+    case 5: return &tile_kernel<BITS, 5, 2, false>;
+    case 6: return &tile_kernel<BITS, 6, 2, false>;
+    case 7: return &tile_kernel<BITS, 7, 2, false>;
+    default: return &tile_kernel<BITS, 8, 2, false>;
   }
 }
+
+#if defined(CAMERA_BF16_DOT)
+template <int BITS>
+TileFn pick_dot(int tt) {
+  return tt >= 8 ? &tile_kernel<BITS, 8, 2, true> : &tile_kernel<BITS, 4, 2, true>;
+}
+
+// The dot path in chunks of 8 or 4 tokens.
+TileFn pick_dot(int bits, int tt) {
+  switch (bits) {
+    case 1: return pick_dot<1>(tt);
+    case 2: return pick_dot<2>(tt);
+    case 3: return pick_dot<3>(tt);
+    case 4: return pick_dot<4>(tt);
+    default: return pick_dot<8>(tt);
+  }
+}
+#endif
+constexpr bool HAVE_DOT =
+#if defined(CAMERA_BF16_DOT)
+    true;
+#else
+    false;
+#endif
+// Fewest tokens per chunk for which the dot path beats the FMA path (its pair building costs
+// about two FMA-path tokens per weight).
+constexpr int DOT_MIN_TOKENS = 4;
 
 TileFn pick(int bits, int tt) {
   switch (bits) {
@@ -311,11 +444,11 @@ TileFn pick(int bits, int tt) {
 }
 
 // Columns [c0, c0 + ncols) (ncols <= TILE_COLS) of one packed matrix for `count` tokens;
-// out[t * ldo + col] += result.  A tail tile (ncols not a multiple of 16 or past the matrix)
+// out[t][col_in_out + col] += result.  xdot (optional): the tokens' bf16 pairs, for the dot path.  A tail tile (ncols not a multiple of 16 or past the matrix)
 // reads a zero-padded copy so the kernel never reads past the matrix.
 void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
               int k, int group, int ncols, int count, const float* const* xs, const float* const* xsum,
-              float* const* out, int64_t col_in_out) {
+              float* const* out, int64_t col_in_out, const float* const* xdot = nullptr) {
   constexpr int nv = TILE_COLS / VL;
   const int width = TILE_COLS;
   std::vector<int32_t> qpad;
@@ -337,14 +470,26 @@ void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const 
     ldq = lds = width;
   }
   alignas(64) float res[MAX_TT * TILE_COLS];
-  for (int t0 = 0; t0 < count; t0 += MAX_TT) {
-    const int tt = std::min(MAX_TT, count - t0);
-    pick(bits, tt)(q, ldq, s, z, lds, k, group, ncols, xs + t0, xsum + t0, res, t0 == 0);
+  for (int t0 = 0; t0 < count;) {
+    const int rem = count - t0;
+    int tt = std::min(MAX_TT, rem);
+    TileFn fn = nullptr;
+    const float* const* xin = xs + t0;
+#if defined(CAMERA_BF16_DOT)
+    if (xdot != nullptr && rem >= DOT_MIN_TOKENS) {
+      tt = rem >= 8 ? 8 : 4;
+      fn = pick_dot(bits, tt);
+      xin = xdot + t0;
+    }
+#endif
+    if (fn == nullptr) fn = pick(bits, tt);
+    fn(q, ldq, s, z, lds, k, group, ncols, xin, xsum + t0, res, t0 == 0);
     for (int t = 0; t < tt; ++t) {
       float* o = out[t0 + t] + col_in_out;
       const float* r = res + t * nv * VL;
       for (int c = 0; c < ncols; ++c) o[c] += r[c];
     }
+    t0 += tt;
   }
 }
 
@@ -406,6 +551,9 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
       pair_weight[at] = wp[p];
     }
   }
+  std::vector<int> pair_expert(npairs);
+  for (int e = 0; e < E; ++e)
+    for (int p = start[e]; p < start[e + 1]; ++p) pair_expert[p] = e;
   // Hit experts with a non-empty intermediate.
   std::vector<int> hit;
   for (int e = 0; e < E; ++e) {
@@ -438,6 +586,25 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
   as_stride = as_off[NB];
   asum_stride = asum_off[NB];
 
+  // bf16 dot path for gate/up: experts with several tokens whose activations are all
+  // bf16-valued (the served dtype), so that the bf16 products are exact.
+  std::vector<char> use_dot(E, 0);
+  bool any_dot = false;
+  if (HAVE_DOT) {
+    for (int e : hit) {
+      if (start[e + 1] - start[e] < DOT_MIN_TOKENS) continue;
+      bool exact = true;
+      for (int p = start[e]; p < start[e + 1] && exact; ++p) {
+        const uint32_t* xu = reinterpret_cast<const uint32_t*>(xp + static_cast<int64_t>(pair_token[p]) * H);
+        for (int c = 0; c < H; ++c)
+          if (xu[c] & 0xFFFFu) { exact = false; break; }
+      }
+      use_dot[e] = exact;
+      any_dot = any_dot || exact;
+    }
+  }
+  const int64_t xd_stride = static_cast<int64_t>(NB) * nblk_h * (BLOCK / 2);
+  std::vector<uint32_t> xd(any_dot ? static_cast<size_t>(npairs) * xd_stride : 0);
   std::vector<float> xs(static_cast<size_t>(npairs) * xs_stride);
   std::vector<float> xsum(static_cast<size_t>(npairs) * ng_h);
   std::vector<float> gu(static_cast<size_t>(npairs) * gu_stride, 0.0f);
@@ -455,6 +622,9 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
       const int p = hit_pairs[j];
       const float* xt = xp + static_cast<int64_t>(pair_token[p]) * H;
       for (int i = 0; i < NB; ++i) prescale(xt, H, static_cast<int>(bits[i]), &xs[p * xs_stride + xs_off[i]]);
+      if (any_dot && use_dot[pair_expert[p]])
+        for (int i = 0; i < NB; ++i)
+          prescale_pairs(xt, H, static_cast<int>(bits[i]), &xd[p * xd_stride + i * nblk_h * (BLOCK / 2)]);
       group_sums(xt, H, G, &xsum[p * ng_h]);
     }
   });
@@ -472,7 +642,7 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
 
   // Phase 1: gate/up columns of every (expert, slab), all in one parallel region.
   at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const float*> xsp, xsump;
+    std::vector<const float*> xsp, xsump, xdp;
     std::vector<float*> outp;
     for (int64_t j = lo; j < hi; ++j) {
       const Item it = up_items[j];
@@ -488,12 +658,18 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
         xsump[c] = &xsum[p * ng_h];
         outp[c] = &gu[p * gu_stride + gu_off[i]];
       }
+      const bool dot = any_dot && use_dot[e];
+      if (dot) {
+        xdp.resize(count);
+        for (int c = 0; c < count; ++c)
+          xdp[c] = reinterpret_cast<const float*>(&xd[(start[e] + c) * xd_stride + i * nblk_h * (BLOCK / 2)]);
+      }
       const int64_t ld = w13q[i].size(1);
       const int64_t col = 2 * static_cast<int64_t>(coff[e * NB + i]) + it.c0;
       const int ncols = std::min(TILE_COLS, 2 * n - it.c0);
       run_tile(b, w13q[i].data_ptr<int32_t>() + col, ld, w13s[i].data_ptr<at::Half>() + col,
                w13z[i].data_ptr<at::Half>() + col, ld, H, G, ncols, count, xsp.data(), xsump.data(),
-               outp.data(), it.c0);
+               outp.data(), it.c0, dot ? xdp.data() : nullptr);
     }
   });
 
@@ -501,8 +677,7 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
   at::parallel_for(0, static_cast<int64_t>(hit_pairs.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const int p = hit_pairs[j];
-      int e = 0;
-      while (start[e + 1] <= p) ++e;
+      const int e = pair_expert[p];
       for (int i = 0; i < NB; ++i) {
         const int n = sizes[e * NB + i];
         if (n == 0) continue;

@@ -1,7 +1,8 @@
 """The compiled CPU slab MoE kernel against the pure-torch reference (fp32), and its dispatch.
 
-The kernel computes on the packed codes (per-group ``scale * (sum x*q - zero * sum x)``),
-the reference dequantizes and multiplies: the two agree up to fp32 summation order.
+The kernel computes on the packed codes (per-group ``scale * (sum x*q - zero * sum x)``;
+exact bf16 products for bf16-valued activations), the reference dequantizes and
+multiplies: the two agree up to fp32 summation order.
 The first test builds the extension (about 30-60 s on a cold cache, then cached).
 """
 
@@ -79,6 +80,17 @@ def test_cpu_kernel_matches_reference_fp32(kernel, bits, sizes, hidden, group, n
     got = slab_moe_cpu(x, tw, ids, w)
     assert got.abs().max() > 0 or ref.abs().max() == 0  # the layer is not trivially zero
     close(got, ref)
+
+
+@pytest.mark.parametrize("bits, sizes, hidden, group", LAYERS)
+def test_cpu_kernel_bf16_valued_activations_fp32(kernel, bits, sizes, hidden, group) -> None:
+    """fp32 activations that are bf16 values, many tokens per expert: the bf16 dot path (on
+    CPUs with AVX512-BF16) must give the fp32 result too; 8-, 4- and 1-token chunks."""
+    w = random_slab_weights(sizes, bits, hidden, group, seed=hidden + 5)
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(45, hidden, generator=gen).to(torch.bfloat16).float()
+    tw, ids = routing(45, 2, len(sizes), seed=hidden + 1)
+    close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
 
 
 def test_cpu_kernel_many_tokens_per_expert_int32_ids(kernel) -> None:
