@@ -390,8 +390,8 @@ constexpr int TILE_COLS = 32;  // columns of one work item (NV = 2), see run_til
 using TileFn = void (*)(const int32_t*, int64_t, const at::Half*, const at::Half*, int64_t, int, int, int,
                         const float* const*, const float* const*, float*, bool);
 
-// One tile width (NV = 2, 32 columns) only: narrower tails run on a zero-padded copy; fewer
-// instantiations keep the first build short.
+// One tile width (NV = 2, 32 columns) only: narrower tails run on a zero-padded copy; token
+// chunks of 1, 2, 3, 4 or 8: fewer instantiations keep the first build short.
 template <int BITS>
 TileFn pick_tt(int tt) {
   switch (tt) {
@@ -399,9 +399,6 @@ TileFn pick_tt(int tt) {
     case 2: return &tile_kernel<BITS, 2, 2, false>;
     case 3: return &tile_kernel<BITS, 3, 2, false>;
     case 4: return &tile_kernel<BITS, 4, 2, false>;
-    case 5: return &tile_kernel<BITS, 5, 2, false>;
-    case 6: return &tile_kernel<BITS, 6, 2, false>;
-    case 7: return &tile_kernel<BITS, 7, 2, false>;
     default: return &tile_kernel<BITS, 8, 2, false>;
   }
 }
@@ -472,7 +469,9 @@ void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const 
   alignas(64) float res[MAX_TT * TILE_COLS];
   for (int t0 = 0; t0 < count;) {
     const int rem = count - t0;
-    int tt = std::min(MAX_TT, rem);
+    // Chunks of 8, 4, then 1-3 tokens (5-7 would add instantiations, i.e. build time, for
+    // little: the weights of a tile are in L1 for the second chunk).
+    int tt = rem >= 8 ? 8 : rem >= 4 ? 4 : rem;
     TileFn fn = nullptr;
     const float* const* xin = xs + t0;
 #if defined(CAMERA_BF16_DOT)
