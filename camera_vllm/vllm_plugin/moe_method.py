@@ -464,7 +464,12 @@ class CameraMixedMoEMethod(CameraMoEMethod):
                 )
         self._loaded = set()
         # Validates shapes/dtypes/devices of the very tensors the op will get (wraps, never copies).
-        SlabMoEWeights(self.layout, *self._groups(layer), **self._metadata(layer))
+        slabs = SlabMoEWeights(self.layout, *self._groups(layer), **self._metadata(layer))
+        if slabs.device.type == "cpu":
+            from camera_kernels.cpu_slab import ensure_cpu_kernel
+
+            # Build (first time on this machine) or load the compiled CPU kernel now, not on the first request.
+            ensure_cpu_kernel()
 
     def _groups(self, layer: RoutedExperts) -> list[tuple[torch.Tensor, ...]]:
         bits = self.layout.bits
