@@ -43,6 +43,9 @@ _LOCK = threading.Lock()
 _module: ModuleType | None = None
 _reason: str | None = None  # None: not tried yet
 _build_seconds: float | None = None
+#: Most (token, expert) pairs the kernel holds scratch for at once (about 40 KB each at
+#: H = 1024); larger batches (prefill) run in several passes inside the one call.
+MAX_PAIRS_PER_PASS = 1024
 
 
 def _cpu_tag() -> str:
@@ -157,5 +160,6 @@ def slab_moe_cpu(
         weights.down_row_offsets,
         weights.down_group_offsets,
         lay.group_size,
+        MAX_PAIRS_PER_PASS,
     )
     return out if x.dtype == torch.float32 else out.to(x.dtype)

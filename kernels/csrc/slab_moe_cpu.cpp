@@ -504,7 +504,7 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
                                std::vector<torch::Tensor> w2s, std::vector<torch::Tensor> w2z,
                                std::vector<int64_t> bits, torch::Tensor slab_sizes, torch::Tensor col_offsets,
                                torch::Tensor down_row_offsets, torch::Tensor down_group_offsets,
-                               int64_t group_size) {
+                               int64_t group_size, int64_t max_pairs) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [T, H]");
   TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_weights.is_contiguous(), "topk_weights: fp32");
   TORCH_CHECK(topk_ids.scalar_type() == at::kLong && topk_ids.is_contiguous(), "topk_ids: int64");
@@ -585,149 +585,171 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
   as_stride = as_off[NB];
   asum_stride = asum_off[NB];
 
-  // bf16 dot path for gate/up: experts with several tokens whose activations are all
+  // Work is split into segments (one expert, at most MAX_PAIRS of its pairs) and the segments
+  // into batches of at most MAX_PAIRS pairs (max_pairs), so the per-pair scratch stays bounded
+  // (about 40 KB a pair at H = 1024) however many tokens a prefill brings; decode is one batch.
+  const int MAX_PAIRS = static_cast<int>(std::max<int64_t>(1, max_pairs));
+  struct Seg { int e, p0, p1; bool dot; };
+  std::vector<Seg> segs;
+  // bf16 dot path for gate/up: segments with several tokens whose activations are all
   // bf16-valued (the served dtype), so that the bf16 products are exact.
-  std::vector<char> use_dot(E, 0);
-  bool any_dot = false;
+  std::vector<char> token_bf16(T, 0);
   if (HAVE_DOT) {
-    for (int e : hit) {
-      if (start[e + 1] - start[e] < DOT_MIN_TOKENS) continue;
-      bool exact = true;
-      for (int p = start[e]; p < start[e + 1] && exact; ++p) {
-        const uint32_t* xu = reinterpret_cast<const uint32_t*>(xp + static_cast<int64_t>(pair_token[p]) * H);
-        for (int c = 0; c < H; ++c)
-          if (xu[c] & 0xFFFFu) { exact = false; break; }
-      }
-      use_dot[e] = exact;
-      any_dot = any_dot || exact;
+    for (int t = 0; t < T; ++t) {
+      const uint32_t* xu = reinterpret_cast<const uint32_t*>(xp + static_cast<int64_t>(t) * H);
+      uint32_t low = 0;
+      for (int c = 0; c < H; ++c) low |= xu[c] & 0xFFFFu;
+      token_bf16[t] = low == 0;
+    }
+  }
+  for (int e : hit) {
+    for (int p0 = start[e]; p0 < start[e + 1]; p0 += MAX_PAIRS) {
+      const int p1 = std::min(p0 + MAX_PAIRS, start[e + 1]);
+      bool dot = HAVE_DOT && p1 - p0 >= DOT_MIN_TOKENS;
+      for (int p = p0; p < p1 && dot; ++p) dot = token_bf16[pair_token[p]];
+      segs.push_back({e, p0, p1, dot});
     }
   }
   const int64_t xd_stride = static_cast<int64_t>(NB) * nblk_h * (BLOCK / 2);
-  std::vector<uint32_t> xd(any_dot ? static_cast<size_t>(npairs) * xd_stride : 0);
-  std::vector<float> xs(static_cast<size_t>(npairs) * xs_stride);
-  std::vector<float> xsum(static_cast<size_t>(npairs) * ng_h);
-  std::vector<float> gu(static_cast<size_t>(npairs) * gu_stride, 0.0f);
-  std::vector<float> act(static_cast<size_t>(npairs) * act_stride, 0.0f);
-  std::vector<float> as(static_cast<size_t>(npairs) * as_stride);
-  std::vector<float> asum(static_cast<size_t>(npairs) * asum_stride);
-  std::vector<float> ye(static_cast<size_t>(npairs) * H, 0.0f);
-
-  // Phase 0: activations of every pair of a hit expert (prescaled per bit-width, group sums).
-  std::vector<int> hit_pairs;
-  for (int e : hit)
-    for (int p = start[e]; p < start[e + 1]; ++p) hit_pairs.push_back(p);
-  at::parallel_for(0, static_cast<int64_t>(hit_pairs.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const int p = hit_pairs[j];
-      const float* xt = xp + static_cast<int64_t>(pair_token[p]) * H;
-      for (int i = 0; i < NB; ++i) prescale(xt, H, static_cast<int>(bits[i]), &xs[p * xs_stride + xs_off[i]]);
-      if (any_dot && use_dot[pair_expert[p]])
-        for (int i = 0; i < NB; ++i)
-          prescale_pairs(xt, H, static_cast<int>(bits[i]), &xd[p * xd_stride + i * nblk_h * (BLOCK / 2)]);
-      group_sums(xt, H, G, &xsum[p * ng_h]);
-    }
-  });
-
-  // Work items: (expert, bit index, first column) tiles of TILE_COLS columns.
-  struct Item { int e, i, c0; };
-  std::vector<Item> up_items, down_items;
-  for (int e : hit) {
-    for (int i = 0; i < NB; ++i) {
-      const int n = sizes[e * NB + i];
-      for (int c0 = 0; c0 < 2 * n; c0 += TILE_COLS) up_items.push_back({e, i, c0});
-    }
-    for (int c0 = 0; c0 < H; c0 += TILE_COLS) down_items.push_back({e, -1, c0});
-  }
-
-  // Phase 1: gate/up columns of every (expert, slab), all in one parallel region.
-  at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const float*> xsp, xsump, xdp;
-    std::vector<float*> outp;
-    for (int64_t j = lo; j < hi; ++j) {
-      const Item it = up_items[j];
-      const int e = it.e, i = it.i, b = static_cast<int>(bits[i]);
-      const int n = sizes[e * NB + i];
-      const int count = start[e + 1] - start[e];
-      xsp.resize(count);
-      xsump.resize(count);
-      outp.resize(count);
-      for (int c = 0; c < count; ++c) {
-        const int p = start[e] + c;
-        xsp[c] = &xs[p * xs_stride + xs_off[i]];
-        xsump[c] = &xsum[p * ng_h];
-        outp[c] = &gu[p * gu_stride + gu_off[i]];
-      }
-      const bool dot = any_dot && use_dot[e];
-      if (dot) {
-        xdp.resize(count);
-        for (int c = 0; c < count; ++c)
-          xdp[c] = reinterpret_cast<const float*>(&xd[(start[e] + c) * xd_stride + i * nblk_h * (BLOCK / 2)]);
-      }
-      const int64_t ld = w13q[i].size(1);
-      const int64_t col = 2 * static_cast<int64_t>(coff[e * NB + i]) + it.c0;
-      const int ncols = std::min(TILE_COLS, 2 * n - it.c0);
-      run_tile(b, w13q[i].data_ptr<int32_t>() + col, ld, w13s[i].data_ptr<at::Half>() + col,
-               w13z[i].data_ptr<at::Half>() + col, ld, H, G, ncols, count, xsp.data(), xsump.data(),
-               outp.data(), it.c0, dot ? xdp.data() : nullptr);
-    }
-  });
-
-  // Phase 2: SiLU(gate) * up per slab, then its prescaled form and group sums (the down GEMV's x).
-  at::parallel_for(0, static_cast<int64_t>(hit_pairs.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const int p = hit_pairs[j];
-      const int e = pair_expert[p];
-      for (int i = 0; i < NB; ++i) {
-        const int n = sizes[e * NB + i];
-        if (n == 0) continue;
-        const float* g = &gu[p * gu_stride + gu_off[i]];
-        float* a = &act[p * act_stride + act_off[i]];
-        for (int c = 0; c < n; ++c) a[c] = silu(g[c]) * g[n + c];
-        prescale(a, n, static_cast<int>(bits[i]), &as[p * as_stride + as_off[i]]);
-        group_sums(a, n, G, &asum[p * asum_stride + asum_off[i]]);
-      }
-    }
-  });
-
-  // Phase 3: down projection; one item = one expert's column tile over all its slabs.
-  at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const float*> xsp, xsump;
-    std::vector<float*> outp;
-    for (int64_t j = lo; j < hi; ++j) {
-      const Item it = down_items[j];
-      const int e = it.e;
-      const int count = start[e + 1] - start[e];
-      const int ncols = std::min(TILE_COLS, H - it.c0);
-      xsp.resize(count);
-      xsump.resize(count);
-      outp.resize(count);
-      for (int i = 0; i < NB; ++i) {
-        const int n = sizes[e * NB + i];
-        if (n == 0) continue;
-        const int b = static_cast<int>(bits[i]);
-        for (int c = 0; c < count; ++c) {
-          const int p = start[e] + c;
-          xsp[c] = &as[p * as_stride + as_off[i]];
-          xsump[c] = &asum[p * asum_stride + asum_off[i]];
-          outp[c] = &ye[static_cast<int64_t>(p) * H];
-        }
-        const int64_t row = roff[e * NB + i], grp = goff[e * NB + i];
-        run_tile(b, w2q[i].data_ptr<int32_t>() + row * H + it.c0, H, w2s[i].data_ptr<at::Half>() + grp * H + it.c0,
-                 w2z[i].data_ptr<at::Half>() + grp * H + it.c0, H, n, G, ncols, count, xsp.data(), xsump.data(),
-                 outp.data(), it.c0);
-      }
-    }
-  });
-
-  // Phase 4: out[t] += w * ye, in pair order (deterministic).
+  std::vector<uint32_t> xd;
+  std::vector<float> xs, xsum, gu, act, as, asum, ye;
   float* op = out.data_ptr<float>();
-  for (int e : hit) {
-    for (int p = start[e]; p < start[e + 1]; ++p) {
-      float* o = op + static_cast<int64_t>(pair_token[p]) * H;
-      const float* y = &ye[static_cast<int64_t>(p) * H];
-      const float w = pair_weight[p];
+
+  for (size_t s0 = 0; s0 < segs.size();) {
+    size_t s1 = s0 + 1;
+    while (s1 < segs.size() && segs[s1].p1 - segs[s0].p0 <= MAX_PAIRS) ++s1;
+    const int base = segs[s0].p0;            // pairs of a batch are consecutive
+    const int np = segs[s1 - 1].p1 - base;  // local pair index: p - base
+    bool any_dot = false;
+    for (size_t si = s0; si < s1; ++si) any_dot = any_dot || segs[si].dot;
+    xd.assign(any_dot ? static_cast<size_t>(np) * xd_stride : 0, 0u);
+    xs.assign(static_cast<size_t>(np) * xs_stride, 0.0f);
+    xsum.assign(static_cast<size_t>(np) * ng_h, 0.0f);
+    gu.assign(static_cast<size_t>(np) * gu_stride, 0.0f);
+    act.assign(static_cast<size_t>(np) * act_stride, 0.0f);
+    as.assign(static_cast<size_t>(np) * as_stride, 0.0f);
+    asum.assign(static_cast<size_t>(np) * asum_stride, 0.0f);
+    ye.assign(static_cast<size_t>(np) * H, 0.0f);
+    // Pairs between the batch's segments that belong to a width-0 expert are not live.
+    std::vector<char> pair_dot(np, 0), pair_live(np, 0);
+    for (size_t si = s0; si < s1; ++si)
+      for (int p = segs[si].p0; p < segs[si].p1; ++p) {
+        pair_dot[p - base] = segs[si].dot;
+        pair_live[p - base] = 1;
+      }
+
+    // Phase 0: activations of every pair (prescaled per bit-width, bf16 pairs, group sums).
+    at::parallel_for(0, np, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        if (!pair_live[j]) continue;
+        const float* xt = xp + static_cast<int64_t>(pair_token[base + j]) * H;
+        for (int i = 0; i < NB; ++i) prescale(xt, H, static_cast<int>(bits[i]), &xs[j * xs_stride + xs_off[i]]);
+        if (pair_dot[j])
+          for (int i = 0; i < NB; ++i)
+            prescale_pairs(xt, H, static_cast<int>(bits[i]), &xd[j * xd_stride + i * nblk_h * (BLOCK / 2)]);
+        group_sums(xt, H, G, &xsum[j * ng_h]);
+      }
+    });
+
+    // Work items: (segment, bit index, first column) tiles of TILE_COLS columns.
+    struct Item { int seg, i, c0; };
+    std::vector<Item> up_items, down_items;
+    for (size_t si = s0; si < s1; ++si) {
+      const int e = segs[si].e;
+      for (int i = 0; i < NB; ++i) {
+        const int n = sizes[e * NB + i];
+        for (int c0 = 0; c0 < 2 * n; c0 += TILE_COLS) up_items.push_back({static_cast<int>(si), i, c0});
+      }
+      for (int c0 = 0; c0 < H; c0 += TILE_COLS) down_items.push_back({static_cast<int>(si), -1, c0});
+    }
+
+    // Phase 1: gate/up columns of every (segment, slab), all in one parallel region.
+    at::parallel_for(0, static_cast<int64_t>(up_items.size()), 1, [&](int64_t lo, int64_t hi) {
+      std::vector<const float*> xsp, xsump, xdp;
+      std::vector<float*> outp;
+      for (int64_t j = lo; j < hi; ++j) {
+        const Item it = up_items[j];
+        const Seg& sg = segs[it.seg];
+        const int e = sg.e, i = it.i, b = static_cast<int>(bits[i]);
+        const int n = sizes[e * NB + i];
+        const int count = sg.p1 - sg.p0;
+        xsp.resize(count);
+        xsump.resize(count);
+        outp.resize(count);
+        xdp.resize(count);
+        for (int c = 0; c < count; ++c) {
+          const int64_t l = sg.p0 - base + c;
+          xsp[c] = &xs[l * xs_stride + xs_off[i]];
+          xsump[c] = &xsum[l * ng_h];
+          outp[c] = &gu[l * gu_stride + gu_off[i]];
+          if (sg.dot) xdp[c] = reinterpret_cast<const float*>(&xd[l * xd_stride + i * nblk_h * (BLOCK / 2)]);
+        }
+        const int64_t ld = w13q[i].size(1);
+        const int64_t col = 2 * static_cast<int64_t>(coff[e * NB + i]) + it.c0;
+        const int ncols = std::min(TILE_COLS, 2 * n - it.c0);
+        run_tile(b, w13q[i].data_ptr<int32_t>() + col, ld, w13s[i].data_ptr<at::Half>() + col,
+                 w13z[i].data_ptr<at::Half>() + col, ld, H, G, ncols, count, xsp.data(), xsump.data(),
+                 outp.data(), it.c0, sg.dot ? xdp.data() : nullptr);
+      }
+    });
+
+    // Phase 2: SiLU(gate) * up per slab, then its prescaled form and group sums (the down GEMV's x).
+    at::parallel_for(0, np, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        if (!pair_live[j]) continue;
+        const int e = pair_expert[base + j];
+        for (int i = 0; i < NB; ++i) {
+          const int n = sizes[e * NB + i];
+          if (n == 0) continue;
+          const float* g = &gu[j * gu_stride + gu_off[i]];
+          float* a = &act[j * act_stride + act_off[i]];
+          for (int c = 0; c < n; ++c) a[c] = silu(g[c]) * g[n + c];
+          prescale(a, n, static_cast<int>(bits[i]), &as[j * as_stride + as_off[i]]);
+          group_sums(a, n, G, &asum[j * asum_stride + asum_off[i]]);
+        }
+      }
+    });
+
+    // Phase 3: down projection; one item = one segment's column tile over all its slabs.
+    at::parallel_for(0, static_cast<int64_t>(down_items.size()), 1, [&](int64_t lo, int64_t hi) {
+      std::vector<const float*> xsp, xsump;
+      std::vector<float*> outp;
+      for (int64_t j = lo; j < hi; ++j) {
+        const Item it = down_items[j];
+        const Seg& sg = segs[it.seg];
+        const int e = sg.e;
+        const int count = sg.p1 - sg.p0;
+        const int ncols = std::min(TILE_COLS, H - it.c0);
+        xsp.resize(count);
+        xsump.resize(count);
+        outp.resize(count);
+        for (int i = 0; i < NB; ++i) {
+          const int n = sizes[e * NB + i];
+          if (n == 0) continue;
+          const int b = static_cast<int>(bits[i]);
+          for (int c = 0; c < count; ++c) {
+            const int64_t l = sg.p0 - base + c;
+            xsp[c] = &as[l * as_stride + as_off[i]];
+            xsump[c] = &asum[l * asum_stride + asum_off[i]];
+            outp[c] = &ye[l * H];
+          }
+          const int64_t row = roff[e * NB + i], grp = goff[e * NB + i];
+          run_tile(b, w2q[i].data_ptr<int32_t>() + row * H + it.c0, H,
+                   w2s[i].data_ptr<at::Half>() + grp * H + it.c0, w2z[i].data_ptr<at::Half>() + grp * H + it.c0,
+                   H, n, G, ncols, count, xsp.data(), xsump.data(), outp.data(), it.c0);
+        }
+      }
+    });
+
+    // Phase 4: out[t] += w * ye, in pair order (deterministic).
+    for (int j = 0; j < np; ++j) {
+      if (!pair_live[j]) continue;
+      float* o = op + static_cast<int64_t>(pair_token[base + j]) * H;
+      const float* y = &ye[static_cast<int64_t>(j) * H];
+      const float w = pair_weight[base + j];
       for (int c = 0; c < H; ++c) o[c] += w * y[c];
     }
+    s0 = s1;
   }
   return out;
 }

@@ -103,6 +103,17 @@ def test_cpu_kernel_many_tokens_per_expert_int32_ids(kernel) -> None:
     close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
 
 
+@pytest.mark.parametrize("max_pairs", [1, 5, 64])
+def test_cpu_kernel_bounded_passes(kernel, monkeypatch, max_pairs) -> None:
+    """Many pairs split into several passes (one expert's pairs across passes too): same result."""
+    monkeypatch.setattr(cpu_slab, "MAX_PAIRS_PER_PASS", max_pairs)
+    w = random_slab_weights([[40, 24, 8], [0, 0, 0], [0, 64, 33], [17, 0, 5]], (3, 2, 1), 96, 32, seed=8)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 96, generator=gen).to(torch.bfloat16).float()
+    tw, ids = routing(37, 3, 4, seed=13)
+    close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_kernel_half_inputs(kernel, dtype) -> None:
     """Low-precision activations: fp32 math inside, output in x.dtype."""
