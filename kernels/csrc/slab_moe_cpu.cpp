@@ -346,6 +346,20 @@ void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Hal
       for (int t = 0; t < TT; ++t)
         for (int v = 0; v < NV; ++v) acc[a][t][v] = v16f{};
     const int b_hi = std::min(nblk, (g + 1) * bpg);
+    if (prefetch) {
+      // Scale/zero rows are lds apart too: the next group's rows of this tile, and this
+      // group's rows of the next tile (NV*16 halves: one or two cache lines each).
+      for (const at::Half* base : {s, z}) {
+        const at::Half* next_group = base + (g + 1) * lds;
+        const at::Half* next_tile = base + g * lds + NV * VL;
+        if (g + 1 < ng) {
+          __builtin_prefetch(next_group);
+          __builtin_prefetch(next_group + NV * VL - 1);
+        }
+        __builtin_prefetch(next_tile);
+        __builtin_prefetch(next_tile + NV * VL - 1);
+      }
+    }
     for (int b = g * bpg; b < b_hi; ++b) {
       const int32_t* qb = q + static_cast<int64_t>(b) * BITS * ldq;
       if (prefetch) {
