@@ -5,7 +5,9 @@ The C++ source is ``csrc/slab_moe_cpu.cpp``, built on first use with
 extension cache, so a process pays the build once per machine and a cached load afterwards.
 It never dequantizes a slab: codes are read with one AND per 16 weights and reduced per
 quantization group (see the source's header), and one call runs the whole layer, so decode
-pays no per-expert Python overhead.  Call :func:`ensure_cpu_kernel` at model load to keep
+pays no per-expert Python overhead.  On the speed model's layer (``bench/cpu_kernel_bench.py``,
+CAMERA-Q 2.25 bit, cold caches) it runs 1.4-1.8x faster than vLLM's dense bf16 MoE kernel at
+1 and 8 tokens and on par at 64; the torch reference runs at 0.05-0.15x.  Call :func:`ensure_cpu_kernel` at model load to keep
 the build (or the cached load) off the first request.
 
 ``CAMERA_CPU_KERNEL=0`` disables it.  If the extension cannot be built (no compiler, no ninja), :func:`cpu_kernel_available` is
