@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,15 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _first_error(message: str) -> str:
+    """The line of a (long) build log that says what went wrong, else its first line."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    for ln in lines[1:]:
+        if re.search(r"error|not found|no such file|cannot", ln, re.IGNORECASE):
+            return ln[:200]
+    return lines[0][:200] if lines else "no message"
+
+
 def ensure_cpu_kernel() -> bool:
     """Build or load the extension once per process; True when it is usable.
 
@@ -98,7 +108,8 @@ def ensure_cpu_kernel() -> bool:
             logger.info("camera slab MoE: %s", _reason)
         except Exception as exc:  # no compiler, no ninja, build error: fall back, say why once
             _module = None
-            _reason = f"the CPU kernel could not be built ({type(exc).__name__}: {str(exc).strip()[:500]})"
+            _reason = (f"the CPU kernel could not be built ({type(exc).__name__}: {_first_error(str(exc))}; "
+                       "CAMERA_CPU_KERNEL_VERBOSE=1 shows the build log)")
             logger.warning("camera slab MoE: %s; using the pure-torch reference", _reason)
         return _module is not None
 

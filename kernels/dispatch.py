@@ -95,13 +95,14 @@ def slab_moe(
         ``[0, E)``: not a local expert, skipped).
     :param weights: the layer (:class:`SlabMoEWeights`) on ``x``'s device.
     :param backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see
-        :func:`choose_backend`; the choice and its reason are logged once per distinct pair,
-        as a warning when ``auto`` falls back to the slow reference).
+        :func:`choose_backend`; the choice and its reason are logged once per distinct pair;
+        a failed CPU build warns once from :mod:`.cpu_slab`).
     """
     name, reason = choose_backend(x, backend)
     if (name, reason) not in _logged:
         _logged.add((name, reason))
-        level = logging.WARNING if (name == "reference" and backend == "auto") else logging.INFO
+        # A failed CPU build already warned once (camera_kernels.cpu_slab); a CUDA fallback has not.
+        level = logging.WARNING if (name == "reference" and x.is_cuda) else logging.INFO
         logger.log(level, "camera slab MoE backend: %s (%s)", name, reason)
     if name == "triton":
         from .launch import slab_moe_triton
