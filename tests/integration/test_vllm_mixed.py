@@ -47,6 +47,8 @@ def test_vllm_mixed_greedy_equals_oracle(case: str, mixed_runs: dict[str, dict])
     assert got["quantization"] == "camera"
     assert (got["compilation_mode"] == "0") == (mode == "eager"), got["compilation_mode"]
     assert got["memory"]["methods"].get("CameraMixedMoEMethod") == len(qc["layers"])
+    # The engine computed the experts with the compiled CPU kernel (the oracle is independent of it).
+    assert got["memory"]["slab_backend"] == "cpu", got["memory"]["slab_backend"]
     if arch in STOCK_VLLM_ORACLE:
         assert info["stock"]["quantization"] is None
         want = info["stock"]["tokens"]

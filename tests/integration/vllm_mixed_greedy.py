@@ -48,7 +48,12 @@ def expert_memory(worker: Any) -> dict[str, Any]:
         if ".mlp" in name or "block_sparse_moe" in name:
             for pname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
                 tensors.append([f"{name}.{pname}", list(t.shape), str(t.dtype), torch.is_floating_point(t)])
-    return {"routed_bytes": routed, "shared_bytes": shared, "methods": methods, "mlp_tensors": tensors}
+    from camera_kernels import choose_backend
+
+    # The backend the routed experts' op picks for this model's activations (CPU: the compiled kernel).
+    backend = choose_backend(torch.empty(1, 1, dtype=next(model.parameters()).dtype))[0]
+    return {"routed_bytes": routed, "shared_bytes": shared, "methods": methods, "mlp_tensors": tensors,
+            "slab_backend": backend}
 
 
 def run_one(model: str, mode: str, seqs: int) -> dict[str, Any]:
