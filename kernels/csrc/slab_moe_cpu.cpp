@@ -408,28 +408,46 @@ void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Hal
 }
 
 constexpr int MAX_TT = 8;
-constexpr int TILE_COLS = 32;  // columns of one work item (NV = 2), see run_tile
+constexpr int TILE_COLS = 64;  // columns of one work item, see tile_64
 
 using TileFn = void (*)(const int32_t*, int64_t, const at::Half*, const at::Half*, int64_t, int, int, int,
                         const float* const*, const float* const*, float*, bool);
 
-// One tile width (NV = 2, 32 columns) only: narrower tails run on a zero-padded copy; token
-// chunks of 1, 2, 3, 4 or 8: fewer instantiations keep the first build short.
+// One 64-column tile: up to 4 tokens as four column vectors (more independent work per unpacked
+// code word and per broadcast activation), 8 tokens as two halves of two vectors (8 x 4
+// accumulators would not fit the 32 vector registers).  res: [TT][64].
+template <int BITS, int TT, bool DOT>
+void tile_64(const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds, int k,
+             int group, int ncols, const float* const* xs, const float* const* xsum, float* res, bool prefetch) {
+  if constexpr (TT <= 4) {
+    tile_kernel<BITS, TT, 4, DOT>(q, ldq, s, z, lds, k, group, ncols, xs, xsum, res, prefetch);
+  } else {
+    alignas(64) float half[TT * 32];
+    for (int h = 0; h < 2; ++h) {
+      tile_kernel<BITS, TT, 2, DOT>(q + 32 * h, ldq, s + 32 * h, z + 32 * h, lds, k, group, ncols - 32 * h, xs,
+                                    xsum, half, prefetch);
+      for (int t = 0; t < TT; ++t) std::memcpy(res + t * 64 + 32 * h, half + t * 32, 32 * sizeof(float));
+    }
+  }
+}
+
+// Token chunks of 1, 2, 3, 4 or 8 only: fewer instantiations keep the first build short; a
+// narrower tail tile runs on a zero-padded copy.
 template <int BITS>
 TileFn pick_tt(int tt) {
   switch (tt) {
-    case 1: return &tile_kernel<BITS, 1, 2, false>;
-    case 2: return &tile_kernel<BITS, 2, 2, false>;
-    case 3: return &tile_kernel<BITS, 3, 2, false>;
-    case 4: return &tile_kernel<BITS, 4, 2, false>;
-    default: return &tile_kernel<BITS, 8, 2, false>;
+    case 1: return &tile_64<BITS, 1, false>;
+    case 2: return &tile_64<BITS, 2, false>;
+    case 3: return &tile_64<BITS, 3, false>;
+    case 4: return &tile_64<BITS, 4, false>;
+    default: return &tile_64<BITS, 8, false>;
   }
 }
 
 #if defined(CAMERA_BF16_DOT)
 template <int BITS>
 TileFn pick_dot(int tt) {
-  return tt >= 8 ? &tile_kernel<BITS, 8, 2, true> : &tile_kernel<BITS, 4, 2, true>;
+  return tt >= 8 ? &tile_64<BITS, 8, true> : &tile_64<BITS, 4, true>;
 }
 
 // The dot path in chunks of 8 or 4 tokens.
@@ -469,7 +487,6 @@ TileFn pick(int bits, int tt) {
 void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
               int k, int group, int ncols, int count, const float* const* xs, const float* const* xsum,
               float* const* out, int64_t col_in_out, const float* const* xdot = nullptr) {
-  constexpr int nv = TILE_COLS / VL;
   const int width = TILE_COLS;
   std::vector<int32_t> qpad;
   std::vector<at::Half> spad, zpad;
@@ -508,7 +525,7 @@ void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const 
     fn(q, ldq, s, z, lds, k, group, ncols, xin, xsum + t0, res, t0 == 0);
     for (int t = 0; t < tt; ++t) {
       float* o = out[t0 + t] + col_in_out;
-      const float* r = res + t * nv * VL;
+      const float* r = res + t * TILE_COLS;
       for (int c = 0; c < ncols; ++c) o[c] += r[c];
     }
     t0 += tt;
