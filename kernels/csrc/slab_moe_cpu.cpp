@@ -651,8 +651,20 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
     }
   }
   const int64_t xd_stride = static_cast<int64_t>(NB) * nblk_h * (BLOCK / 2);
-  std::vector<uint32_t> xd;
-  std::vector<float> xs, xsum, gu, act, as, asum, ye;
+  // Scratch lives on between calls (per calling thread, grown to the largest pass, at most
+  // MAX_PAIRS pairs): a fresh multi-MB allocation per layer would page-fault and be zeroed
+  // serially.  Nothing is zeroed here: every element a pass reads is written first in it
+  // (gu and ye, the accumulated ones, are cleared per pair inside the parallel phase 0).
+  // (Bound to local references: inside at::parallel_for a thread_local named directly would be
+  // the worker thread's own, empty, instance.)
+  thread_local std::vector<uint32_t> tl_xd;
+  thread_local std::vector<float> tl_xs, tl_xsum, tl_gu, tl_act, tl_as, tl_asum, tl_ye;
+  std::vector<uint32_t>& xd = tl_xd;
+  std::vector<float>&xs = tl_xs, &xsum = tl_xsum, &gu = tl_gu, &act = tl_act, &as = tl_as, &asum = tl_asum,
+  &ye = tl_ye;
+  auto grow = [](auto& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  };
   float* op = out.data_ptr<float>();
 
   for (size_t s0 = 0; s0 < segs.size();) {
@@ -662,14 +674,14 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
     const int np = segs[s1 - 1].p1 - base;  // local pair index: p - base
     bool any_dot = false;
     for (size_t si = s0; si < s1; ++si) any_dot = any_dot || segs[si].dot;
-    xd.assign(any_dot ? static_cast<size_t>(np) * xd_stride : 0, 0u);
-    xs.assign(static_cast<size_t>(np) * xs_stride, 0.0f);
-    xsum.assign(static_cast<size_t>(np) * ng_h, 0.0f);
-    gu.assign(static_cast<size_t>(np) * gu_stride, 0.0f);
-    act.assign(static_cast<size_t>(np) * act_stride, 0.0f);
-    as.assign(static_cast<size_t>(np) * as_stride, 0.0f);
-    asum.assign(static_cast<size_t>(np) * asum_stride, 0.0f);
-    ye.assign(static_cast<size_t>(np) * H, 0.0f);
+    if (any_dot) grow(xd, static_cast<size_t>(np) * xd_stride);
+    grow(xs, static_cast<size_t>(np) * xs_stride);
+    grow(xsum, static_cast<size_t>(np) * ng_h);
+    grow(gu, static_cast<size_t>(np) * gu_stride);
+    grow(act, static_cast<size_t>(np) * act_stride);
+    grow(as, static_cast<size_t>(np) * as_stride);
+    grow(asum, static_cast<size_t>(np) * asum_stride);
+    grow(ye, static_cast<size_t>(np) * H);
     // Pairs between the batch's segments that belong to a width-0 expert are not live.
     std::vector<char> pair_dot(np, 0), pair_live(np, 0);
     for (size_t si = s0; si < s1; ++si)
@@ -682,6 +694,8 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
     at::parallel_for(0, np, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
         if (!pair_live[j]) continue;
+        std::fill_n(&gu[j * gu_stride], gu_stride, 0.0f);
+        std::fill_n(&ye[j * H], H, 0.0f);
         const float* xt = xp + static_cast<int64_t>(pair_token[base + j]) * H;
         for (int i = 0; i < NB; ++i) prescale(xt, H, static_cast<int>(bits[i]), &xs[j * xs_stride + xs_off[i]]);
         if (pair_dot[j])
