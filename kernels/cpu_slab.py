@@ -6,8 +6,8 @@ extension cache, so a process pays the build once per machine and a cached load 
 It never dequantizes a slab: codes are read with one AND per 16 weights and reduced per
 quantization group (see the source's header), and one call runs the whole layer, so decode
 pays no per-expert Python overhead.  On the speed model's layer (``bench/cpu_kernel_bench.py``,
-CAMERA-Q 2.25 bit, cold caches) it runs 1.4-1.8x faster than vLLM's dense bf16 MoE kernel at
-1 and 8 tokens and on par at 64; the torch reference runs at 0.05-0.15x.  Call :func:`ensure_cpu_kernel` at model load to keep
+CAMERA-Q 2.25 bit, cold caches, 1-2 threads) it runs 1.5-1.9x faster than vLLM's dense bf16
+MoE kernel at 1 and 8 tokens and 1.0-1.1x at 64; the torch reference runs at 0.05-0.15x.  Call :func:`ensure_cpu_kernel` at model load to keep
 the build (or the cached load) off the first request.
 
 ``CAMERA_CPU_KERNEL=0`` disables it.  If the extension cannot be built (no compiler, no ninja), :func:`cpu_kernel_available` is
@@ -47,7 +47,8 @@ _module: ModuleType | None = None
 _reason: str | None = None  # None: not tried yet
 _build_seconds: float | None = None
 #: Most (token, expert) pairs the kernel holds scratch for at once (about 40 KB each at
-#: H = 1024); larger batches (prefill) run in several passes inside the one call.
+#: H = 1024; the kernel also caps the scratch at 32 MB); larger batches (prefill) run in
+#: several passes inside the one call.  The scratch is kept between calls.
 MAX_PAIRS_PER_PASS = 1024
 
 

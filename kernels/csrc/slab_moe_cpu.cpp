@@ -626,9 +626,15 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
   asum_stride = asum_off[NB];
 
   // Work is split into segments (one expert, at most MAX_PAIRS of its pairs) and the segments
-  // into batches of at most MAX_PAIRS pairs (max_pairs), so the per-pair scratch stays bounded
-  // (about 40 KB a pair at H = 1024) however many tokens a prefill brings; decode is one batch.
-  const int MAX_PAIRS = static_cast<int>(std::max<int64_t>(1, max_pairs));
+  // into batches of at most MAX_PAIRS pairs, so the scratch stays bounded (max_pairs pairs and
+  // at most SCRATCH_BYTES; about 40 KB a pair at H = 1024) however many tokens a prefill
+  // brings; decode is one batch.
+  const int64_t xd_stride = static_cast<int64_t>(NB) * nblk_h * (BLOCK / 2);
+  constexpr int64_t SCRATCH_BYTES = int64_t{32} << 20;
+  const int64_t pair_bytes =
+      4 * (xs_stride + xd_stride + ng_h + gu_stride + act_stride + as_stride + asum_stride + H);
+  const int MAX_PAIRS = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(max_pairs, std::max<int64_t>(8, SCRATCH_BYTES / pair_bytes))));
   struct Seg { int e, p0, p1; bool dot; };
   std::vector<Seg> segs;
   // bf16 dot path for gate/up: segments with several tokens whose activations are all
@@ -650,7 +656,6 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
       segs.push_back({e, p0, p1, dot});
     }
   }
-  const int64_t xd_stride = static_cast<int64_t>(NB) * nblk_h * (BLOCK / 2);
   // Scratch lives on between calls (per calling thread, grown to the largest pass, at most
   // MAX_PAIRS pairs): a fresh multi-MB allocation per layer would page-fault and be zeroed
   // serially.  Nothing is zeroed here: every element a pass reads is written first in it
