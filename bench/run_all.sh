@@ -3,8 +3,9 @@
 #   1. the benchmark MoE, trained only if bench/.cache/models/qwen3moe-shakespeare is missing;
 #   2. the quality table   -> bench/results/quality.json, docs/quality.md, docs/quality.png;
 #   3. the compressor cost -> bench/results/compressor-cost.json, docs/compressor-cost.{md,png};
-#   4. the CPU speed table -> bench/results/speed-cpu.json, docs/speed.{md,png}.
-# Usage: bench/run_all.sh [quality] [cost] [speed]   (no argument: all three, in that order)
+#   4. the CPU speed table -> bench/results/speed-cpu.json, docs/speed.{md,png};
+#   5. one CAMERA-Q layer on the CPU kernels -> bench/results/cpu-kernel.{json,png}.
+# Usage: bench/run_all.sh [quality] [cost] [speed] [kernel]   (no argument: all four, in that order)
 # Roughly 2-3 hours on 2 busy cores (model training adds 20-35 minutes).  The GPU kernel
 # benchmark is separate: bench/run_gpu_bench.sh.
 set -euo pipefail
@@ -14,9 +15,9 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 MODEL=bench/.cache/models/qwen3moe-shakespeare
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(quality cost speed)
+[ ${#steps[@]} -eq 0 ] && steps=(quality cost speed kernel)
 for s in "${steps[@]}"; do
-  case "$s" in quality|cost|speed) ;; *) echo "run_all.sh: unknown step '$s' (quality, cost, speed)" >&2; exit 2;; esac
+  case "$s" in quality|cost|speed|kernel) ;; *) echo "run_all.sh: unknown step '$s' (quality, cost, speed, kernel)" >&2; exit 2;; esac
 done
 
 if [ ! -f "$MODEL/config.json" ]; then
@@ -30,6 +31,7 @@ for s in "${steps[@]}"; do
     quality) echo "== quality table"; "$PY" bench/quality.py ;;
     cost)    echo "== compressor cost"; "$PY" bench/compressor_cost.py ;;
     speed)   echo "== CPU speed table"; "$PY" bench/speed_cpu.py ;;
+    kernel)  echo "== CAMERA-Q CPU kernel, one layer"; "$PY" bench/cpu_kernel_bench.py ;;
   esac
   echo "== $s done in $(( $(date +%s) - start )) s"
 done

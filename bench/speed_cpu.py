@@ -431,6 +431,18 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
             f"{r['expert_bytes_ratio_vs_dense']:.3f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in result["verdicts"]]
+    lines += ["", "## What runs", "",
+              "- dense bf16: vLLM's `cpu_fused_moe` (one call per layer).",
+              "- CAMERA-P: the same kernel on width buckets (`camera_vllm/vllm_plugin/ragged_cpu.py`): "
+              "each layer's experts are cut into a few buckets padded to a multiple of 32, one call per "
+              "bucket that got tokens.",
+              "- CAMERA-Q: the compiled slab kernel (`kernels/csrc/slab_moe_cpu.cpp`) on the packed codes, "
+              "one call per layer; layer-level timings against dense are in `bench/results/cpu-kernel.json` "
+              "(`bench/cpu_kernel_bench.py`).",
+              "- vLLM's CPU worker runs on one core (the other is reserved for the API server), so both "
+              "the dense and the CAMERA rows compute on one thread. A decode step also pays for attention, "
+              "sampling and the scheduler, which compression does not shrink: at one request the expert "
+              "speed-up is diluted by that fixed cost; at eight requests the experts dominate the step."]
     loads = [x for r in result["raw"] for x in r["loadavg_1min"]]
     lines += ["", f"1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f} "
               f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "

@@ -7,12 +7,14 @@ It never dequantizes a slab: codes are read with one AND per 16 weights and redu
 quantization group (see the source's header), and one call runs the whole layer, so decode
 pays no per-expert Python overhead.  On the speed model's layer (``bench/cpu_kernel_bench.py``,
 CAMERA-Q 2.25 bit, cold caches, 1-2 threads) it runs 1.5-1.9x faster than vLLM's dense bf16
-MoE kernel at 1 and 8 tokens and 1.0-1.1x at 64; the torch reference runs at 0.05-0.15x.  Call :func:`ensure_cpu_kernel` at model load to keep
-the build (or the cached load) off the first request.
+MoE kernel at 1 and 8 tokens and 1.0-1.1x at 64; the torch reference runs at 0.05-0.15x.
+Call :func:`ensure_cpu_kernel` at model load to keep the build (or the cached load) off the
+first request.
 
-``CAMERA_CPU_KERNEL=0`` disables it.  If the extension cannot be built (no compiler, no ninja), :func:`cpu_kernel_available` is
-False with the reason in :func:`cpu_kernel_reason` and :func:`.dispatch.slab_moe` falls back
-to the reference; one warning says why.
+``CAMERA_VLLM_CPU_KERNEL=0`` disables it (the same switch turns off CAMERA-P's CPU kernel path
+in the plugin).  If the extension cannot be built (no compiler, no ninja),
+:func:`cpu_kernel_available` is False with the reason in :func:`cpu_kernel_reason` and
+:func:`.dispatch.slab_moe` falls back to the reference; one warning says why.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def ensure_cpu_kernel() -> bool:
     with _LOCK:
         if _reason is not None:
             return _module is not None
-        if os.environ.get("CAMERA_CPU_KERNEL", "1") == "0":
-            _reason = "the compiled CPU kernel is disabled (CAMERA_CPU_KERNEL=0)"
+        if os.environ.get("CAMERA_VLLM_CPU_KERNEL", "1") == "0":
+            _reason = "the compiled CPU kernel is disabled (CAMERA_VLLM_CPU_KERNEL=0)"
             logger.warning("camera slab MoE: %s", _reason)
             return False
         t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def ensure_cpu_kernel() -> bool:
                 sources=[str(_SOURCE)],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=["-fopenmp"],
-                verbose=os.environ.get("CAMERA_CPU_KERNEL_VERBOSE", "0") not in ("", "0"),
+                verbose=os.environ.get("CAMERA_VLLM_CPU_KERNEL_VERBOSE", "0") not in ("", "0"),
             )
             _build_seconds = time.perf_counter() - t0
             _reason = f"compiled CPU kernel loaded in {_build_seconds:.1f} s"
@@ -110,7 +112,7 @@ def ensure_cpu_kernel() -> bool:
         except Exception as exc:  # no compiler, no ninja, build error: fall back, say why once
             _module = None
             _reason = (f"the CPU kernel could not be built ({type(exc).__name__}: {_first_error(str(exc))}; "
-                       "CAMERA_CPU_KERNEL_VERBOSE=1 shows the build log)")
+                       "CAMERA_VLLM_CPU_KERNEL_VERBOSE=1 shows the build log)")
             logger.warning("camera slab MoE: %s; using the pure-torch reference", _reason)
         return _module is not None
 
