@@ -4,7 +4,8 @@
 #   2. the quality table   -> bench/results/quality.json, docs/quality.md, docs/quality.png;
 #   3. the compressor cost -> bench/results/compressor-cost.json, docs/compressor-cost.{md,png};
 #   4. the CPU speed table -> bench/results/speed-cpu.json, docs/speed.{md,png};
-#   5. one CAMERA-Q layer on the CPU kernels -> bench/results/cpu-kernel.{json,png}.
+#   5. one CAMERA-Q layer on the CPU kernels -> bench/results/cpu-kernel.{json,png};
+#      one request profiled in-process -> bench/results/decode-profile.json (shown in docs/speed.md).
 # Usage: bench/run_all.sh [quality] [cost] [speed] [kernel]   (no argument: all four, in that order)
 # Roughly 2-3 hours on 2 busy cores (model training adds 20-35 minutes).  The GPU kernel
 # benchmark is separate: bench/run_gpu_bench.sh.
@@ -31,7 +32,8 @@ for s in "${steps[@]}"; do
     quality) echo "== quality table"; "$PY" bench/quality.py ;;
     cost)    echo "== compressor cost"; "$PY" bench/compressor_cost.py ;;
     speed)   echo "== CPU speed table"; "$PY" bench/speed_cpu.py ;;
-    kernel)  echo "== CAMERA-Q CPU kernel, one layer"; "$PY" bench/cpu_kernel_bench.py ;;
+    kernel)  echo "== CAMERA-Q CPU kernel, one layer"; "$PY" bench/cpu_kernel_bench.py
+             echo "== one-request decode profile"; "$PY" bench/decode_profile.py ;;
   esac
   echo "== $s done in $(( $(date +%s) - start )) s"
 done
