@@ -3,9 +3,9 @@
 #   1. the benchmark MoE, trained only if bench/.cache/models/qwen3moe-shakespeare is missing;
 #   2. the quality table   -> bench/results/quality.json, docs/quality.md, docs/quality.png;
 #   3. the compressor cost -> bench/results/compressor-cost.json, docs/compressor-cost.{md,png};
-#   4. the CPU speed table -> bench/results/speed-cpu.json, docs/speed.{md,png};
-#   5. one CAMERA-Q layer on the CPU kernels -> bench/results/cpu-kernel.{json,png};
-#      one request profiled in-process -> bench/results/decode-profile.json (shown in docs/speed.md).
+#   4. the CPU speed table -> bench/results/speed-cpu.json, docs/speed.{md,png}, with one
+#      request profiled in-process first -> bench/results/decode-profile.json (shown in the docs);
+#   5. one CAMERA-Q layer on the CPU kernels -> bench/results/cpu-kernel.{json,png}.
 # Usage: bench/run_all.sh [quality] [cost] [speed] [kernel]   (no argument: all four, in that order)
 # Roughly 2-3 hours on 2 busy cores (model training adds 20-35 minutes).  The GPU kernel
 # benchmark is separate: bench/run_gpu_bench.sh.
@@ -31,9 +31,9 @@ for s in "${steps[@]}"; do
   case "$s" in
     quality) echo "== quality table"; "$PY" bench/quality.py ;;
     cost)    echo "== compressor cost"; "$PY" bench/compressor_cost.py ;;
-    speed)   echo "== CPU speed table"; "$PY" bench/speed_cpu.py ;;
-    kernel)  echo "== CAMERA-Q CPU kernel, one layer"; "$PY" bench/cpu_kernel_bench.py
-             echo "== one-request decode profile"; "$PY" bench/decode_profile.py ;;
+    speed)   echo "== CPU speed table"
+             "$PY" bench/speed_cpu.py --prepare-only && "$PY" bench/decode_profile.py && "$PY" bench/speed_cpu.py ;;
+    kernel)  echo "== CAMERA-Q CPU kernel, one layer"; "$PY" bench/cpu_kernel_bench.py ;;
   esac
   echo "== $s done in $(( $(date +%s) - start )) s"
 done
