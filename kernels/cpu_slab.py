@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from .slab_weights import SlabMoEWeights
+from .slab_weights import SlabMoEWeights, check_moe_inputs
 
 __all__ = [
     "cpu_kernel_available",
@@ -149,13 +149,7 @@ def slab_moe_cpu(
     """
     if not ensure_cpu_kernel():
         raise RuntimeError(f"slab_moe_cpu: {_reason}")
-    if x.dim() != 2 or x.shape[1] != weights.hidden_size:
-        raise ValueError(f"x must be [T, {weights.hidden_size}], got {tuple(x.shape)}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, K], T={x.shape[0]}"
-        )
+    check_moe_inputs(x, topk_weights, topk_ids, weights.hidden_size)
     if x.device.type != "cpu" or weights.device.type != "cpu":
         raise ValueError(f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}")
     lay = weights.layout

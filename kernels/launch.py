@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .slab_weights import SlabMoEWeights
+from .slab_weights import SlabMoEWeights, check_moe_inputs
 from .tuning import MoEConfig, TileConfig, get_config
 
 __all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_moe_triton"]
@@ -78,15 +78,9 @@ def _block_k(tile: TileConfig, group_size: int) -> int:
 
 
 def _check(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: SlabMoEWeights) -> None:
-    if x.dim() != 2 or x.shape[1] != w.hidden_size:
-        raise ValueError(f"x must be [T, {w.hidden_size}], got {tuple(x.shape)}")
+    check_moe_inputs(x, topk_weights, topk_ids, w.hidden_size)
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
-    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, K], T={x.shape[0]}"
-        )
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     for name, t in (("x", x), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import bit_parts, num_groups
-from .slab_weights import SlabMoEWeights
+from .slab_weights import SlabMoEWeights, check_moe_inputs
 
 __all__ = ["dequantize_fast", "slab_moe_reference"]
 
@@ -72,13 +72,7 @@ def slab_moe_reference(
     This path syncs with the device (``tolist``) to group tokens per expert: it is
     meant for CPU and for checking the Triton kernel, not for CUDA graphs.
     """
-    if x.dim() != 2 or x.shape[1] != w.hidden_size:
-        raise ValueError(f"x must be [T, {w.hidden_size}], got {tuple(x.shape)}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, K], T={x.shape[0]}"
-        )
+    check_moe_inputs(x, topk_weights, topk_ids, w.hidden_size)
     lay = w.layout
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]

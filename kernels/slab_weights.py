@@ -279,6 +279,20 @@ def quantize_rtn(
     return pack(q, bits), scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
 
 
+def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, hidden_size: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[T, hidden_size]`` and both routing tensors are ``[T, K]``.
+
+    The shape contract every slab MoE backend (reference, CPU kernel, Triton) shares.
+    """
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"x must be [T, {hidden_size}], got {tuple(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, K], T={x.shape[0]}"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class SlabMoEWeights:
     """All tensors of one slab MoE layer, on one device (see the module docstring for shapes).
