@@ -24,8 +24,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not vllm" $(PYTEST_ARGS)
 
+# The kernel package's own tests only (tests/kernels: Triton interpreter, CPU kernel, reference).
 kernel-test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra -k kernel $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/kernels $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

