@@ -19,10 +19,12 @@ CPU extension is loaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 #: ``cpu_fused_moe`` takes expert widths that are multiples of this (its output tile).
 CPU_KERNEL_ALIGN = 32
@@ -126,6 +128,50 @@ def cpu_kernel_isa(dtype: torch.dtype) -> str | None:
     return "amx" if amx is not None and amx() else "vec"
 
 
+#: How :func:`cpu_kernel_rounding` names the kernel's fp32 -> bf16 conversion.
+ROUND_NEAREST = "nearest"
+ROUND_TOWARD_ZERO = "toward_zero"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel_rounding(isa: str) -> str:
+    """How vLLM's loaded ``cpu_fused_moe`` rounds its bf16 results: ``nearest`` or ``toward_zero``.
+
+    vLLM ships one CPU library per ISA and loads the one this CPU runs.  Builds with
+    AVX512-BF16 convert fp32 to bf16 with round-to-nearest-even; the AVX2 and plain AVX-512
+    builds truncate, so every expert output is pulled toward zero by up to one bf16 ulp
+    (vLLM's own dense MoE layers do the same there).  Measured once per process on a fixed
+    random layer against an fp32 computation: truncation shrinks nearly every output, nearest
+    rounding about half of them.
+    """
+    gen = torch.Generator().manual_seed(0)
+    hidden, width, tokens = 64, 32, 16
+    w13 = (torch.randn(1, 2 * width, hidden, generator=gen) * 0.2).to(torch.bfloat16)
+    w2 = (torch.randn(1, hidden, width, generator=gen) * 0.2).to(torch.bfloat16)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    gate, up = (x.float() @ w13[0].float().t()).split(width, dim=1)
+    want = (F.silu(gate) * up) @ w2[0].float().t()
+    got = torch.empty_like(x)
+    torch.ops._C.cpu_fused_moe(
+        got, x, _prepack(w13, isa), _prepack(w2, isa), None, None,
+        torch.ones(tokens, 1), torch.zeros(tokens, 1, dtype=torch.int32), False, "silu", isa,
+    )
+    shrunk = ((got.float() - want) * want.sign() < 0).float().mean().item()
+    return ROUND_TOWARD_ZERO if shrunk > 0.75 else ROUND_NEAREST
+
+
+def _truncation_midpoint(ys: torch.Tensor) -> torch.Tensor:
+    """The midpoint of the bf16 interval that a truncated fp32 result came from (``ys`` fp32).
+
+    A value truncated to ``t`` lay in ``[|t|, |t| + ulp(t))`` away from zero, so
+    ``t + sign(t) * ulp(t) / 2`` is within half an ulp of it: the error bound of
+    round-to-nearest, and no bias.  ``frexp`` gives ``|t| = m * 2**e`` with ``m`` in
+    ``[0.5, 1)``, so a bf16 ulp (8 significant bits) is ``2**(e - 8)``.
+    """
+    _, exponent = torch.frexp(ys)
+    return ys + torch.ldexp(torch.sign(ys) * 0.5, exponent - 8)
+
+
 def _prepack(weight: torch.Tensor, isa: str) -> torch.Tensor:
     out = torch.empty_like(weight)
     torch.ops._C.prepack_moe_weight(weight, out, isa)
@@ -207,8 +253,11 @@ def bucketed_moe_forward(
                 None, None, weights[start:stop], local[start:stop], False, "silu", isa,
             )
         start = stop
+    ys = ys.to(torch.float32)
+    if cpu_kernel_rounding(isa) == ROUND_TOWARD_ZERO:
+        ys = _truncation_midpoint(ys)
     if num_tokens == 1:
-        return ys.sum(dim=0, keepdim=True, dtype=torch.float32).to(x.dtype)
+        return ys.sum(dim=0, keepdim=True).to(x.dtype)
     out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=x.device)
-    out.index_add_(0, tokens, ys.to(torch.float32))
+    out.index_add_(0, tokens, ys)
     return out.to(x.dtype)

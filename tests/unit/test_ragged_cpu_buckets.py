@@ -153,3 +153,25 @@ def test_op_rejects_a_malformed_bucket_list() -> None:
         camera_moe_impl(x, tw, ids, prepared.weights[:-1], None, prepared.scheme)
     with pytest.raises(NotImplementedError, match="prune_cpu"):
         camera_moe_impl(x, tw, ids, prepared.weights, None, "prune_cpu")
+
+
+def test_truncation_midpoint_is_within_half_an_ulp() -> None:
+    """Values truncated to bf16 are restored to within half an ulp, as round-to-nearest gives."""
+    from camera_vllm.vllm_plugin.ragged_cpu import _truncation_midpoint
+
+    exact = torch.randn(4096, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 10.0
+    bits = exact.to(torch.float32).view(torch.int32)
+    truncated = (bits & ~0xFFFF).view(torch.float32)  # round toward zero to bf16
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 8)
+    restored = _truncation_midpoint(truncated).double()
+    assert ((truncated.double() - exact).abs() <= ulp).all()
+    assert ((restored - exact).abs() <= ulp / 2 * (1 + 1e-6)).all()
+    nearest = exact.to(torch.bfloat16).double()
+    assert (restored - exact).abs().mean() <= 1.05 * (nearest - exact).abs().mean() + 1e-12
+    assert abs((restored - exact).mean()) < 0.05 * (truncated.double() - exact).abs().mean()  # no bias left
+
+
+def test_kernel_rounding_probe_names_a_mode() -> None:
+    from camera_vllm.vllm_plugin.ragged_cpu import ROUND_NEAREST, ROUND_TOWARD_ZERO, cpu_kernel_rounding
+
+    assert cpu_kernel_rounding(cpu_kernel_isa(torch.bfloat16)) in (ROUND_NEAREST, ROUND_TOWARD_ZERO)
