@@ -11,6 +11,11 @@ MoE kernel at 1 and 8 tokens and 1.0-1.1x at 64; the torch reference runs at 0.0
 Call :func:`ensure_cpu_kernel` at model load to keep the build (or the cached load) off the
 first request.
 
+``CAMERA_VLLM_CPU_ISA`` picks the instruction set it is built for: ``native`` (default,
+``-march=native``) or ``avx2`` (``-march=haswell`` without AVX-512: AVX2, FMA, F16C), which
+runs on any x86-64 CPU from 2013 on and lets an AVX-512 machine test the AVX2 code path.
+Each variant has its own extension cache name (ISA plus a hash of the CPU flags).
+
 ``CAMERA_VLLM_CPU_KERNEL=0`` disables it (the same switch turns off CAMERA-P's CPU kernel path
 in the plugin).  If the extension cannot be built (no compiler, no ninja),
 :func:`cpu_kernel_available` is False with the reason in :func:`cpu_kernel_reason` and
@@ -33,18 +38,29 @@ import torch
 from .slab_weights import SlabMoEWeights, check_moe_inputs
 
 __all__ = [
+    "ISA_CFLAGS",
+    "ISA_ENV",
     "cpu_kernel_available",
+    "cpu_kernel_isa",
     "cpu_kernel_build_seconds",
     "cpu_kernel_reason",
     "ensure_cpu_kernel",
+    "load_cpu_kernel_variant",
     "slab_moe_cpu",
 ]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "slab_moe_cpu.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_COMMON_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+#: ``CAMERA_VLLM_CPU_ISA`` values and their compiler flags.
+ISA_CFLAGS: dict[str, list[str]] = {
+    "native": ["-march=native"],
+    "avx2": ["-march=haswell", "-mtune=native", "-mno-avx512f"],
+}
+ISA_ENV = "CAMERA_VLLM_CPU_ISA"
 _LOCK = threading.Lock()
+_variants: dict[str, ModuleType] = {}  # ISA -> module built by load_cpu_kernel_variant
 _module: ModuleType | None = None
 _reason: str | None = None  # None: not tried yet
 _build_seconds: float | None = None
@@ -77,6 +93,40 @@ def _first_error(message: str) -> str:
     return lines[0][:200] if lines else "no message"
 
 
+def cpu_kernel_isa() -> str:
+    """The ISA this process builds the kernel for (``CAMERA_VLLM_CPU_ISA``, default ``native``)."""
+    isa = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
+    if isa not in ISA_CFLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r} is not one of {sorted(ISA_CFLAGS)}")
+    return isa
+
+
+def _build(isa: str, verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    if not _SOURCE.is_file():
+        raise FileNotFoundError(f"C++ source {_SOURCE} is missing from the installed package")
+    return load(
+        name=f"camera_slab_moe_cpu_{isa}_{_cpu_tag()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=_COMMON_CFLAGS + ISA_CFLAGS[isa],
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
+
+
+def load_cpu_kernel_variant(isa: str) -> ModuleType:
+    """Build or load the extension for ``isa`` (a key of :data:`ISA_CFLAGS`), whatever this
+    process serves with; raises on a failed build.  Tests use it to run the AVX2 code path on
+    an AVX-512 machine."""
+    if isa not in ISA_CFLAGS:
+        raise ValueError(f"unknown CPU kernel ISA {isa!r}; expected one of {sorted(ISA_CFLAGS)}")
+    with _LOCK:
+        if isa not in _variants:
+            _variants[isa] = _build(isa, verbose=False)
+        return _variants[isa]
+
+
 def ensure_cpu_kernel() -> bool:
     """Build or load the extension once per process; True when it is usable.
 
@@ -95,19 +145,12 @@ def ensure_cpu_kernel() -> bool:
             return False
         t0 = time.perf_counter()
         try:
-            from torch.utils.cpp_extension import load
-
-            if not _SOURCE.is_file():
-                raise FileNotFoundError(f"C++ source {_SOURCE} is missing from the installed package")
-            _module = load(
-                name=f"camera_slab_moe_cpu_{_cpu_tag()}",
-                sources=[str(_SOURCE)],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=os.environ.get("CAMERA_VLLM_CPU_KERNEL_VERBOSE", "0") not in ("", "0"),
-            )
+            isa = cpu_kernel_isa()
+            verbose = os.environ.get("CAMERA_VLLM_CPU_KERNEL_VERBOSE", "0") not in ("", "0")
+            _module = _variants.get(isa) or _build(isa, verbose)
+            _variants[isa] = _module
             _build_seconds = time.perf_counter() - t0
-            _reason = f"compiled CPU kernel loaded in {_build_seconds:.1f} s"
+            _reason = f"compiled CPU kernel ({isa}) loaded in {_build_seconds:.1f} s"
             logger.info("camera slab MoE: %s", _reason)
         except Exception as exc:  # no compiler, no ninja, build error: fall back, say why once
             _module = None
@@ -139,22 +182,28 @@ def slab_moe_cpu(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     weights: SlabMoEWeights,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])`` on CPU, fp32 math.
 
     Same contract as :func:`.reference.slab_moe_reference`: ``x [T, H]`` (bf16/fp16/fp32),
     ``topk_weights``/``topk_ids [T, K]``; ids outside ``[0, E)`` contribute nothing; the
     output is ``[T, H]`` in ``x.dtype``.  Raises ``RuntimeError`` when the extension is not
-    available (use :func:`.dispatch.slab_moe` for the fallback).
+    available (use :func:`.dispatch.slab_moe` for the fallback).  ``isa`` runs that variant
+    (:func:`load_cpu_kernel_variant`) instead of the process's own build.
     """
-    if not ensure_cpu_kernel():
+    if isa is not None:
+        module = load_cpu_kernel_variant(isa)
+    elif not ensure_cpu_kernel():
         raise RuntimeError(f"slab_moe_cpu: {_reason}")
+    else:
+        module = _module
     check_moe_inputs(x, topk_weights, topk_ids, weights.hidden_size)
     if x.device.type != "cpu" or weights.device.type != "cpu":
         raise ValueError(f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}")
     lay = weights.layout
-    assert _module is not None
-    out = _module.slab_moe_forward(
+    assert module is not None
+    out = module.slab_moe_forward(
         x.to(torch.float32).contiguous(),
         topk_weights.to(torch.float32).contiguous(),
         topk_ids.to(torch.int64).contiguous(),

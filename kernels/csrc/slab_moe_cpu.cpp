@@ -813,6 +813,28 @@ torch::Tensor slab_moe_forward(torch::Tensor x, torch::Tensor topk_weights, torc
   return out;
 }
 
+// The instruction-set macros this build was compiled with (the tests check the avx2 variant).
+static std::vector<std::string> compiled_isa() {
+  std::vector<std::string> out;
+#if defined(__AVX2__)
+  out.push_back("avx2");
+#endif
+#if defined(__FMA__)
+  out.push_back("fma");
+#endif
+#if defined(__F16C__)
+  out.push_back("f16c");
+#endif
+#if defined(__AVX512F__)
+  out.push_back("avx512f");
+#endif
+#if defined(__AVX512BF16__)
+  out.push_back("avx512bf16");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_isa", &compiled_isa, "instruction-set macros defined when this build was compiled");
   m.def("slab_moe_forward", &slab_moe_forward, "CAMERA slab MoE layer on packed codes (CPU, fp32 math)");
 }

@@ -37,6 +37,27 @@ def kernel() -> None:
         pytest.skip(f"no C++ toolchain: {cpu_kernel_reason()}")
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def isa(request, kernel) -> str:
+    """Each exactness test runs on the native build and on the AVX2 build (``-march=haswell``
+    without AVX-512), so an AVX-512 machine tests the code path an AVX2-only CPU runs."""
+    cpu_slab.load_cpu_kernel_variant(request.param)
+    return request.param
+
+
+def test_avx2_build_has_no_avx512(kernel) -> None:
+    compiled = cpu_slab.load_cpu_kernel_variant("avx2").compiled_isa()
+    assert {"avx2", "fma", "f16c"} <= set(compiled) and "avx512f" not in compiled, compiled
+
+
+def test_unknown_isa_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_slab.ISA_ENV, "sse2")
+    with pytest.raises(ValueError, match="CAMERA_VLLM_CPU_ISA='sse2'"):
+        cpu_slab.cpu_kernel_isa()
+    with pytest.raises(ValueError, match="unknown CPU kernel ISA 'sse2'"):
+        cpu_slab.load_cpu_kernel_variant("sse2")
+
+
 def close(got: torch.Tensor, ref: torch.Tensor) -> None:
     """fp32 agreement up to summation order (relative to the output's scale)."""
     assert got.dtype == ref.dtype and got.shape == ref.shape
@@ -72,56 +93,56 @@ LAYERS = [
 
 @pytest.mark.parametrize("bits, sizes, hidden, group", LAYERS)
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 40])
-def test_cpu_kernel_matches_reference_fp32(kernel, bits, sizes, hidden, group, num_tokens) -> None:
+def test_cpu_kernel_matches_reference_fp32(isa, bits, sizes, hidden, group, num_tokens) -> None:
     w = random_slab_weights(sizes, bits, hidden, group, seed=len(sizes) * 31 + hidden)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(num_tokens))
     tw, ids = routing(num_tokens, 3, len(sizes), seed=num_tokens + hidden)
     ref = slab_moe_reference(x, tw, ids, w)
-    got = slab_moe_cpu(x, tw, ids, w)
+    got = slab_moe_cpu(x, tw, ids, w, isa=isa)
     assert got.abs().max() > 0 or ref.abs().max() == 0  # the layer is not trivially zero
     close(got, ref)
 
 
 @pytest.mark.parametrize("bits, sizes, hidden, group", LAYERS)
-def test_cpu_kernel_bf16_valued_activations_fp32(kernel, bits, sizes, hidden, group) -> None:
+def test_cpu_kernel_bf16_valued_activations_fp32(isa, bits, sizes, hidden, group) -> None:
     """fp32 activations that are bf16 values, many tokens per expert: the bf16 dot path (on
     CPUs with AVX512-BF16) must give the fp32 result too; 8-, 4- and 1-token chunks."""
     w = random_slab_weights(sizes, bits, hidden, group, seed=hidden + 5)
     gen = torch.Generator().manual_seed(hidden)
     x = torch.randn(45, hidden, generator=gen).to(torch.bfloat16).float()
     tw, ids = routing(45, 2, len(sizes), seed=hidden + 1)
-    close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
+    close(slab_moe_cpu(x, tw, ids, w, isa=isa), slab_moe_reference(x, tw, ids, w))
 
 
-def test_cpu_kernel_many_tokens_per_expert_int32_ids(kernel) -> None:
+def test_cpu_kernel_many_tokens_per_expert_int32_ids(isa) -> None:
     """More than one 8-token chunk per expert, int32 ids, repeated ids within a token."""
     w = random_slab_weights([[37, 70, 5], [64, 0, 96]], (4, 2, 1), 128, 64, seed=3)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(29, 128, generator=gen)
     ids = torch.randint(0, 2, (29, 4), generator=gen, dtype=torch.int32)
     tw = torch.rand(29, 4, generator=gen)
-    close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
+    close(slab_moe_cpu(x, tw, ids, w, isa=isa), slab_moe_reference(x, tw, ids, w))
 
 
 @pytest.mark.parametrize("max_pairs", [1, 5, 64])
-def test_cpu_kernel_bounded_passes(kernel, monkeypatch, max_pairs) -> None:
+def test_cpu_kernel_bounded_passes(isa, monkeypatch, max_pairs) -> None:
     """Many pairs split into several passes (one expert's pairs across passes too): same result."""
     monkeypatch.setattr(cpu_slab, "MAX_PAIRS_PER_PASS", max_pairs)
     w = random_slab_weights([[40, 24, 8], [0, 0, 0], [0, 64, 33], [17, 0, 5]], (3, 2, 1), 96, 32, seed=8)
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(37, 96, generator=gen).to(torch.bfloat16).float()
     tw, ids = routing(37, 3, 4, seed=13)
-    close(slab_moe_cpu(x, tw, ids, w), slab_moe_reference(x, tw, ids, w))
+    close(slab_moe_cpu(x, tw, ids, w, isa=isa), slab_moe_reference(x, tw, ids, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_kernel_half_inputs(kernel, dtype) -> None:
+def test_cpu_kernel_half_inputs(isa, dtype) -> None:
     """Low-precision activations: fp32 math inside, output in x.dtype."""
     w = random_slab_weights([[40, 24, 8], [0, 64, 33], [17, 0, 0]], (3, 2, 1), 160, 32, seed=7)
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(8, 160, generator=gen).to(dtype)
     tw, ids = routing(8, 2, 3, seed=11)
-    got = slab_moe_cpu(x, tw.to(dtype), ids, w)
+    got = slab_moe_cpu(x, tw.to(dtype), ids, w, isa=isa)
     assert got.dtype == dtype
     ref32 = slab_moe_reference(x.float(), tw.to(dtype).float(), ids, w)
     # Both round the same fp32 result to dtype: at most one ulp of dtype apart.
@@ -130,21 +151,21 @@ def test_cpu_kernel_half_inputs(kernel, dtype) -> None:
                                rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
 
 
-def test_cpu_kernel_edge_cases(kernel) -> None:
+def test_cpu_kernel_edge_cases(isa) -> None:
     w = random_slab_weights([[33, 0], [0, 0]], (2, 1), 64, 32, seed=1)
     # No tokens.
     x = torch.zeros(0, 64)
-    assert slab_moe_cpu(x, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), w).shape == (0, 64)
+    assert slab_moe_cpu(x, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), w, isa=isa).shape == (0, 64)
     # Only skipped ids, or only the width-0 expert: exact zeros.
     x = torch.randn(4, 64)
     ids = torch.tensor([[-1, 2], [1, 1], [-5, 1], [9, -1]])
-    out = slab_moe_cpu(x, torch.ones(4, 2), ids, w)
+    out = slab_moe_cpu(x, torch.ones(4, 2), ids, w, isa=isa)
     assert torch.equal(out, torch.zeros_like(out))
     # Bad shapes name the tensor.
     with pytest.raises(ValueError, match="x must be"):
-        slab_moe_cpu(torch.zeros(2, 63), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), w)
+        slab_moe_cpu(torch.zeros(2, 63), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), w, isa=isa)
     with pytest.raises(ValueError, match="topk_ids"):
-        slab_moe_cpu(torch.zeros(2, 64), torch.ones(2, 1), torch.zeros(3, 1, dtype=torch.long), w)
+        slab_moe_cpu(torch.zeros(2, 64), torch.ones(2, 1), torch.zeros(3, 1, dtype=torch.long), w, isa=isa)
 
 
 def test_auto_picks_cpu_kernel_when_toolchain_present(kernel) -> None:
