@@ -2,13 +2,13 @@
 // directly on the packed codes (layout: kernels/slab_weights.py, bits: kernels/packing.py).
 //
 // Why this shape (decode reads few tokens per expert, so the cost is per weight, not per MAC):
-//  * columns are the vector lanes (N is contiguous in every packed matrix), 16 floats a vector
-//    (GCC vector extensions: AVX-512 with -march=native, pairs of AVX2 registers elsewhere);
+//  * columns are the vector lanes (N is contiguous in every packed matrix), one register a
+//    vector (GCC vector extensions: 16 floats on AVX-512, 8 on AVX2);
 //  * a code is taken out of its word with ONE AND (no shift): `w & (mask << m*p)` is the
 //    code times 2^(m*p), exact in fp32, and the matching activation is pre-scaled by
-//    2^(-m*p) (exact: a power of two), so per 16 weights the work is AND, convert, and one
+//    2^(-m*p) (exact: a power of two), so per vector of weights the work is AND, convert, and one
 //    FMA per token; 3-bit codes are first rebuilt from their two planes (shift + AND-OR),
-//    1-bit codes are used as masks (test + masked add per token);
+//    1-bit codes are used as masks on AVX-512 (test + masked add per token);
 //  * per quantization group only `sum_k x*q` is accumulated; `scale * (acc - zero * sum_k x)`
 //    is applied once per group and column (the dequantized weight is never formed);
 //  * several tokens of one expert reuse each unpacked vector (up to 8 in registers); with 4+
@@ -19,10 +19,13 @@
 //  * one call does the whole layer: tokens are grouped by expert here, and the column tiles of
 //    every (expert, slab) run in one at::parallel_for per phase (gate/up, then down), in
 //    passes of bounded scratch.
+//  * on AVX2 (16 ymm registers) a 64-column tile runs in sub-tiles sized so the accumulators,
+//    the unpacked words and the temporaries fit in registers (tile_vectors), codes are converted
+//    as signed int32 (code_to_float), and 1-bit codes go through the same AND + convert + FMA.
 // Products of codes and activations are exact and all sums are fp32; the reference rounds
 // (q - zero) * scale first and sums in another order, so the two agree to fp32 rounding (the
 // tests bound it at 2e-5 of the output's scale).  Measured in bench/cpu_kernel_bench.py
-// (bench/results/cpu-kernel.json).
+// (bench/results/cpu-kernel.json; the AVX2 build: cpu-kernel-avx2.json).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,40 +36,73 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 
 namespace {
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-constexpr int VL = 16;     // lanes per vector
+// One vector is one machine register: 16 floats on AVX-512, 8 elsewhere.  (16-lane generic
+// vectors on AVX2 are split into register pairs, and GCC then broadcasts a scalar through the
+// stack and spills the accumulators: 3-4x slower.)
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 constexpr int BLOCK = 32;  // K values per packed block
 
-inline v16u load_u(const int32_t* p) {
-  v16u v;
+inline vu load_u(const int32_t* p) {
+  vu v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline v16f load_f(const float* p) {
-  v16f v;
+inline vf load_f(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store_f(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store_f(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// fp16 -> fp32 for `n` values (n <= 16); lanes past n are 0.
-inline v16f load_half(const at::Half* p, int n) {
+// *p in every lane, broadcast straight from memory (a load-port instruction).  Written as the
+// intrinsic: from generic code GCC loads several consecutive activations as one vector and
+// broadcasts each lane with two shuffles, and `vf{} + x` adds an instruction (0 + -0 is +0).
+inline vf splat(const float* p) {
+  vf v;
+#if defined(__AVX512F__)
+  const __m512 b = _mm512_set1_ps(*p);
+#else
+  const __m256 b = _mm256_broadcast_ss(p);
+#endif
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// A code at its bit position (code * 2^pos, pos < 32) as fp32.  AVX-512 converts unsigned
+// lanes in one instruction; AVX2 has only a signed convert (GCC emulates the unsigned one with
+// about five instructions), so there the code is converted as int32, and a code that reaches
+// bit 31 (`high`) is first halved: its lowest bit is 0 there (pos >= 24), so that is exact.
+// `high` is a constant once the slot loops are unrolled.
+inline vf code_to_float(vu c, bool high) {
+#if defined(__AVX512F__)
+  (void)high;
+  return __builtin_convertvector(c, vf);
+#else
+  if (high) return __builtin_convertvector((vi)(c >> 1), vf) * 2.0f;
+  return __builtin_convertvector((vi)c, vf);
+#endif
+}
+
+// fp16 -> fp32 for `n` values (n <= VL); lanes past n are 0.
+inline vf load_half(const at::Half* p, int n) {
   alignas(64) float tmp[VL] = {0};
 #if defined(__F16C__)
   if (n == VL) {
-    __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
-    _mm256_store_ps(tmp, _mm256_cvtph_ps(lo));
-    _mm256_store_ps(tmp + 8, _mm256_cvtph_ps(hi));
+    for (int h = 0; h < VL; h += 8)
+      _mm256_store_ps(tmp + h, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + h))));
     return load_f(tmp);
   }
 #endif
@@ -78,14 +114,22 @@ inline v16f load_half(const at::Half* p, int n) {
 // the last slot (bits 30-31), moved down one bit so that the third bit fits in the word.
 constexpr int pos3(int m) { return m == 15 ? 29 : 2 * m; }
 
+// 1-bit codes are masks (test + masked add) where AVX-512 has mask registers; elsewhere they
+// are converted like the others (AND + convert + FMA), so their activations are pre-scaled too.
+constexpr bool ONE_BIT_MASKS =
+#if defined(__AVX512F__)
+    true;
+#else
+    false;
+#endif
+
 // Scale of the activation paired with value i (0..31) of a block: the AND below leaves the
 // code at its bit position, code * 2^pos, so x is multiplied by 2^-pos (exact: a power of
 // two; |x| < 2^-95 would lose bits to fp32 subnormals, far below any activation).  1-bit
-// codes are consumed as masks (no scaling); 3-bit codes are rebuilt at the 2-bit part's
-// position.
+// codes used as masks need no scaling; 3-bit codes are rebuilt at the 2-bit part's position.
 inline float slot_scale(int bits, int i) {
   switch (bits) {
-    case 1: return 1.0f;
+    case 1: return ONE_BIT_MASKS ? 1.0f : std::ldexp(1.0f, -i);
     case 3: return std::ldexp(1.0f, -pos3(i % 16));
     default: return std::ldexp(1.0f, -bits * (i % (BLOCK / bits)));
   }
@@ -118,10 +162,10 @@ void group_sums(const float* x, int k, int group, float* dst) {
 // acc[a][t][v] += qf[v] * x_t: one broadcast per token, reused across the column vectors
 // (token-outer keeps one broadcast live, so the accumulators stay in registers).
 template <int TT, int NV, int A>
-inline void fma_tokens(const v16f (&qf)[NV], const float* const* xs, int64_t idx, int a,
-                       v16f (&acc)[A][TT][NV]) {
+inline void fma_tokens(const vf (&qf)[NV], const float* const* xs, int64_t idx, int a,
+                       vf (&acc)[A][TT][NV]) {
   for (int t = 0; t < TT; ++t) {
-    const v16f xb = v16f{} + xs[t][idx];
+    const vf xb = splat(&xs[t][idx]);
     for (int v = 0; v < NV; ++v) acc[a][t][v] += qf[v] * xb;
   }
 }
@@ -130,19 +174,20 @@ inline void fma_tokens(const v16f (&qf)[NV], const float* const* xs, int64_t idx
 // 2/4/8 bits: one AND (code at its position) + convert + one FMA per token.
 template <int P, int TT, int NV, int A>
 inline void block_pow2(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
-                       v16f (&acc)[A][TT][NV]) {
+                       vf (&acc)[A][TT][NV]) {
   constexpr int PER_WORD = BLOCK / P;
   constexpr uint32_t MASK = (1u << P) - 1u;
 #pragma GCC unroll 8
   for (int j = 0; j < P; ++j) {
-    v16u w[NV];
+    vu w[NV];
     for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
 #pragma GCC unroll 32
     for (int m = 0; m < PER_WORD; ++m) {
       const uint32_t mk = MASK << (m * P);
       const int i = j * PER_WORD + m;
-      v16f qf[NV];
-      for (int v = 0; v < NV; ++v) qf[v] = __builtin_convertvector(w[v] & mk, v16f);
+      vf qf[NV];
+      const bool high = (m + 1) * P > 31;
+      for (int v = 0; v < NV; ++v) qf[v] = code_to_float(w[v] & mk, high);
       fma_tokens<TT, NV, A>(qf, xs, xoff + i, m % A, acc);
     }
   }
@@ -164,16 +209,16 @@ alignas(64) constexpr Masks3 MASKS3{};
 
 template <int TT, int NV, int A>
 inline void block_3bit(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
-                       v16f (&acc)[A][TT][NV]) {
+                       vf (&acc)[A][TT][NV]) {
   // Masks are read through an opaque pointer so they stay memory operands (embedded
   // broadcasts) instead of 32 hoisted registers that would push the accumulators to the stack.
   const Masks3* mk = &MASKS3;
   asm("" : "+r"(mk));
-  v16u hi[NV];
+  vu hi[NV];
   for (int v = 0; v < NV; ++v) hi[v] = load_u(q + 2 * ldq + v * VL);
 #pragma GCC unroll 2
   for (int j = 0; j < 2; ++j) {
-    v16u w[NV];
+    vu w[NV];
     for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
 #pragma GCC unroll 16
     for (int m = 0; m < 16; ++m) {
@@ -181,21 +226,22 @@ inline void block_3bit(const int32_t* q, int64_t ldq, const float* const* xs, in
       const int pos = pos3(m);           // where the 3-bit code is rebuilt
       const int sh = pos + 2 - i;        // moves the 1-bit plane's bit i to pos + 2
       const uint32_t lo_mask = mk->lo[m], hi_mask = mk->hi[m];
-      v16f qf[NV];
+      vf qf[NV];
       for (int v = 0; v < NV; ++v) {
-        const v16u h = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
-        const v16u l = pos == 2 * m ? w[v] : (w[v] >> 1);
-        qf[v] = __builtin_convertvector((l & lo_mask) | (h & hi_mask), v16f);
+        const vu h = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
+        const vu l = pos == 2 * m ? w[v] : (w[v] >> 1);
+        qf[v] = code_to_float((l & lo_mask) | (h & hi_mask), pos + 2 >= 31);
       }
       fma_tokens<TT, NV, A>(qf, xs, xoff + i, m % A, acc);
     }
   }
 }
 
-// 1 bit: the code is a mask; acc += x where the bit is set (test + masked add per token).
+// 1 bit: on AVX-512 the code is a mask, acc += x where the bit is set (test + masked add per
+// token); elsewhere the bit at its position is converted (see ONE_BIT_MASKS).
 template <int TT, int NV, int A>
-inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, v16f (&acc)[A][TT][NV]) {
-  v16u w[NV];
+inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, vf (&acc)[A][TT][NV]) {
+  vu w[NV];
   for (int v = 0; v < NV; ++v) w[v] = load_u(q + v * VL);
 #pragma GCC unroll 32
   for (int m = 0; m < BLOCK; ++m) {
@@ -216,8 +262,8 @@ inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, v
       }
     }
 #else
-    v16f qf[NV];
-    for (int v = 0; v < NV; ++v) qf[v] = __builtin_convertvector((w[v] >> m) & 1u, v16f);
+    vf qf[NV];
+    for (int v = 0; v < NV; ++v) qf[v] = code_to_float(w[v] & (1u << m), m == 31);
     fma_tokens<TT, NV, A>(qf, xs, xoff + m, m % A, acc);
 #endif
   }
@@ -230,15 +276,15 @@ inline void block_1bit(const int32_t* q, const float* const* xs, int64_t xoff, v
 // significant bits, so its fp32 form truncates to bf16 exactly), the activations likewise
 // (bf16 values times powers of two), and VDPBF16PS multiplies them exactly and accumulates
 // in fp32: half the multiply instructions of the FMA path per token.
-inline v16u pair_bf16(v16f a, v16f b) {
-  v16u ua, ub;
+inline vu pair_bf16(vf a, vf b) {
+  vu ua, ub;
   std::memcpy(&ua, &a, sizeof(ua));
   std::memcpy(&ub, &b, sizeof(ub));
   return (ua >> 16) | (ub & 0xFFFF0000u);
 }
 
 template <int TT, int NV>
-inline void dot_tokens(const v16u (&qp)[NV], const uint32_t* const* xp, int64_t idx, v16f (&acc)[1][TT][NV]) {
+inline void dot_tokens(const vu (&qp)[NV], const uint32_t* const* xp, int64_t idx, vf (&acc)[1][TT][NV]) {
   for (int t = 0; t < TT; ++t) {
     const __m512i xb = _mm512_set1_epi32(static_cast<int>(xp[t][idx]));
     __m512bh xbh;
@@ -256,26 +302,26 @@ inline void dot_tokens(const v16u (&qp)[NV], const uint32_t* const* xp, int64_t 
 
 template <int BITS, int TT, int NV>
 inline void block_dot(const int32_t* q, int64_t ldq, const uint32_t* const* xp, int64_t poff,
-                      v16f (&acc)[1][TT][NV]) {
+                      vf (&acc)[1][TT][NV]) {
   if constexpr (BITS == 3) {
     const Masks3* mk = &MASKS3;
     asm("" : "+r"(mk));
-    v16u hi[NV];
+    vu hi[NV];
     for (int v = 0; v < NV; ++v) hi[v] = load_u(q + 2 * ldq + v * VL);
 #pragma GCC unroll 2
     for (int j = 0; j < 2; ++j) {
-      v16u w[NV];
+      vu w[NV];
       for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
 #pragma GCC unroll 8
       for (int mp = 0; mp < 8; ++mp) {
-        v16u qp[NV];
+        vu qp[NV];
         for (int v = 0; v < NV; ++v) {
-          v16f c[2];
+          vf c[2];
           for (int h = 0; h < 2; ++h) {
             const int m = 2 * mp + h, i = 16 * j + m, pos = pos3(m), sh = pos + 2 - i;
-            const v16u hs = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
-            const v16u l = pos == 2 * m ? w[v] : (w[v] >> 1);
-            c[h] = __builtin_convertvector((l & mk->lo[m]) | (hs & mk->hi[m]), v16f);
+            const vu hs = sh >= 0 ? (hi[v] << sh) : (hi[v] >> -sh);
+            const vu l = pos == 2 * m ? w[v] : (w[v] >> 1);
+            c[h] = __builtin_convertvector((l & mk->lo[m]) | (hs & mk->hi[m]), vf);
           }
           qp[v] = pair_bf16(c[0], c[1]);
         }
@@ -287,14 +333,14 @@ inline void block_dot(const int32_t* q, int64_t ldq, const uint32_t* const* xp, 
     constexpr uint32_t MASK = (1u << P) - 1u;
 #pragma GCC unroll 8
     for (int j = 0; j < P; ++j) {
-      v16u w[NV];
+      vu w[NV];
       for (int v = 0; v < NV; ++v) w[v] = load_u(q + j * ldq + v * VL);
 #pragma GCC unroll 16
       for (int mp = 0; mp < PER_WORD / 2; ++mp) {
-        v16u qp[NV];
+        vu qp[NV];
         for (int v = 0; v < NV; ++v)
-          qp[v] = pair_bf16(__builtin_convertvector(w[v] & (MASK << (2 * mp * P)), v16f),
-                            __builtin_convertvector(w[v] & (MASK << ((2 * mp + 1) * P)), v16f));
+          qp[v] = pair_bf16(__builtin_convertvector(w[v] & (MASK << (2 * mp * P)), vf),
+                            __builtin_convertvector(w[v] & (MASK << ((2 * mp + 1) * P)), vf));
         dot_tokens<TT, NV>(qp, xp, poff + (j * PER_WORD) / 2 + mp, acc);
       }
     }
@@ -323,7 +369,7 @@ void prescale_pairs(const float* x, int k, int bits, uint32_t* dst) {
 
 template <int BITS, int TT, int NV, int A>
 inline void block_accum(const int32_t* q, int64_t ldq, const float* const* xs, int64_t xoff,
-                        v16f (&acc)[A][TT][NV]) {
+                        vf (&acc)[A][TT][NV]) {
   if constexpr (BITS == 1) {
     block_1bit<TT, NV, A>(q, xs, xoff, acc);
   } else if constexpr (BITS == 3) {
@@ -333,31 +379,34 @@ inline void block_accum(const int32_t* q, int64_t ldq, const float* const* xs, i
   }
 }
 
-// One column tile (NV*16 columns) for TT tokens: res[t][col] = sum_k x[t,k] * W[k, col].
+// One column tile (NV*VL columns) for TT tokens: res[t][col] = sum_k x[t,k] * W[k, col].
 // q: packed words at the tile's first column (row stride ldq); s/z: scales/zeros at the tile's
 // first column (row stride lds); xs[t]: prescaled activations; xsum[t]: group sums.
 // DOT: the bf16 dot path (xs[t] then holds uint32 bf16 pairs, see prescale_pairs).
 template <int BITS, int TT, int NV, bool DOT>
 void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
                  int k, int group, int ncols, const float* const* xs, const float* const* xsum,
-                 float* res /* [TT][NV*16] */, bool prefetch) {
+                 float* res /* [TT][NV*VL] */, bool prefetch) {
   constexpr int PF = 4;  // blocks of look-ahead
-  constexpr int A = (DOT || TT * NV >= 8) ? 1 : 2;  // independent FMA chains to hide latency
+  // Independent FMA chains to hide latency: two while the accumulators are few (the AVX2
+  // register file holds 8 of them beside the words and temporaries, AVX-512's more).
+  constexpr int A = (DOT || TT * NV >= (VL == 16 ? 8 : 4)) ? 1 : 2;
   const int nblk = (k + BLOCK - 1) / BLOCK;
   const int ng = (k + group - 1) / group;
   const int bpg = group / BLOCK;
-  v16f fin[TT][NV];
+  // The per-group results are summed in res (memory, touched once per group): held in
+  // registers they would take TT*NV of the 16 AVX2 registers from the accumulators.
   for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < NV; ++v) fin[t][v] = v16f{};
+    for (int v = 0; v < NV; ++v) store_f(res + (t * NV + v) * VL, vf{});
   for (int g = 0; g < ng; ++g) {
-    v16f acc[A][TT][NV];
+    vf acc[A][TT][NV];
     for (int a = 0; a < A; ++a)
       for (int t = 0; t < TT; ++t)
-        for (int v = 0; v < NV; ++v) acc[a][t][v] = v16f{};
+        for (int v = 0; v < NV; ++v) acc[a][t][v] = vf{};
     const int b_hi = std::min(nblk, (g + 1) * bpg);
     if (prefetch) {
       // Scale/zero rows are lds apart too: the next group's rows of this tile, and this
-      // group's rows of the next tile (NV*16 halves: one or two cache lines each).
+      // group's rows of the next tile (NV*VL halves: one or two cache lines each).
       for (const at::Half* base : {s, z}) {
         const at::Half* next_group = base + (g + 1) * lds;
         const at::Half* next_tile = base + g * lds + NV * VL;
@@ -394,17 +443,16 @@ void tile_kernel(const int32_t* q, int64_t ldq, const at::Half* s, const at::Hal
     }
     for (int v = 0; v < NV; ++v) {
       const int nv = std::max(0, std::min(VL, ncols - v * VL));
-      const v16f sc = load_half(s + g * lds + v * VL, nv);
-      const v16f zr = load_half(z + g * lds + v * VL, nv);
+      const vf sc = load_half(s + g * lds + v * VL, nv);
+      const vf zr = load_half(z + g * lds + v * VL, nv);
       for (int t = 0; t < TT; ++t) {
-        v16f a = acc[0][t][v];
+        vf a = acc[0][t][v];
         if constexpr (A == 2) a += acc[1][t][v];
-        fin[t][v] += sc * (a - zr * xsum[t][g]);
+        float* r = res + (t * NV + v) * VL;
+        store_f(r, load_f(r) + sc * (a - zr * xsum[t][g]));
       }
     }
   }
-  for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < NV; ++v) store_f(res + (t * NV + v) * VL, fin[t][v]);
 }
 
 constexpr int MAX_TT = 8;
@@ -413,20 +461,29 @@ constexpr int TILE_COLS = 64;  // columns of one work item, see tile_64
 using TileFn = void (*)(const int32_t*, int64_t, const at::Half*, const at::Half*, int64_t, int, int, int,
                         const float* const*, const float* const*, float*, bool);
 
-// One 64-column tile: up to 4 tokens as four column vectors (more independent work per unpacked
-// code word and per broadcast activation), 8 tokens as two halves of two vectors (8 x 4
-// accumulators would not fit the 32 vector registers).  res: [TT][64].
+// Column vectors per kernel call for TT tokens: the TT x NV accumulators (x2 chains below 8)
+// and the NV unpacked words must fit the register file (32 zmm on AVX-512, 16 ymm on AVX2),
+// and more vectors per token give each broadcast activation more work.
+template <int TT>
+constexpr int tile_vectors() {
+  if constexpr (VL == 16) return TT <= 4 ? 4 : 2;
+  return TT == 1 ? 4 : TT <= 4 ? 2 : 1;
+}
+
+// One 64-column tile in sub-tiles of tile_vectors<TT>() vectors.  res: [TT][64].
 template <int BITS, int TT, bool DOT>
 void tile_64(const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds, int k,
              int group, int ncols, const float* const* xs, const float* const* xsum, float* res, bool prefetch) {
-  if constexpr (TT <= 4) {
-    tile_kernel<BITS, TT, 4, DOT>(q, ldq, s, z, lds, k, group, ncols, xs, xsum, res, prefetch);
+  constexpr int NV = tile_vectors<TT>();
+  constexpr int SUB = NV * VL;
+  if constexpr (SUB == 64) {
+    tile_kernel<BITS, TT, NV, DOT>(q, ldq, s, z, lds, k, group, ncols, xs, xsum, res, prefetch);
   } else {
-    alignas(64) float half[TT * 32];
-    for (int h = 0; h < 2; ++h) {
-      tile_kernel<BITS, TT, 2, DOT>(q + 32 * h, ldq, s + 32 * h, z + 32 * h, lds, k, group, ncols - 32 * h, xs,
-                                    xsum, half, prefetch);
-      for (int t = 0; t < TT; ++t) std::memcpy(res + t * 64 + 32 * h, half + t * 32, 32 * sizeof(float));
+    alignas(64) float part[TT * SUB];
+    for (int h = 0; h < 64 / SUB; ++h) {
+      tile_kernel<BITS, TT, NV, DOT>(q + SUB * h, ldq, s + SUB * h, z + SUB * h, lds, k, group, ncols - SUB * h,
+                                     xs, xsum, part, prefetch);
+      for (int t = 0; t < TT; ++t) std::memcpy(res + t * 64 + SUB * h, part + t * SUB, SUB * sizeof(float));
     }
   }
 }
@@ -482,7 +539,8 @@ TileFn pick(int bits, int tt) {
 }
 
 // Columns [c0, c0 + ncols) (ncols <= TILE_COLS) of one packed matrix for `count` tokens;
-// out[t][col_in_out + col] += result.  xdot (optional): the tokens' bf16 pairs, for the dot path.  A tail tile (ncols not a multiple of 16 or past the matrix)
+// out[t][col_in_out + col] += result.  xdot (optional): the tokens' bf16 pairs, for the dot path.
+// A tail tile (ncols below TILE_COLS)
 // reads a zero-padded copy so the kernel never reads past the matrix.
 void run_tile(int bits, const int32_t* q, int64_t ldq, const at::Half* s, const at::Half* z, int64_t lds,
               int k, int group, int ncols, int count, const float* const* xs, const float* const* xsum,
