@@ -38,7 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
 from camera_kernels import slab_moe_reference  # noqa: E402
-from camera_kernels.cpu_slab import cpu_kernel_build_seconds, ensure_cpu_kernel, slab_moe_cpu  # noqa: E402
+from camera_kernels.cpu_slab import (  # noqa: E402
+    cpu_kernel_build_seconds,
+    ensure_cpu_kernel,
+    load_cpu_kernel_variant,
+    slab_moe_cpu,
+)
 from camera_kernels.slab_weights import SlabMoEWeights, random_slab_weights  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,15 +66,24 @@ def copy_layer(w: SlabMoEWeights) -> SlabMoEWeights:
     )
 
 
-def dense_layer(seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Prepacked bf16 ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` for ``cpu_fused_moe``."""
+def load_vllm_library(isa: str) -> None:
+    """Load vLLM's CPU kernels as a CPU of ``isa`` would: ``avx2`` loads ``vllm._C_AVX2`` (what
+    vLLM picks without AVX-512), ``native`` lets vLLM choose."""
+    if isa == "avx2":  # vLLM reads these when it picks its library
+        torch.cpu._is_avx512_supported = lambda: False
+        torch.cpu._is_avx512_bf16_supported = lambda: False
+        torch.cpu._is_amx_tile_supported = lambda: False
     import vllm._custom_ops  # noqa: F401 - loads torch.ops._C on CPU
+
+
+def dense_layer(seed: int, cpu_isa: str = "native") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Prepacked bf16 ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` for ``cpu_fused_moe``."""
 
     gen = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, generator=gen) * 0.05).to(torch.bfloat16)
     w2 = (torch.randn(EXPERTS, HIDDEN, WIDTH, generator=gen) * 0.05).to(torch.bfloat16)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    isa = "amx" if amx is not None and amx() else "vec"
+    isa = "amx" if cpu_isa == "native" and amx is not None and amx() else "vec"
     out13, out2 = torch.empty_like(w13), torch.empty_like(w2)
     torch.ops._C.prepack_moe_weight(w13, out13, isa)
     torch.ops._C.prepack_moe_weight(w2, out2, isa)
@@ -100,24 +114,34 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--ref-iters", type=int, default=8, help="iterations for the (slow) reference")
     ap.add_argument("--tokens", default="1,8,64")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--out", type=Path, default=RESULTS / "cpu-kernel.json")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: the kernel's AVX2 build against vLLM's AVX2 library, as on a CPU without AVX-512")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu-kernel[-avx2].json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("cpu-kernel.json" if args.isa == "native" else f"cpu-kernel-{args.isa}.json")
+    load_vllm_library(args.isa)
     if args.quick:
         args.copies, args.iters, args.ref_iters = 2, 4, 2
     tokens = [int(v) for v in args.tokens.split(",")]
     threads = [int(v) for v in args.threads.split(",")]
 
     t0 = time.perf_counter()
-    if not ensure_cpu_kernel():
-        raise SystemExit("the compiled CPU kernel is not available here")
-    build_s = cpu_kernel_build_seconds()
+    if args.isa == "native":
+        if not ensure_cpu_kernel():
+            raise SystemExit("the compiled CPU kernel is not available here")
+        build_s = cpu_kernel_build_seconds()
+    else:
+        load_cpu_kernel_variant(args.isa)
+        build_s = time.perf_counter() - t0
+    kernel_isa = None if args.isa == "native" else args.isa
     print(f"kernel ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
     layers: dict[str, list[SlabMoEWeights]] = {}
     for name, (bits, fractions) in LAYERS.items():
         base = slab_layer(bits, fractions, seed=1)
         layers[name] = [base] + [copy_layer(base) for _ in range(args.copies - 1)]
-    dense = [dense_layer(seed=10 + c) for c in range(args.copies)]
+    dense = [dense_layer(seed=10 + c, cpu_isa=args.isa) for c in range(args.copies)]
     isa = dense[0][2]
 
     rows: list[dict[str, Any]] = []
@@ -141,7 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
         fast = {"dense": dense_call}
         slow = {}
         for name, copies in layers.items():
-            fast[f"{name}_cpu"] = lambda j, c=copies: slab_moe_cpu(x, tw, ids, c[j])
+            fast[f"{name}_cpu"] = lambda j, c=copies: slab_moe_cpu(x, tw, ids, c[j], isa=kernel_isa)
             slow[f"{name}_reference"] = lambda j, c=copies: slab_moe_reference(x, tw, ids, c[j])
         for name, sec in {**time_interleaved(fast, args.copies, args.iters),
                           **time_interleaved(slow, args.copies, args.ref_iters)}.items():
@@ -162,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
                   "group_size": GROUP, "slabs": {k: {"bits": b, "fractions": f} for k, (b, f) in LAYERS.items()},
                   "bytes": {"dense_bf16": 3 * EXPERTS * HIDDEN * WIDTH * 2, **bytes_q}},
         "settings": {"copies": args.copies, "iters": args.iters, "ref_iters": args.ref_iters,
-                     "dense_isa": isa, "quick": args.quick},
+                     "dense_isa": isa, "cpu_isa": args.isa, "quick": args.quick},
         "kernel_build_or_load_s": build_s,
         "rows": rows,
     }

@@ -94,6 +94,9 @@ class Settings:
     # realistic shapes, not a good model, so it is short.
     calib_seqs: int = 4
     calib_len: int = 64
+    # "avx2": the servers run as on a CPU without AVX-512 (vLLM's AVX2 library, the slab
+    # kernel's AVX2 build), see server_env.
+    cpu_isa: str = "native"
 
 
 QUICK_SHAPE = ModelShape(hidden=256, layers=2, experts=8, top_k=2, expert_width=256, heads=4, kv_heads=2,
@@ -237,17 +240,30 @@ def _vllm_env() -> dict[str, str]:
     return env
 
 
+EMULATE_AVX2 = ROOT / "emulate_avx2"  # its sitecustomize.py makes vLLM load vllm._C_AVX2
+
+
+def server_env(cpu_isa: str) -> dict[str, str]:
+    """Environment of ``vllm serve``; ``avx2`` serves as an AVX2-only CPU would, on any x86 CPU."""
+    env = _vllm_env()
+    if cpu_isa == "avx2":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EMULATE_AVX2), env.get("PYTHONPATH")) if p)
+        env["CAMERA_VLLM_CPU_ISA"] = "avx2"
+    return env
+
+
 class Server:
     """``vllm serve ckpt`` in its own process group, stopped on exit."""
 
-    def __init__(self, ckpt: Path, log_path: Path, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(self, ckpt: Path, log_path: Path, max_num_seqs: int, max_model_len: int,
+                 cpu_isa: str = "native") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(VENV_BIN / "vllm"), "serve", str(ckpt), "--dtype", "bfloat16", "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", str(max_model_len), "--max-num-seqs",
                str(max_num_seqs), "--seed", "0"]
         self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=_vllm_env(),
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=server_env(cpu_isa),
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 900.0) -> float:
@@ -263,6 +279,27 @@ class Server:
                 pass
             time.sleep(2)
         raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s; see {self.log_file.name}")
+
+    def kernel_libraries(self) -> list[str]:
+        """vLLM CPU libraries and slab-kernel builds mapped by the server's processes (which
+        library vLLM picked, which build the kernel loaded: a check of ``--isa``)."""
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid)]
+        procs += procs[0].children(recursive=True)
+        found = set()
+        for p in procs:
+            try:
+                maps = Path(f"/proc/{p.pid}/maps").read_text()
+            except OSError:
+                continue
+            for line in maps.splitlines():
+                name = line.rsplit("/", 1)[-1]
+                if name.startswith("_C") and name.endswith(".so") and "/vllm/" in line:
+                    found.add("vllm." + name.split(".")[0])
+                elif name.startswith("camera_slab_moe_cpu") and name.endswith(".so"):
+                    found.add(name.rsplit("_", 1)[0])  # without the CPU-flags hash
+        return sorted(found)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -308,13 +345,15 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
     """Serve ``ckpt`` once and measure decode and prefill at every concurrency."""
     rows = []
     max_len = st.prefill_input + st.decode_output + 16
-    with Server(ckpt, work / f"serve-{name}-rep{rep}.log", max(st.concurrencies), max_len) as srv:
+    with Server(ckpt, work / f"serve-{name}-rep{rep}.log", max(st.concurrencies), max_len, st.cpu_isa) as srv:
         ready_s = srv.wait_ready()
         log(f"{name} rep {rep}: server ready in {ready_s:.0f} s; warming up")
         # Warm-up: one long prompt, then the largest batch of short ones (compiled shapes, caches).
         _complete(srv.url, str(ckpt), st.prefill_input - 8, 4)
         with ThreadPoolExecutor(max(st.concurrencies)) as pool:
             list(pool.map(lambda _: _complete(srv.url, str(ckpt), st.decode_input, 8), range(max(st.concurrencies))))
+        libraries = srv.kernel_libraries()
+        log(f"{name} rep {rep}: kernel libraries {libraries}")
         for c in st.concurrencies:
             n = c * st.prompts_per_slot
             load0 = os.getloadavg()[0]
@@ -336,6 +375,7 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
                 "prefill_duration_s": pre["duration"],
                 "loadavg_1min": [round(load0, 2), round(load1, 2)],
                 "server_ready_s": round(ready_s, 1),
+                "kernel_libraries": libraries,
             }
             log(f"{name} rep {rep} c={c}: decode {row['decode_tok_s']:.1f} tok/s, "
                 f"prefill {row['prefill_tok_s']:.1f} tok/s (load {load0:.2f}/{load1:.2f})")
@@ -442,6 +482,7 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
               "- vLLM's CPU worker runs on one core (the other is reserved for the API server), so both "
               "the dense and the CAMERA rows compute on one thread. At eight requests a step reads many "
               "experts once for several tokens, where the smaller weights pay off most."]
+    lines += _layer_bench_lines()
     profile_json = RESULTS / "decode-profile.json"
     if profile_json.is_file():  # bench/decode_profile.py: the expert op's share of a one-request step
         prof = json.loads(profile_json.read_text())
@@ -465,11 +506,23 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
               f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "
               "Rows measured under a higher load than the dense row are slowed by it, and the reverse: "
               "read a ratio together with the load column.", ""]
-    # Other runs with --out bench/results/speed-cpu-*.json (e.g. a re-check of a few rows at low load).
+    # Other runs with --out bench/results/speed-cpu-*.json: --isa avx2, or a re-check of a few rows.
     for other in sorted(RESULTS.glob("speed-cpu-*.json")):
         o = json.loads(other.read_text())
-        lines += [f"## Re-check: `bench/results/{other.name}` (commit {str(o['stamp']['commit'])[:10]}, "
-                  f"{o['settings']['reps']} repetition(s), same settings)", "",
+        head = (f"`bench/results/{other.name}` (commit {str(o['stamp']['commit'])[:10]}, "
+                f"{o['settings']['reps']} repetition(s), same model and lengths)")
+        if o["settings"].get("cpu_isa", "native") == "avx2":
+            cpu = o["stamp"]["machine"].get("cpu", {})
+            lines += [f"## As on an AVX2-only CPU: {head}", "",
+                      f"`bench/speed_cpu.py --isa avx2`: vLLM loads its AVX2 library (`vllm._C_AVX2`, what it "
+                      "picks without AVX-512: fp32 FMA, no bf16 dot products) and the slab kernel runs its "
+                      "AVX2 build (8-lane vectors, 1-bit codes converted instead of used as masks, no "
+                      "VDPBF16PS path), on a CPU with "
+                      f"{', '.join(cpu.get('flags', [])) or 'unrecorded flags'} ({cpu.get('model') or 'model unrecorded'}).",
+                      ""]
+        else:
+            lines += [f"## Re-check: {head}", ""]
+        lines += [
                   "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | 1-min load |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in o["table"]:
@@ -513,6 +566,25 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def _layer_bench_lines() -> list[str]:
+    """The slab kernel against vLLM's dense kernel on one layer, per ISA (bench/cpu_kernel_bench.py)."""
+    runs = [(isa, RESULTS / name) for isa, name in (("native", "cpu-kernel.json"), ("avx2", "cpu-kernel-avx2.json"))]
+    runs = [(isa, json.loads(p.read_text()), p.name) for isa, p in runs if p.is_file()]
+    if not runs:
+        return []
+    lines = ["", "One layer of the speed model in-process (`bench/cpu_kernel_bench.py`, cold caches, "
+             "CAMERA-Q time against vLLM's dense bf16 `cpu_fused_moe`; `--isa avx2` runs the kernel's AVX2 "
+             "build against vLLM's AVX2 library):", "",
+             "| build / vLLM library | file | threads | tokens | dense ms | CAMERA-Q 2.25 × dense | "
+             "CAMERA-Q 2.5 × dense |", "|---|---|---:|---:|---:|---:|---:|"]
+    for isa, res, name in runs:
+        label = "native / " + res["settings"]["dense_isa"] if isa == "native" else "avx2 / `_C_AVX2`"
+        for r in res["rows"]:
+            lines.append(f"| {label} | `{name}` | {r['threads']} | {r['tokens']} | {r['dense_ms']:.2f} | "
+                         f"{r['q225_cpu_vs_dense']:.2f} | {r['q25_cpu_vs_dense']:.2f} |")
+    return lines
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -525,6 +597,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/speed-cpu.json; "
                     "quick: bench/.cache/speed/speed-cpu-quick.json)")
     ap.add_argument("--prepare-only", action="store_true", help="build and compress the checkpoints, measure nothing")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: serve as on a CPU without AVX-512 (vLLM's AVX2 library, the kernel's AVX2 "
+                    "build); default out bench/results/speed-cpu-avx2.json")
     ap.add_argument("--docs", action="store_true", help="with --quick or --out: still write docs/speed.md and docs/speed.png")
     args = ap.parse_args(argv)
 
@@ -533,6 +608,7 @@ def main(argv: list[str] | None = None) -> Path:
         if args.reps < 1:
             ap.error("--reps must be >= 1")
         st = Settings(**{**asdict(st), "reps": args.reps})
+    st = Settings(**{**asdict(st), "cpu_isa": args.isa})
     order = list(VARIANTS)
     if args.only:
         want = [m.strip() for m in args.only.split(",") if m.strip()]
@@ -540,9 +616,12 @@ def main(argv: list[str] | None = None) -> Path:
         if bad:
             ap.error(f"--only: unknown model(s) {bad}; choose from {list(VARIANTS)}")
         order = ["dense"] + [m for m in order if m in want and m != "dense"]
-    out_json = args.out or ((CACHE / "speed-cpu-quick.json") if args.quick else (RESULTS / "speed-cpu.json"))
-    # docs/ describe the default full run only (unless asked).
+    suffix = "" if args.isa == "native" else f"-{args.isa}"
+    out_json = args.out or ((CACHE / f"speed-cpu-quick{suffix}.json") if args.quick
+                            else (RESULTS / f"speed-cpu{suffix}.json"))
+    # docs/ are rewritten by full runs (an AVX2 run is a section of them) unless asked.
     write_public_docs = (not args.quick and args.out is None) or args.docs
+    docs_source = out_json if args.isa == "native" else RESULTS / "speed-cpu.json"
 
     t_start = time.time()
     model_root = CACHE / shape.tag
@@ -576,7 +655,7 @@ def main(argv: list[str] | None = None) -> Path:
         done = i + 1 == len(jobs)
         write_result(out_json, raw, bytes_by_model, order, shape, st, ckpts, work, t_start, complete=done)
         if write_public_docs:
-            write_docs(json.loads(out_json.read_text()), DOCS / "speed.md", DOCS / "speed.png")
+            write_docs(json.loads(docs_source.read_text()), DOCS / "speed.md", DOCS / "speed.png")
     if write_public_docs:
         log(f"wrote {DOCS / 'speed.md'} and {DOCS / 'speed.png'}")
     for v in json.loads(out_json.read_text())["verdicts"]:

@@ -9,6 +9,25 @@ from pathlib import Path
 from typing import Any
 
 
+# The CPU features that pick code paths here (vLLM's CPU library, the slab kernel's build).
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx_vnni")
+
+
+def cpu_isa() -> dict[str, Any]:
+    """This CPU's model name and which of :data:`ISA_FLAGS` it has (Linux x86; empty elsewhere)."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in ISA_FLAGS if f in flags]}
+
+
 def stamp() -> dict[str, Any]:
     """Where and with what a benchmark ran."""
     import torch
@@ -33,6 +52,7 @@ def stamp() -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            "cpu": cpu_isa(),
             "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
