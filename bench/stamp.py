@@ -43,7 +43,9 @@ def stamp() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Results and docs written by earlier benchmarks of the same run do not make the code dirty.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)bench/results", ":(exclude)docs"], cwd=root,
                                     capture_output=True, text=True).stdout.strip())
     except Exception:
         commit, dirty = None, None
