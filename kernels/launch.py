@@ -50,7 +50,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     run_start = torch.cumsum(counts, 0) - counts  # first sorted position of each expert
     rank = torch.arange(num_pairs, device=device) - run_start[sorted_key]
     blocks = (counts + block_m - 1) // block_m
-    blocks[num_experts] = 0  # the invalid bucket gets no blocks
+    # The invalid bucket gets no blocks.  (Not `blocks[E] = 0`: that lifts a host scalar and
+    # copies it to the device, a sync that CUDA-graph capture refuses.)
+    blocks[num_experts:].zero_()
     block_end = torch.cumsum(blocks, 0)
     block_start = block_end - blocks
     # Invalid pairs are scattered to one extra slot past the end and cut off.

@@ -102,6 +102,21 @@ def test_slab_linear_equals_dequantized_matmul() -> None:
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_slab_linear_has_no_host_sync() -> None:
+    """The quantized shared expert runs inside vLLM's captured graph too: no host sync."""
+    from host_sync import HostSyncRecorder
+
+    slabs = (12, 0, 37)
+    gu_w, down_w, _ = _shared(slabs)
+    s = sum(slabs)
+    for tokens in (1, 7):
+        x = torch.randn(tokens, HIDDEN)
+        with HostSyncRecorder() as rec:
+            gu = ops.slab_linear_impl(x, gu_w, list(BITS), list(slabs), GROUP, True, 2 * s)
+            ops.slab_linear_impl(F.silu(gu[:, :s]) * gu[:, s:], down_w, list(BITS), list(slabs), GROUP, False, HIDDEN)
+        assert rec.calls == [], "\n".join(map(str, rec.calls))
+
+
 @pytest.mark.vllm
 def test_mixed_ops_compile_fullgraph() -> None:
     """Both ops are opaque nodes under torch.compile(fullgraph=True) (vLLM's CPU compile mode)."""

@@ -272,6 +272,65 @@ def test_kernel_triton_launcher_has_no_host_sync(monkeypatch, path):
     assert launches[1][0][1] == -(-H // CONFIGS[path].w2.block_n)
 
 
+_PROBE = """
+import torch
+
+def setitem(t):
+    t[1] = 0
+
+def bool_mask(t):
+    return t[t > 0]
+
+def item(t):
+    return t.sum().item()
+
+def scatter_count(t):
+    counts = torch.zeros(4, dtype=torch.int64)
+    return counts.scatter_add_(0, t, torch.ones_like(t))
+"""
+
+
+@pytest.mark.kernel
+def test_host_sync_recorder_flags_project_syncs():
+    """The recorder sees what patching Tensor methods cannot (the setitem, a boolean mask), from
+    project files only; the shape-only form of a count passes."""
+    from host_sync import ROOT as PROJECT, HostSyncRecorder
+
+    probe: dict = {}
+    exec(compile(_PROBE, str(PROJECT / "kernels" / "sync_probe.py"), "exec"), probe)
+    t = torch.tensor([0, 3, 1, 2])
+    for name, op in (("setitem", "lift_fresh"), ("bool_mask", "index"), ("item", "_local_scalar_dense")):
+        with HostSyncRecorder() as rec:
+            probe[name](t.clone())
+        assert [c.op.split(".")[1] for c in rec.calls] == [op], (name, rec.calls)
+        assert all(c.where.startswith("kernels/sync_probe.py:") for c in rec.calls)
+    with HostSyncRecorder() as rec:
+        probe["scatter_count"](t)
+        t[1] = 0  # from the test, not from project code
+    assert rec.calls == []
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "sorted", "auto"])
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_kernel_triton_path_has_no_host_sync(path, num_tokens):
+    """The whole Triton path (dispatch, ``moe_align``, the launcher) makes no host sync, at
+    decode and at batch sizes past the GEMV threshold, with ids of other ranks' experts (-1)."""
+    from host_sync import HostSyncRecorder
+
+    w = random_slab_weights(LAYERS["8431-mixed"][1], (8, 4, 3, 1), H, 32, seed=2, device=DEVICE)
+    x = torch.randn(num_tokens, H, device=DEVICE)
+    tw, ids = routing(num_tokens, 2, w.num_experts, seed=5, drop=0.25)
+    with HostSyncRecorder() as rec:
+        if path == "auto":
+            got = slab_moe(x, tw, ids, w, backend="triton")
+        else:
+            got = slab_moe_triton(x, tw, ids, w, CONFIGS[path])
+    assert rec.calls == [], "\n".join(map(str, rec.calls))
+    want = slab_moe_reference(x, tw, ids, w)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 @pytest.mark.kernel
 def test_kernel_dispatch_runs_triton_when_asked():
     w = random_slab_weights(((8, 8),), (4, 1), H, 32, device=DEVICE)
