@@ -13,7 +13,7 @@ length, fixed seed, ``--ignore-eos``):
   last token;
 * prefill tok/s: 256-token prompts, 1 generated token; prompt tokens / wall time.
 
-Both at 1 and 8 concurrent requests (``--max-concurrency``, as many prompts).
+Both at 1 and 8 concurrent requests (``--max-concurrency``; as many prompts, at least 8).
 The machine may be shared, so the whole model sweep is repeated (``--reps``, models in
 the same order each time): every repetition is recorded, the table shows medians, and
 each measurement carries the 1-minute load average around it.
@@ -85,9 +85,11 @@ class Settings:
     decode_output: int = 32
     prefill_input: int = 256
     concurrencies: tuple[int, ...] = (1, 8)
-    # num_prompts = concurrency * this: one full wave (CAMERA-Q's CPU path is slow, so
-    # longer runs would take hours on 2 cores).
+    # num_prompts = max(concurrency * prompts_per_slot, min_prompts): one full wave, and at
+    # least min_prompts requests, because one request's TPOT is a single sample: at
+    # concurrency 1 it swung between ~55 and ~95 tok/s between servers of the same model.
     prompts_per_slot: int = 1
+    min_prompts: int = 8
     reps: int = 2
     seed: int = 0
     # Calibration only decides which micro-experts survive (widths / bits): speed needs
@@ -102,7 +104,7 @@ class Settings:
 QUICK_SHAPE = ModelShape(hidden=256, layers=2, experts=8, top_k=2, expert_width=256, heads=4, kv_heads=2,
                          head_dim=64, max_positions=512)
 QUICK_SETTINGS = Settings(decode_input=16, decode_output=16, prefill_input=128, reps=1, calib_seqs=2,
-                          calib_len=32)
+                          calib_len=32, min_prompts=2)
 
 # name -> (label, camera-vllm subcommand args or None for the dense model)
 # Measured in this order within a repetition (the targets' rows first).
@@ -355,7 +357,7 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
         libraries = srv.kernel_libraries()
         log(f"{name} rep {rep}: kernel libraries {libraries}")
         for c in st.concurrencies:
-            n = c * st.prompts_per_slot
+            n = max(c * st.prompts_per_slot, st.min_prompts)
             load0 = os.getloadavg()[0]
             dec = bench_serve(srv.url, ckpt, st.decode_input, st.decode_output, c, n, st.seed, work,
                               f"decode-{name}-c{c}-{rep}")
@@ -451,6 +453,7 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
         f"(random prompts, `--ignore-eos`, seed {st['seed']}). Decode: {st['decode_input']}-token prompts, "
         f"{st['decode_output']} new tokens, rate = concurrency / median TPOT. Prefill: "
         f"{st['prefill_input']}-token prompts, 1 new token, rate = prompt tokens / wall time. "
+        f"At least {st.get('min_prompts', 1)} requests per measurement. "
         f"Medians of {st['reps']} repetition(s) of the whole sweep (every repetition is in the JSON, "
         "with the 1-minute load average around each measurement).",
         "",
