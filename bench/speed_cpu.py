@@ -263,7 +263,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(VENV_BIN / "vllm"), "serve", str(ckpt), "--dtype", "bfloat16", "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", str(max_model_len), "--max-num-seqs",
-               str(max_num_seqs), "--seed", "0"]
+               str(max_num_seqs), "--seed", "0",
+               # Every measurement repeats the same seeded prompts (at each concurrency, in
+               # every repetition): with prefix caching their prefill would be cache hits.
+               "--no-enable-prefix-caching"]
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=server_env(cpu_isa),
                                      start_new_session=True)
