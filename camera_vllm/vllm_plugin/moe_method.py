@@ -342,6 +342,9 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         from camera_kernels import SlabLayout
         from camera_kernels.slab_weights import QWEIGHT_DTYPE, SCALE_DTYPE
 
+        from .backend import expert_backend
+
+        expert_backend()  # a bad CAMERA_VLLM_BACKEND fails at load, not at the first forward
         self._check_layer(layer)
         ops.ensure_registered()
         camera = self.config.camera

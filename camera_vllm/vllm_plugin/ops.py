@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from .backend import expert_backend
 from .ragged import ragged_moe_forward
 from .ragged_cpu import CPU_KERNEL_ALIGN, BucketPlan, bucketed_moe_forward, cpu_kernel_isa, pack_buckets, plan_buckets
 
@@ -153,8 +154,9 @@ def _mixed_impl(
     if expert_map is not None:
         # Global -> local ids on the device; -1 (another rank's expert) is skipped by the kernels.
         ids = expert_map.to(torch.int64)[topk_ids.to(torch.int64)]
-    # Triton on CUDA (no host syncs, graph-capturable), the torch reference elsewhere.
-    return slab_moe(x, topk_weights, ids, slabs, backend="auto")
+    # Triton on CUDA (no host syncs, graph-capturable), the compiled kernel on CPU, unless
+    # CAMERA_VLLM_BACKEND forces one (backend.py).
+    return slab_moe(x, topk_weights, ids, slabs, backend=expert_backend())
 
 
 # scheme name -> (number of weight tensors or None when the argument fixes it, implementation)

@@ -265,6 +265,29 @@ def _load_format(model_config: Any, engine_client: Any, args: Any) -> str | None
     return None if fmt is None else str(getattr(fmt, "value", fmt))
 
 
+def expert_backends(device_type: str | None = None) -> dict[str, Any]:
+    """Which code computes the experts on this platform (``device_type``: vLLM's, by default):
+    ``camera_q`` is ``triton``, ``cpu`` or ``reference`` (what ``CAMERA_VLLM_BACKEND`` forces,
+    else what ``auto`` picks there), ``camera_p`` names CAMERA-P's path."""
+    from .backend import expert_backend
+
+    setting = expert_backend()
+    if device_type is None:
+        try:
+            from vllm.platforms import current_platform
+
+            device_type = current_platform.device_type
+        except Exception:  # stats must not fail on a platform probe
+            device_type = None
+    if setting != "auto":
+        camera_q = setting
+    else:
+        camera_q = {"cuda": "triton", "cpu": "cpu"}.get(device_type or "", "reference")
+    camera_p = ("cpu_fused_moe on width buckets (bf16), torch (fp32)" if device_type == "cpu"
+                else "torch ragged loop")
+    return {"setting": setting, "device": device_type, "camera_q": camera_q, "camera_p": camera_p}
+
+
 def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> dict[str, Any]:
     """The /camera/stats payload, or raise NotACameraCheckpoint / CameraFormatError / OSError.
 
@@ -297,6 +320,7 @@ def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> di
     stats = summarize_camera_config(config, experts=experts)
     stats["model"] = {"path": model, "served_model_name": _served_names(model_config, args, model),
                       "config_source": source}
+    stats["expert_backend"] = expert_backends()
     try:
         from .. import __version__
 

@@ -210,6 +210,17 @@ def test_deploy_stats_endpoint_uses_engine_model_config_for_hub_ids(monkeypatch)
     assert s["model"] == {"path": "org/tiny-camera", "served_model_name": ["tiny-camera"],
                           "config_source": "vllm ModelConfig.hf_config"}
     assert s["layers"][0]["expert_width"]["total"] == 96
+    assert s["expert_backend"]["camera_q"] in ("triton", "cpu", "reference")
+
+
+@pytest.mark.parametrize(("setting", "device", "want"), [
+    ("", "cuda", "triton"), ("", "cpu", "cpu"), ("", "xpu", "reference"),
+    ("reference", "cuda", "reference"), ("triton", "cpu", "triton"),
+])
+def test_deploy_stats_names_the_expert_backend(monkeypatch, setting, device, want):
+    monkeypatch.setenv("CAMERA_VLLM_BACKEND", setting)
+    got = stats_api.expert_backends(device)
+    assert got["camera_q"] == want and got["setting"] == (setting or "auto") and got["device"] == device
 
 
 def test_deploy_stats_endpoint_plugin_entry_point_declared():

@@ -19,7 +19,7 @@ import json
 
 import pytest
 from integration_helpers import PROMPTS, reference_greedy
-from vllm_mixed_helpers import CASES, STOCK_VLLM_ORACLE, run_mixed_cases
+from vllm_mixed_helpers import CASES, STOCK_VLLM_ORACLE, run_forced_backend, run_mixed_cases
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +63,15 @@ def test_quantization_changes_the_model(arch: str, mixed_runs: dict[str, dict]) 
     """Guards the test above against vacuity: the 4/2/1-bit model does not reproduce the original."""
     info = mixed_runs[arch]
     assert reference_greedy(info["original"]) != reference_greedy(info["dir"])
+
+
+@pytest.mark.vllm
+def test_vllm_mixed_through_the_triton_backend_equals_oracle(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CAMERA_VLLM_BACKEND=triton: the Triton launcher and kernels (interpreted on CPU) serve
+    inside a vLLM engine, and greedy tokens equal the oracle."""
+    info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")
+    got = info["result"]
+    assert got["memory"]["slab_backend"] == "triton", got["memory"]["slab_backend"]
+    want = reference_greedy(info["dir"])
+    for prompt, g, w in zip(PROMPTS, got["tokens"], want):
+        assert g == w, f"triton backend: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"

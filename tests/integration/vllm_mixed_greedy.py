@@ -49,9 +49,11 @@ def expert_memory(worker: Any) -> dict[str, Any]:
             for pname, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
                 tensors.append([f"{name}.{pname}", list(t.shape), str(t.dtype), torch.is_floating_point(t)])
     from camera_kernels import choose_backend
+    from camera_vllm.vllm_plugin.backend import expert_backend
 
-    # The backend the routed experts' op picks for this model's activations (CPU: the compiled kernel).
-    backend = choose_backend(torch.empty(1, 1, dtype=next(model.parameters()).dtype))[0]
+    # The backend the routed experts' op picks for this model's activations (CPU: the compiled
+    # kernel unless CAMERA_VLLM_BACKEND forces another).
+    backend = choose_backend(torch.empty(1, 1, dtype=next(model.parameters()).dtype), expert_backend())[0]
     return {"routed_bytes": routed, "shared_bytes": shared, "methods": methods, "mlp_tensors": tensors,
             "slab_backend": backend}
 

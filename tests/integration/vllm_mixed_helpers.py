@@ -159,3 +159,23 @@ def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
             info["stock"] = by_model[str(info["dense"])]
     runs["_process_s"] = {"seconds": round(time.perf_counter() - start, 1), "engines": len(items)}
     return runs
+
+
+@functools.cache
+def run_forced_backend(root: Path, backend: str) -> dict[str, Any]:
+    """The tiny Qwen3-MoE CAMERA-Q checkpoint served with ``CAMERA_VLLM_BACKEND=backend``
+    (eager, one subprocess).  ``triton`` on this CPU machine adds ``TRITON_INTERPRET=1``: the
+    CUDA code path (the launcher, ``moe_align``, the kernels) inside a real vLLM engine."""
+    from integration_helpers import run_vllm_driver, vllm_env
+
+    root.mkdir(parents=True, exist_ok=True)
+    _, qdir = build_mixed("qwen3_moe", root)
+    out, log = root / f"results-{backend}.json", root / f"vllm-{backend}.log"
+    env = vllm_env("qwen3_moe")
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    env["CAMERA_VLLM_BACKEND"] = backend
+    if backend == "triton" and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    raw = run_vllm_driver([str(SCRIPT), str(out), f"{qdir}:eager:4"], out, log, env, TIMEOUT_S,
+                          f"vLLM CAMERA-Q with CAMERA_VLLM_BACKEND={backend}")
+    return {"dir": qdir, "result": raw[0]}
