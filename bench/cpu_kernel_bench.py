@@ -69,10 +69,8 @@ def copy_layer(w: SlabMoEWeights) -> SlabMoEWeights:
 def load_vllm_library(isa: str) -> None:
     """Load vLLM's CPU kernels as a CPU of ``isa`` would: ``avx2`` loads ``vllm._C_AVX2`` (what
     vLLM picks without AVX-512), ``native`` lets vLLM choose."""
-    if isa == "avx2":  # vLLM reads these when it picks its library
-        torch.cpu._is_avx512_supported = lambda: False
-        torch.cpu._is_avx512_bf16_supported = lambda: False
-        torch.cpu._is_amx_tile_supported = lambda: False
+    if isa == "avx2":  # the ISA probes vLLM reads, patched as for bench/speed_cpu.py --isa avx2
+        import emulate_avx2.sitecustomize  # noqa: F401
     import vllm._custom_ops  # noqa: F401 - loads torch.ops._C on CPU
 
 

@@ -29,4 +29,3 @@ def expert_backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: choose one of {', '.join(BACKENDS)}")
     return value
-
