@@ -36,6 +36,7 @@ from types import ModuleType
 
 import torch
 
+from .packing import DENSE_BITS
 from .slab_weights import SlabMoEWeights, check_moe_inputs
 
 __all__ = [
@@ -203,6 +204,8 @@ def slab_moe_cpu(
     if x.device.type != "cpu" or weights.device.type != "cpu":
         raise ValueError(f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}")
     lay = weights.layout
+    if DENSE_BITS in lay.bits:
+        raise ValueError(f"slab_moe_cpu has no 16-bit (dense) slabs; layer bits {lay.bits} (use the reference)")
     assert module is not None
     out = module.slab_moe_forward(
         x.to(torch.float32).contiguous(),

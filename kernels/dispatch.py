@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from .packing import DENSE_BITS
 from .slab_weights import SlabMoEWeights
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ def _interpreting() -> bool:
     return bool(getattr(getattr(knobs, "runtime", None), "interpret", False))
 
 
-def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
+def choose_backend(
+    x: torch.Tensor, backend: str = "auto", weights: SlabMoEWeights | None = None
+) -> tuple[str, str]:
     """``(backend, reason)`` for activations ``x``; ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``.
 
     ``auto`` picks ``cpu`` (the compiled kernel of :mod:`.cpu_slab`) for CPU tensors when it
@@ -41,7 +44,9 @@ def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     else ``reference`` with the reason.  An explicit ``triton`` or ``cpu`` that cannot run
     raises ``ValueError`` with the reason instead of falling back silently (``triton`` on CPU
     runs only under ``TRITON_INTERPRET=1``, for tests).  On CPU, ``auto`` builds or loads
-    the extension on first use (see :func:`.cpu_slab.ensure_cpu_kernel`).
+    the extension on first use (see :func:`.cpu_slab.ensure_cpu_kernel`).  With ``weights``
+    given, a layer with 16-bit (dense) slabs does not go to the compiled CPU kernel, which
+    has none (``auto`` on CPU picks the reference for it).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -55,6 +60,8 @@ def choose_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
             cpu_problem = f"tensors are on {x.device.type}, the compiled CPU kernel needs CPU tensors"
         elif not x.is_floating_point():
             cpu_problem = f"x must be a floating-point tensor, got {x.dtype}"
+        elif weights is not None and DENSE_BITS in weights.bits:
+            cpu_problem = "the compiled CPU kernel has no 16-bit (dense) slabs"
         elif not cpu_kernel_available():
             cpu_problem = cpu_kernel_reason()
         if backend == "cpu":
@@ -98,7 +105,7 @@ def slab_moe(
         :func:`choose_backend`; the choice and its reason are logged once per distinct pair;
         a failed CPU build warns once from :mod:`.cpu_slab`).
     """
-    name, reason = choose_backend(x, backend)
+    name, reason = choose_backend(x, backend, weights)
     if (name, reason) not in _logged:
         _logged.add((name, reason))
         # A failed CPU build already warned once (camera_kernels.cpu_slab); a CUDA fallback has not.

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .slab_weights import SlabMoEWeights, check_moe_inputs
+from .packing import DENSE_BITS
+from .slab_weights import SlabLayout, SlabMoEWeights, check_moe_inputs
 from .tuning import MoEConfig, TileConfig, get_config
 
 __all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_moe_triton"]
@@ -135,18 +136,15 @@ def slab_moe_triton(
     widths = [lay.max_slab(i) for i in slots]
     act_cols = tuple(sum(widths[:j]) for j in range(len(slots)))
     tile_starts = tuple(sum(_cdiv(n, c13.block_n) for n in widths[:j]) for j in range(len(slots) + 1))
-    kernel_args = dict(BITS=tuple(lay.bits[i] for i in slots), COLS=tuple(slots), GROUP_SIZE=lay.group_size)
-    w13 = (
-        tuple(w.w13_qweight[i] for i in slots),
-        tuple(w.w13_scales[i] for i in slots),
-        tuple(w.w13_zeros[i] for i in slots),
+    kernel_args = dict(
+        BITS=tuple(lay.bits[i] for i in slots),
+        DENSE_FP16=lay.dense_dtype == torch.float16,
+        COLS=tuple(slots),
+        GROUP_SIZE=lay.group_size,
     )
+    w13 = _slot_tensors(lay, slots, w.w13_qweight, w.w13_scales, w.w13_zeros)
     w13_strides = tuple(w.w13_qweight[i].stride(0) for i in slots)
-    w2 = (
-        tuple(w.w2_qweight[i] for i in slots),
-        tuple(w.w2_scales[i] for i in slots),
-        tuple(w.w2_zeros[i] for i in slots),
-    )
+    w2 = _slot_tensors(lay, slots, w.w2_qweight, w.w2_scales, w.w2_zeros)
 
     # GEMV: fp32 intermediate (free at decode sizes, one rounding fewer) and every
     # out row written by the w2 kernel.  Sorted: activation-dtype intermediate (tl.dot
@@ -257,6 +255,26 @@ def slab_moe_triton(
             **kernel_args,
         )
     return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+def _slot_tensors(
+    lay: SlabLayout,
+    slots: list[int],
+    qweight: tuple[torch.Tensor, ...],
+    scales: tuple[torch.Tensor, ...],
+    zeros: tuple[torch.Tensor, ...],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Per-slot ``(qweight, scales, zeros)`` tuples for the kernels.
+
+    A dense slab's scales and zeros have 0 rows and are never read; its qweight stands
+    in for them, since an empty CUDA tensor may have a null pointer that Triton refuses.
+    """
+    dense = [lay.bits[i] == DENSE_BITS for i in slots]
+    return (
+        tuple(qweight[i] for i in slots),
+        tuple(qweight[i] if d else scales[i] for i, d in zip(slots, dense)),
+        tuple(qweight[i] if d else zeros[i] for i, d in zip(slots, dense)),
+    )
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -4,7 +4,7 @@ A layer is ``len(B)`` uniform-bit problems with ragged per-expert sizes (see
 :mod:`.slab_weights`).  Each kernel covers all bit-widths in one launch: per-bit
 tensors come as tuples (one entry per *slot*, i.e. per bit-width that some expert
 uses), ``BITS`` is a constexpr tuple so every slot's unpacking is specialised at
-compile time, and ``COLS`` gives each slot's column in the int32 ``[E, META_COLS]``
+compile time (16 is the dense slab of raw bf16/fp16 weights, ``DENSE_FP16`` says which), and ``COLS`` gives each slot's column in the int32 ``[E, META_COLS]``
 metadata (``slab_sizes``, ``col_offsets``, ``down_row_offsets``, ``down_group_offsets``).
 
 * ``w13`` kernels: ``act[p, act_cols[s] + c] = SiLU(x[t] . gate_c) * (x[t] . up_c)`` for the
@@ -93,23 +93,36 @@ def _dequant_tile(
     stride_s,
     BLOCK_K: tl.constexpr,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
 ):
     """fp32 ``[BLOCK_K, BN]`` ``(q - zero) * scale`` of K rows ``k0 + [0, BLOCK_K)`` of a slab.
+
+    A dense slab (``BITS == 16``) reads its codes as bf16 (or fp16 with ``DENSE_FP16``)
+    bit patterns and has no scale or zero: ``s_ptr``/``z_ptr`` are not read.
 
     ``row_base``: the slab's first packed row; ``k_limit``: the slab's K (rows past it
     in the last 32-block are the packing's zero padding and get finite values, which
     callers multiply by masked-to-zero activations); ``group_row``: the scale/zero row
     of this K tile (one per tile since ``BLOCK_K`` divides the group size).
     """
-    if BITS == 3:
-        # 3 bits = a 2-bit plane (words 0-1 of each 32-value block) + a 1-bit plane (word 2).
-        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 2, 0)
-        q = q | (_codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 1, 2) << 2)
+    if BITS == 16:
+        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 16, 16, 0)
+        if DENSE_FP16:
+            w = q.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            # A bf16 is the high half of the fp32 with the same value.
+            w = (q << 16).to(tl.float32, bitcast=True)
     else:
-        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, BITS, BITS, 0)
-    scale = tl.load(s_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+        if BITS == 3:
+            # 3 bits = a 2-bit plane (words 0-1 of each 32-value block) + a 1-bit plane (word 2).
+            q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 2, 0)
+            q = q | (_codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 1, 2) << 2)
+        else:
+            q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, BITS, BITS, 0)
+        scale = tl.load(s_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+    return w
 
 
 @triton.jit
@@ -125,10 +138,12 @@ def _w13_weight_tile(
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
 ):
     """Gate or up weights ``[BLOCK_K, BN]`` at K rows ``k0 + [0, BLOCK_K)`` of a slab's ``[K, 2R]`` matrix."""
     return _dequant_tile(
-        q_ptr, s_ptr, z_ptr, 0, k0 // GROUP_SIZE, k0, hidden, cols, col_ok, stride_w, stride_w, BLOCK_K, BITS
+        q_ptr, s_ptr, z_ptr, 0, k0 // GROUP_SIZE, k0, hidden, cols, col_ok, stride_w, stride_w,
+        BLOCK_K, BITS, DENSE_FP16,
     )
 
 
@@ -147,6 +162,7 @@ def _w2_weight_tile(
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
 ):
     """Down weights ``[BLOCK_K, BN]`` at K rows ``k0 + [0, BLOCK_K)`` of one expert's block.
 
@@ -154,7 +170,8 @@ def _w2_weight_tile(
     slab's ``[sum n, H]`` matrix.
     """
     return _dequant_tile(
-        q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok, hidden, hidden, BLOCK_K, BITS
+        q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok, hidden, hidden,
+        BLOCK_K, BITS, DENSE_FP16,
     )
 
 
@@ -188,6 +205,7 @@ def _w13_gemv_tile(
     tile,
     hidden,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -203,11 +221,11 @@ def _w13_gemv_tile(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
         wg = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
+            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
         )
         acc_g += tl.sum(a[:, None] * wg, axis=0)
         wu = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
+            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
         )
         acc_u += tl.sum(a[:, None] * wu, axis=0)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -234,6 +252,7 @@ def _w13_gemv_kernel(
     stride_x,
     stride_act,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -272,6 +291,7 @@ def _w13_gemv_kernel(
                     tile,
                     hidden,
                     BITS[s],
+                    DENSE_FP16,
                     GROUP_SIZE,
                     BLOCK_N,
                     BLOCK_K,
@@ -297,6 +317,7 @@ def _w2_gemv_kernel(
     stride_act,
     stride_out,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -328,7 +349,7 @@ def _w2_gemv_kernel(
             a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
             w = _w2_weight_tile(
                 q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
-                GROUP_SIZE, BLOCK_K, BITS[s],
+                GROUP_SIZE, BLOCK_K, BITS[s], DENSE_FP16,
             )
             acc += tl.sum(a[:, None] * w, axis=0)
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
@@ -351,6 +372,7 @@ def _w13_sorted_tile(
     hidden,
     stride_x,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -372,11 +394,11 @@ def _w13_sorted_tile(
             other=0.0,
         )
         wg = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
+            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
         )
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
         wu = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS
+            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
         )
         acc_u = _dot(a, wu.to(a.dtype), acc_u, IEEE)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -406,6 +428,7 @@ def _w13_sorted_kernel(
     stride_x,
     stride_act,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -450,6 +473,7 @@ def _w13_sorted_kernel(
                     hidden,
                     stride_x,
                     BITS[s],
+                    DENSE_FP16,
                     GROUP_SIZE,
                     BLOCK_M,
                     BLOCK_N,
@@ -478,6 +502,7 @@ def _w2_sorted_kernel(
     stride_act,
     stride_out,
     BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -515,7 +540,7 @@ def _w2_sorted_kernel(
             )
             w = _w2_weight_tile(
                 q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
-                GROUP_SIZE, BLOCK_K, BITS[s],
+                GROUP_SIZE, BLOCK_K, BITS[s], DENSE_FP16,
             )
             acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]

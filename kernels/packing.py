@@ -18,6 +18,12 @@ Packing of ``q [K, N]`` (integers in ``[0, 2**bits)``) at ``bits`` b:
 Dequantization is ``w = (q - zeros[k // G]) * scales[k // G]`` with ``scales`` and
 ``zeros`` of shape ``[ceil(K / G), N]``: groups run along K and the last one may be
 short (a slab of down-projection columns need not be a multiple of G).
+
+Bit-width 16 is the *dense* slab (a CAMERA-P layer, or weights kept unquantized): the
+codes are the raw bf16 or fp16 bit patterns of the weights, packed like any width (two
+per word, the first in the low half), and there are no scales or zeros (their
+tensors have 0 rows).  :func:`pack_dense` builds it from a 16-bit float tensor with a
+view instead of the generic packing loop.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from __future__ import annotations
 import torch
 
 PACK_BLOCK = 32
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
+#: Bit-widths with a quantization grid (codes, per-group scales and zeros).
+QUANT_BITS = (1, 2, 3, 4, 8)
+#: The dense slab: raw 16-bit float weights, no scales.
+DENSE_BITS = 16
+DENSE_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_BITS = QUANT_BITS + (DENSE_BITS,)
 
 
 def bit_parts(bits: int) -> tuple[tuple[int, int], ...]:
@@ -33,7 +44,7 @@ def bit_parts(bits: int) -> tuple[tuple[int, int], ...]:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bit-width {bits}; supported: {SUPPORTED_BITS}")
     parts, shift, rest = [], 0, bits
-    for width in (8, 4, 2, 1):
+    for width in (16, 8, 4, 2, 1):
         if rest >= width:
             parts.append((width, shift))
             shift += width
@@ -49,6 +60,44 @@ def packed_rows(k: int, bits: int) -> int:
 def num_groups(k: int, group_size: int) -> int:
     """Number of quantization groups along a K of length ``k`` (last may be short)."""
     return -(-k // group_size)
+
+
+def scale_rows(k: int, bits: int, group_size: int) -> int:
+    """Rows of the scale/zero tensors of a slab with K = ``k``: its groups, none when dense."""
+    return 0 if bits == DENSE_BITS else num_groups(k, group_size)
+
+
+def check_dense_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if a dense slab can hold it (bf16, fp16), else ``ValueError``."""
+    if dtype not in DENSE_DTYPES:
+        raise ValueError(f"a 16-bit dense slab holds {DENSE_DTYPES}, not {dtype}")
+    return dtype
+
+
+def pack_dense(w_t: torch.Tensor) -> torch.Tensor:
+    """Dense slab of ``w_t [K, N]`` (bf16 or fp16, kept bit for bit): int32 ``[ceil(K/32)*16, N]``.
+
+    Equal to ``pack(codes, 16)`` of the raw bit patterns, built with one copy: pairs of
+    K rows become the low and high halves of one little-endian word.
+    """
+    check_dense_dtype(w_t.dtype)
+    if w_t.dim() != 2:
+        raise ValueError(f"pack_dense expects a 2-D [K, N] tensor, got shape {tuple(w_t.shape)}")
+    k, n = w_t.shape
+    pad = (-k) % PACK_BLOCK
+    if pad:
+        w_t = torch.cat([w_t, w_t.new_zeros(pad, n)])
+    pairs = w_t.view(torch.int16).reshape(-1, 2, n).transpose(1, 2).contiguous()  # [K/2, N, 2]
+    return pairs.view(torch.int32).reshape(-1, n)
+
+
+def codes_to_dense(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """16-bit codes (int32 in ``[0, 2**16)``) as the ``dtype`` values whose bit patterns they are, in fp32."""
+    check_dense_dtype(dtype)
+    if dtype == torch.bfloat16:
+        # A bf16 is the high half of the fp32 with the same value.
+        return (codes.to(torch.int32) << 16).view(torch.float32)
+    return codes.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -108,8 +157,14 @@ def dequantize(
     k: int,
     group_size: int,
     dtype: torch.dtype = torch.float32,
+    dense_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Dequantize one packed slab to ``[k, N]`` in ``dtype`` (math in fp32)."""
+    """Dequantize one packed slab to ``[k, N]`` in ``dtype`` (math in fp32).
+
+    A dense (16-bit) slab ignores ``scales``/``zeros`` and reads its codes as ``dense_dtype``.
+    """
+    if bits == DENSE_BITS:
+        return codes_to_dense(unpack(packed, bits, k), dense_dtype).to(dtype)
     q = unpack(packed, bits, k).to(torch.float32)
     idx = torch.arange(k, device=packed.device) // group_size
     s = scales.to(torch.float32)[idx]

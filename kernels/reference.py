@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .packing import bit_parts, num_groups
+from .packing import DENSE_BITS, bit_parts, codes_to_dense, num_groups
 from .slab_weights import SlabMoEWeights, check_moe_inputs
 
 __all__ = ["dequantize_fast", "slab_moe_reference"]
@@ -40,12 +40,21 @@ def _unpack_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def dequantize_fast(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int, group_size: int
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    k: int,
+    group_size: int,
+    dense_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """fp32 ``[k, N]`` equal to :func:`packing.dequantize` (``(q - zero) * scale``), fewer passes.
 
-    ``packed [ceil(k/32)*bits, N]`` int32, ``scales``/``zeros [ceil(k/G), N]``.
+    ``packed [ceil(k/32)*bits, N]`` int32, ``scales``/``zeros [ceil(k/G), N]``; a dense
+    (16-bit) slab ignores them and reads its codes as ``dense_dtype``.
     """
+    if bits == DENSE_BITS:
+        return codes_to_dense(_unpack_codes(packed, bits, 0)[:k], dense_dtype)
     ng = num_groups(k, group_size)
     n = packed.shape[1]
     codes = _unpack_codes(packed, bits, ng * group_size).view(ng, group_size, n)
@@ -109,13 +118,15 @@ def slab_moe_reference(
                 b,
                 hidden,
                 lay.group_size,
+                lay.dense_dtype,
             )  # [H, 2n]: gate columns then up columns
             gu = xe @ w13
             del w13
             act = F.silu(gu[:, :n]) * gu[:, n:]  # [c, n]
             rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
             w2 = dequantize_fast(
-                w.w2_qweight[i][rows], w.w2_scales[i][grps], w.w2_zeros[i][grps], b, n, lay.group_size
+                w.w2_qweight[i][rows], w.w2_scales[i][grps], w.w2_zeros[i][grps], b, n, lay.group_size,
+                lay.dense_dtype,
             )  # [n, H]
             ye.addmm_(act, w2)
             del w2

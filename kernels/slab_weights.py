@@ -1,7 +1,7 @@
 """Runtime layout of one mixed-precision CAMERA MoE layer (the kernel/plugin contract).
 
 A layer has ``E`` experts, hidden size ``H``, group size ``G`` (a multiple of 32) and
-bit-widths ``B`` (distinct, descending, a subset of {1, 2, 3, 4, 8}).  Expert ``e``
+bit-widths ``B`` (distinct, descending, a subset of {16, 8, 4, 3, 2, 1}).  Expert ``e``
 holds ``n[e][i]`` micro-experts at ``B[i]`` bits (may be 0; a whole expert may have
 width 0).  Inside an expert the intermediate activation is the concatenation of its
 slabs in ``B`` order.
@@ -12,7 +12,12 @@ per-expert sizes.  With ``R_i = sum_e n[e][i]`` and
 
 * ``col_off[e][i]        = sum_{e' < e} n[e'][i]``
 * ``down_row_off[e][i]   = sum_{e' < e} packed_rows(n[e'][i], b)``
-* ``down_group_off[e][i] = sum_{e' < e} ceil(n[e'][i] / G)``
+* ``down_group_off[e][i] = sum_{e' < e} ceil(n[e'][i] / G)`` (0 for a dense slab)
+
+Bit-width 16 is the *dense* slab: raw weights of ``layout.dense_dtype`` (bf16 or
+fp16) packed two per word, with no scales or zeros (their tensors have 0 rows).  A
+CAMERA-P layer is a layout with the one bit-width 16, so pruned and quantized layers
+run on the same kernels.
 
 the tensors are (bit layout: :mod:`.packing`, matrices stored ``W^T`` and packed
 along K; below ``n = n[e][i]`` and ``c = col_off[e][i]``):
@@ -36,7 +41,7 @@ Each expert's down block is ``W_down[:, slab]^T`` (``K = n`` packed along dim 0 
 padded to 32), so its groups start at the slab's first micro-expert and the last one
 may be shorter than ``G``: a group never straddles two slabs or two experts.
 
-Dequantization is ``w = (q - zero) * scale`` in fp32.  The expert MLP is
+Dequantization is ``w = (q - zero) * scale`` in fp32 (dense: the stored value).  The expert MLP is
 ``y = W_down (SiLU(W_gate x) * (W_up x))`` and the layer output is
 ``out[t] = sum_k topk_weights[t, k] * Expert_{topk_ids[t, k]}(x[t])``.
 
@@ -55,10 +60,23 @@ from typing import NamedTuple
 
 import torch
 
-from .packing import SUPPORTED_BITS, dequantize, num_groups, pack, packed_rows
+from .packing import (
+    DENSE_BITS,
+    SUPPORTED_BITS,
+    check_dense_dtype,
+    dequantize,
+    num_groups,
+    pack,
+    pack_dense,
+    packed_rows,
+    scale_rows,
+)
 
 SCALE_DTYPE = torch.float16
 QWEIGHT_DTYPE = torch.int32
+#: Group size of a layout that is one dense slab: it has no groups, and 256 lets the
+#: launcher use any K tile up to 256 (a K tile must divide the group size).
+DENSE_GROUP_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -69,12 +87,14 @@ class SlabLayout:
     :param group_size: ``G``, a positive multiple of 32.
     :param bits: ``B``, distinct bit-widths in descending order.
     :param sizes: ``n[e][i]``, one tuple of ``len(bits)`` non-negative ints per expert.
+    :param dense_dtype: what a 16-bit (dense) slab holds: bf16 or fp16.
     """
 
     hidden_size: int
     group_size: int
     bits: tuple[int, ...]
     sizes: tuple[tuple[int, ...], ...]
+    dense_dtype: torch.dtype = torch.bfloat16
     # Derived offsets, filled in __post_init__ (prefix sums over experts).
     _col_off: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _row_off: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
@@ -94,6 +114,7 @@ class SlabLayout:
             raise ValueError("bits must not be empty")
         if any(b not in SUPPORTED_BITS for b in bits):
             raise ValueError(f"bits {bits} must be a subset of {SUPPORTED_BITS}")
+        check_dense_dtype(self.dense_dtype)
         if list(bits) != sorted(set(bits), reverse=True):
             raise ValueError(f"bits {bits} must be distinct and in descending order")
         if not sizes:
@@ -113,7 +134,7 @@ class SlabLayout:
                 grp_i.append(g)
                 c += row[i]
                 r += packed_rows(row[i], b)
-                g += num_groups(row[i], self.group_size)
+                g += scale_rows(row[i], b, self.group_size)
             col.append(col_i)
             rows.append(row_i)
             grps.append(grp_i)
@@ -141,6 +162,11 @@ class SlabLayout:
     def slab_total(self, i: int) -> int:
         """``R_i``: micro-experts at bit index ``i`` over all experts."""
         return self._totals[i][0]
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether every slab is 16-bit (a CAMERA-P or unquantized layer)."""
+        return self.bits == (DENSE_BITS,)
 
     def max_slab(self, i: int) -> int:
         """Largest ``n[e][i]`` over experts (the kernel grid's column extent)."""
@@ -178,14 +204,14 @@ class SlabLayout:
     def down_groups(self, e: int, i: int) -> slice:
         """Rows of ``w2_scales[i]`` / ``w2_zeros[i]`` that hold expert ``e``'s groups."""
         g = self._grp_off[e][i]
-        return slice(g, g + num_groups(self.sizes[e][i], self.group_size))
+        return slice(g, g + scale_rows(self.sizes[e][i], self.bits[i], self.group_size))
 
     # ---- tensor shapes ----------------------------------------------------------------
     def w13_qweight_shape(self, i: int) -> tuple[int, int]:
         return (packed_rows(self.hidden_size, self.bits[i]), 2 * self.slab_total(i))
 
     def w13_scales_shape(self, i: int) -> tuple[int, int]:
-        return (num_groups(self.hidden_size, self.group_size), 2 * self.slab_total(i))
+        return (scale_rows(self.hidden_size, self.bits[i], self.group_size), 2 * self.slab_total(i))
 
     def w2_qweight_shape(self, i: int) -> tuple[int, int]:
         return (self._totals[i][1], self.hidden_size)
@@ -248,9 +274,12 @@ class SlabTensors(NamedTuple):
 
 
 def quantize_rtn(
-    w_t: torch.Tensor, bits: int, group_size: int
+    w_t: torch.Tensor, bits: int, group_size: int, dense_dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Min-max asymmetric round-to-nearest of ``w_t [K, N]`` with groups along K.
+
+    At ``bits == 16`` the slab is dense: ``w_t`` rounded to ``dense_dtype`` and packed
+    (:func:`.packing.pack_dense`), with empty ``[0, N]`` scales and zeros.
 
     Each group's range is ``[min(w, 0), max(w, 0)]`` split into ``2**bits - 1`` steps.
 
@@ -261,6 +290,9 @@ def quantize_rtn(
     benchmarks; the compressor has its own RTN/GPTQ.
     """
     k, n = w_t.shape
+    if bits == DENSE_BITS:
+        empty = torch.empty(0, n, dtype=SCALE_DTYPE, device=w_t.device)
+        return pack_dense(w_t.to(dense_dtype)), empty, empty.clone()
     ng = num_groups(k, group_size)
     w = w_t.to(torch.float32)
     padded = torch.full((ng * group_size, n), float("nan"), device=w.device)
@@ -422,6 +454,7 @@ class SlabMoEWeights:
         hidden_size: int,
         group_size: int,
         device: torch.device | str | None = None,
+        dense_dtype: torch.dtype = torch.bfloat16,
     ) -> SlabMoEWeights:
         """Assemble a layer from per-expert, per-bit checkpoint tensors.
 
@@ -432,6 +465,7 @@ class SlabMoEWeights:
         :param bits: bit-widths, descending.
         :param device: where the layer lives; defaults to the first tensor's device
             (CPU for a layer with no slabs at all).
+        :param dense_dtype: what 16-bit slabs hold (their scales and zeros have 0 rows).
         """
         bits = tuple(int(b) for b in bits)
         nb = len(bits)
@@ -442,11 +476,10 @@ class SlabMoEWeights:
             if len(slabs) != nb:
                 raise ValueError(f"expert {e}: {len(slabs)} slabs for {nb} bit-widths")
             sizes.append(tuple(0 if s is None else int(s.gate_qweight.shape[1]) for s in slabs))
-        layout = SlabLayout(hidden_size, group_size, bits, tuple(sizes))
+        layout = SlabLayout(hidden_size, group_size, bits, tuple(sizes), dense_dtype)
         if device is None:
             first = next((s.gate_qweight for row in experts for s in row if s is not None), None)
             device = first.device if first is not None else torch.device("cpu")
-        gh = num_groups(hidden_size, group_size)
         w13_q, w13_s, w13_z, w2_q, w2_s, w2_z = [], [], [], [], [], []
         for i, b in enumerate(bits):
             parts: list[list[torch.Tensor]] = [[], [], [], [], [], []]
@@ -456,6 +489,7 @@ class SlabMoEWeights:
                     continue
                 s = slabs[i]
                 assert s is not None
+                gh, gn = scale_rows(hidden_size, b, group_size), scale_rows(n, b, group_size)
                 want = {
                     "gate_qweight": ((packed_rows(hidden_size, b), n), QWEIGHT_DTYPE),
                     "gate_scales": ((gh, n), SCALE_DTYPE),
@@ -464,8 +498,8 @@ class SlabMoEWeights:
                     "up_scales": ((gh, n), SCALE_DTYPE),
                     "up_zeros": ((gh, n), SCALE_DTYPE),
                     "down_qweight": ((packed_rows(n, b), hidden_size), QWEIGHT_DTYPE),
-                    "down_scales": ((num_groups(n, group_size), hidden_size), SCALE_DTYPE),
-                    "down_zeros": ((num_groups(n, group_size), hidden_size), SCALE_DTYPE),
+                    "down_scales": ((gn, hidden_size), SCALE_DTYPE),
+                    "down_zeros": ((gn, hidden_size), SCALE_DTYPE),
                 }
                 for name, (shape, dtype) in want.items():
                     t = getattr(s, name)
@@ -507,6 +541,7 @@ class SlabMoEWeights:
         slab_sizes: Sequence[Sequence[int]],
         bits: Sequence[int],
         group_size: int,
+        dense_dtype: torch.dtype = torch.bfloat16,
     ) -> SlabMoEWeights:
         """Quantize dense experts with min-max asymmetric RTN (:func:`quantize_rtn`); for tests.
 
@@ -535,13 +570,57 @@ class SlabMoEWeights:
                     continue
                 sl = slice(start, start + n)
                 start += n
-                gq = quantize_rtn(g[sl].t(), b, group_size)
-                uq = quantize_rtn(u[sl].t(), b, group_size)
-                dq = quantize_rtn(d[:, sl].t(), b, group_size)
+                gq = quantize_rtn(g[sl].t(), b, group_size, dense_dtype)
+                uq = quantize_rtn(u[sl].t(), b, group_size, dense_dtype)
+                dq = quantize_rtn(d[:, sl].t(), b, group_size, dense_dtype)
                 row.append(SlabTensors(*gq, *uq, *dq))
             experts.append(row)
         device = gate[0].device
-        return cls.from_expert_tensors(experts, bits, hidden, group_size, device=device)
+        return cls.from_expert_tensors(experts, bits, hidden, group_size, device=device, dense_dtype=dense_dtype)
+
+    @classmethod
+    def from_ragged_dense(
+        cls,
+        w13: torch.Tensor,
+        w2t: torch.Tensor,
+        widths: Sequence[int],
+        dense_dtype: torch.dtype,
+    ) -> SlabMoEWeights:
+        """A dense (16-bit) slab layer from ragged unquantized experts: CAMERA-P on the slab kernels.
+
+        :param w13: ``[2R, H]``: expert ``e``'s gate rows ``[2 off_e, 2 off_e + n_e)``, then its
+            up rows (``off_e = n_0 + ... + n_{e-1}``, ``R = sum n_e``), as vLLM loads them.
+        :param w2t: ``[R, H]``: rows ``[off_e, off_e + n_e)`` are ``W_down^T`` of expert ``e``.
+        :param widths: ``n_e`` per expert (0 allowed).
+        :param dense_dtype: bf16 or fp16; the weights are converted to it (exactly, when
+            they are already of that type).
+
+        The result lives on the inputs' device and is built expert by expert, so the peak
+        extra memory is one packed copy of the layer plus one expert.
+        """
+        widths = tuple(int(n) for n in widths)
+        total, hidden = sum(widths), int(w13.shape[1])
+        if tuple(w13.shape) != (2 * total, hidden) or tuple(w2t.shape) != (total, hidden):
+            raise ValueError(
+                f"ragged experts of widths summing to {total}: w13 must be [{2 * total}, H] and w2t "
+                f"[{total}, H], got {tuple(w13.shape)} and {tuple(w2t.shape)}"
+            )
+        layout = SlabLayout(hidden, DENSE_GROUP_SIZE, (DENSE_BITS,), tuple((n,) for n in widths), dense_dtype)
+        device = w13.device
+        w13_q = torch.empty(layout.w13_qweight_shape(0), dtype=QWEIGHT_DTYPE, device=device)
+        w2_q = torch.empty(layout.w2_qweight_shape(0), dtype=QWEIGHT_DTYPE, device=device)
+        off = 0
+        for e, n in enumerate(widths):
+            if n == 0:
+                continue
+            w13_q[:, 2 * off : 2 * off + 2 * n] = pack_dense(w13[2 * off : 2 * off + 2 * n].to(dense_dtype).t())
+            w2_q[layout.down_rows(e, 0)] = pack_dense(w2t[off : off + n].to(dense_dtype))
+            off += n
+        empty13 = torch.empty(layout.w13_scales_shape(0), dtype=SCALE_DTYPE, device=device)
+        empty2 = torch.empty(layout.w2_scales_shape(0), dtype=SCALE_DTYPE, device=device)
+        return cls.from_layout(
+            layout, [w13_q], [empty13], [empty13.clone()], [w2_q], [empty2], [empty2.clone()], device=device
+        )
 
     # ---- dequantization (tests, debugging) ---------------------------------------------
     def dequantize_slab(self, e: int, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -559,10 +638,12 @@ class SlabMoEWeights:
             b,
             h,
             g,
+            dense_dtype=lay.dense_dtype,
         )  # [H, 2n]
         rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
         w2 = dequantize(
-            self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g
+            self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g,
+            dense_dtype=lay.dense_dtype,
         )  # [n, H]
         return w13[:, :n].t(), w13[:, n:].t(), w2.t()
 
@@ -588,8 +669,11 @@ def random_slab_weights(
     std: float = 0.05,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    dense_dtype: torch.dtype = torch.bfloat16,
 ) -> SlabMoEWeights:
     """A random layer (Gaussian weights of ``std``, RTN-quantized) for tests and benchmarks.
+
+    ``bits`` may include 16: those slabs hold the weights rounded to ``dense_dtype``.
 
     Experts are generated and quantized one at a time, so only one dense expert is
     ever held in memory (the benchmark shapes have about 10^9 weights per layer).
@@ -608,10 +692,12 @@ def random_slab_weights(
             )
             slabs.append(
                 SlabTensors(
-                    *quantize_rtn(g, b, group_size),
-                    *quantize_rtn(u, b, group_size),
-                    *quantize_rtn(d, b, group_size),
+                    *quantize_rtn(g, b, group_size, dense_dtype),
+                    *quantize_rtn(u, b, group_size, dense_dtype),
+                    *quantize_rtn(d, b, group_size, dense_dtype),
                 )
             )
         experts.append(slabs)
-    return SlabMoEWeights.from_expert_tensors(experts, bits, hidden_size, group_size, device=device)
+    return SlabMoEWeights.from_expert_tensors(
+        experts, bits, hidden_size, group_size, device=device, dense_dtype=dense_dtype
+    )

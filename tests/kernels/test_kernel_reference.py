@@ -61,6 +61,9 @@ LAYERS = {
     "3-odd": ((3,), ((17,), (1,), (0,), (39,))),
     "8431-mixed": ((8, 4, 3, 1), ((3, 5, 7, 9), (0, 12, 0, 30), (16, 0, 16, 0), (1, 1, 1, 1))),
     "21-wide8": ((2, 1), tuple((4 * e % 13, (7 * e + 3) % 19) for e in range(8))),
+    # CAMERA-P: one dense (16-bit) slab, ragged widths and a width-0 expert; P+Q: dense beside quantized.
+    "16-pruned": ((16,), ((40,), (0,), (17,), (33,))),
+    "16-41-pq": ((16, 4, 1), ((8, 20, 5), (0, 0, 0), (33, 0, 7), (0, 10, 0))),
 }
 
 
@@ -95,6 +98,55 @@ def test_kernel_layout_rejects_bad_specs(bits, sizes, group):
             SlabLayout(hidden_size=64, group_size=group, **spec)
     with pytest.raises(ValueError):
         SlabLayout(hidden_size=64, group_size=48, bits=bits, sizes=sizes)
+
+
+def test_kernel_dense_slab_layout_has_no_scales():
+    lay = SlabLayout(hidden_size=96, group_size=32, bits=(16, 4), sizes=((40, 7), (0, 0), (70, 33)))
+    assert lay.w13_qweight_shape(0) == (packed_rows(96, 16), 2 * 110) == (48, 220)
+    assert lay.w13_scales_shape(0) == (0, 220) and lay.w2_scales_shape(0) == (0, 96)
+    assert lay.w2_qweight_shape(0) == (32 + 48, 96)  # ceil(40/32)*16 + ceil(70/32)*16
+    assert [lay.down_group_offset(e, 0) for e in range(3)] == [0, 0, 0]
+    assert lay.down_groups(2, 0) == slice(0, 0) and lay.down_groups(2, 1) == slice(1, 3)
+    assert not lay.is_dense and SlabLayout(96, 32, (16,), ((8,),)).is_dense
+    with pytest.raises(ValueError, match="dense slab"):
+        SlabLayout(96, 32, (16,), ((8,),), dense_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 32, 45, 130])
+def test_kernel_dense_slab_keeps_weights_bit_for_bit(dtype, k):
+    """A 16-bit slab stores the weights as they are: the generic 16-bit packing of their raw bit
+    patterns, read back exactly by both dequantizers, with no scales."""
+    w_t = torch.randn(k, 24, generator=torch.Generator().manual_seed(k)).to(dtype)
+    packed, scales, zeros = quantize_rtn(w_t.float(), 16, 32, dtype)
+    raw = w_t.view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(packed, pack(raw, 16))
+    assert scales.shape == zeros.shape == (0, 24)
+    want = w_t.float()
+    assert torch.equal(dequantize(packed, scales, zeros, 16, k, 32, dense_dtype=dtype), want)
+    assert torch.equal(dequantize_fast(packed, scales, zeros, 16, k, 32, dtype), want)
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float16])
+def test_kernel_reference_dense_layer_is_the_plain_moe(dense_dtype):
+    """A CAMERA-P layer (one 16-bit slab) computes exactly the unquantized MoE on its weights:
+    fp32 torch on the same 16-bit-rounded experts, ragged widths, a width-0 expert, -1 ids."""
+    gen = torch.Generator().manual_seed(11)
+    widths = (40, 0, 17, 33)
+    gate = [(torch.randn(n, H, generator=gen) * 0.2).to(dense_dtype).float() for n in widths]
+    up = [(torch.randn(n, H, generator=gen) * 0.2).to(dense_dtype).float() for n in widths]
+    down = [(torch.randn(H, n, generator=gen) * 0.2).to(dense_dtype).float() for n in widths]
+    w = SlabMoEWeights.from_dense(gate, up, down, [(n,) for n in widths], (16,), 32, dense_dtype)
+    x = torch.randn(6, H, generator=gen)
+    tw, ids = random_routing(6, 2, len(widths), seed=3, drop=0.2)
+    want = torch.zeros(6, H)
+    for t in range(6):
+        for k in range(2):
+            e = int(ids[t, k])
+            if e >= 0:
+                want[t] += tw[t, k] * (down[e] @ (F.silu(gate[e] @ x[t]) * (up[e] @ x[t])))
+    got = slab_moe_reference(x, tw, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_slab_tensors_match_checkpoint_layout():
@@ -267,3 +319,8 @@ def test_kernel_backend_choice_is_explained():
     w = random_slab_weights(((8,),), (4,), H, 32)
     out = slab_moe(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64), w)
     assert out.shape == x.shape
+    # The compiled CPU kernel has no dense slabs: auto takes the reference for them, an explicit cpu refuses.
+    dense = random_slab_weights(((8,),), (16,), H, 32)
+    assert choose_backend(x, "auto", dense) == ("reference", "the compiled CPU kernel has no 16-bit (dense) slabs")
+    with pytest.raises(ValueError, match="16-bit"):
+        choose_backend(x, "cpu", dense)

@@ -89,6 +89,9 @@ LAYERS = {
     "21-wide8": ((2, 1), tuple((4 * e % 13, (7 * e + 3) % 19) for e in range(8))),
     # No expert uses the middle bit-width: the kernels get two slots, metadata columns 0 and 2.
     "4x1-unused-slot": ((4, 2, 1), ((8, 0, 5), (3, 0, 0), (0, 0, 36))),
+    # CAMERA-P: one dense (16-bit, bf16) slab with ragged widths and a width-0 expert; P+Q beside it.
+    "16-pruned": ((16,), ((40,), (0,), (17,), (33,))),
+    "16-41-pq": ((16, 4, 1), ((8, 20, 5), (0, 0, 0), (33, 0, 7), (0, 10, 0))),
 }
 
 # Small tiles so that both GEMMs need several K and N tiles (H = 64, slabs up to 40).
@@ -161,6 +164,16 @@ def test_kernel_triton_matches_reference(name, path, dtype, group, top_k):
         seed=group + top_k,
         drop=0.15,
     )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_triton_fp16_dense_slab(path, dtype):
+    """A dense slab of fp16 weights (DENSE_FP16) beside quantized ones, -1 ids, both paths."""
+    bits, sizes = LAYERS["16-41-pq"]
+    w = random_slab_weights(sizes, bits, H, 32, seed=21, device=DEVICE, dense_dtype=torch.float16)
+    check(w, num_tokens=5, top_k=2, dtype=dtype, path=path, seed=4, drop=0.2, ids_dtype=torch.int32)
 
 
 @pytest.mark.kernel
@@ -313,12 +326,15 @@ def test_host_sync_recorder_flags_project_syncs():
 @pytest.mark.kernel
 @pytest.mark.parametrize("path", ["gemv", "sorted", "auto"])
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
-def test_kernel_triton_path_has_no_host_sync(path, num_tokens):
-    """The whole Triton path (dispatch, ``moe_align``, the launcher) makes no host sync, at
-    decode and at batch sizes past the GEMV threshold, with ids of other ranks' experts (-1)."""
+@pytest.mark.parametrize("scheme", ["Q:8431-mixed", "P:16-pruned", "PQ:16-41-pq"])
+def test_kernel_triton_path_has_no_host_sync(path, num_tokens, scheme):
+    """The whole Triton path (dispatch, ``moe_align``, the launcher) makes no host sync, for
+    CAMERA-Q, CAMERA-P (dense slab) and P+Q layouts, at decode and at batch sizes past the GEMV
+    threshold, with ids of other ranks' experts (-1)."""
     from host_sync import HostSyncRecorder
 
-    w = random_slab_weights(LAYERS["8431-mixed"][1], (8, 4, 3, 1), H, 32, seed=2, device=DEVICE)
+    bits, sizes = LAYERS[scheme.split(":")[1]]
+    w = random_slab_weights(sizes, bits, H, 32, seed=2, device=DEVICE)
     x = torch.randn(num_tokens, H, device=DEVICE)
     tw, ids = routing(num_tokens, 2, w.num_experts, seed=5, drop=0.25)
     with HostSyncRecorder() as rec:

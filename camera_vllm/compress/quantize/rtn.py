@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from camera_kernels.packing import SUPPORTED_BITS, num_groups, pack
+from camera_kernels.packing import QUANT_BITS, num_groups, pack
 
 __all__ = [
     "DEFAULT_CLIP_RATIOS",
@@ -53,8 +53,8 @@ _MAX_ABS_ZERO = 1024.0
 
 def check_bits(bits: int) -> int:
     """Validate a bit-width against the ones the packed format supports."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit-width {bits}; supported: {SUPPORTED_BITS}")
+    if bits not in QUANT_BITS:
+        raise ValueError(f"unsupported bit-width {bits}; supported: {QUANT_BITS}")
     return bits
 
 
