@@ -7,11 +7,14 @@ and the TP all-reduce; this method only owns the expert weights and computes
 One subclass per CAMERA scheme: :class:`CameraPruneMoEMethod` (CAMERA-P: ragged
 unquantized experts, layout in :mod:`.ragged`) and :class:`CameraMixedMoEMethod`
 (CAMERA-Q: packed mixed-precision slabs, layout :class:`camera_kernels.SlabLayout`),
-both calling the same op.
+both calling the same op.  Off CPU (or when ``CAMERA_VLLM_BACKEND`` forces ``triton`` or
+``reference``) a CAMERA-P layer is repacked after loading into one 16-bit dense slab and
+runs on the CAMERA-Q slab kernels (:func:`.backend.prune_on_slabs`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +47,38 @@ OFFSETS = "camera_offsets"
 CPU_ROUTE = "camera_cpu_route"
 CPU_BUCKET = "camera_cpu_bucket"
 _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
+# CAMERA-P layers repacked as a dense slab: buffer name prefix.
+DENSE_SLAB = "camera_dense_"
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str, *args: Any) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message, *args)
+
+
+def dense_slab_dtype(w13: torch.Tensor, w2t: torch.Tensor, prefix: str) -> torch.dtype | None:
+    """What a dense slab of these CAMERA-P weights holds: their own dtype when 16-bit; for fp32
+    weights bf16 or fp16 only when the conversion is exact (checkpoints saved in 16 bits and
+    served with ``--dtype float32``); else None, with a warning (the torch path then serves them)."""
+    from camera_kernels.packing import DENSE_DTYPES
+
+    if w13.dtype in DENSE_DTYPES:
+        return w13.dtype
+    for dtype in DENSE_DTYPES:
+        if all(torch.equal(t.to(dtype).to(t.dtype), t) for t in (w13, w2t)):
+            return dtype
+    _log_once(
+        logging.WARNING,
+        "%s: CAMERA-P weights in %s are not exact in 16 bits, so they stay on the torch ragged path, "
+        "which syncs with the host (CUDA graphs need --enforce-eager); serve with --dtype bfloat16 "
+        "to use the fused slab kernels",
+        prefix, w13.dtype,
+    )
+    return None
 
 
 def check_parallel_support(parallel: FusedMoEParallelConfig, prefix: str) -> None:
@@ -185,6 +220,9 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         params_dtype: torch.dtype,
         **extra_weight_attrs: Any,
     ) -> None:
+        from .backend import expert_backend
+
+        expert_backend()  # a bad CAMERA_VLLM_BACKEND fails at load, not at the first forward
         self._check_layer(layer)
         ops.ensure_registered()
         local_to_global = self._bind_local_experts(layer, num_experts)
@@ -266,19 +304,49 @@ class CameraPruneMoEMethod(CameraMoEMethod):
                     f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint: {shown}"
                 )
         self._loaded = set()
+        from .backend import prune_on_slabs
+
+        w13, w2t = getattr(layer, W13), getattr(layer, W2)
+        if prune_on_slabs(w13.device.type):
+            dtype = dense_slab_dtype(w13.data, w2t.data, self.prefix)
+            if dtype is not None:
+                self._use_dense_slab(layer, dtype)
+                return
         # bf16 on CPU: vLLM's compiled MoE kernel, one call per width bucket (ragged_cpu.py).
-        buckets = ops.prepare_cpu_buckets(getattr(layer, W13), getattr(layer, W2), list(self.layout.widths))
+        buckets = ops.prepare_cpu_buckets(w13, w2t, list(self.layout.widths))
         if buckets is not None:
             self._use_cpu_buckets(layer, buckets)
+
+    def _use_dense_slab(self, layer: RoutedExperts, dtype: torch.dtype) -> None:
+        """Serve ``layer`` as one 16-bit dense slab on the slab kernels; free the ragged tensors."""
+        from camera_kernels import SlabMoEWeights
+
+        slabs = SlabMoEWeights.from_ragged_dense(
+            getattr(layer, W13).data, getattr(layer, W2).data, self.layout.widths, dtype
+        )
+        names = []
+        for group in ops.MIXED_TENSOR_GROUPS:
+            names.append(DENSE_SLAB + group)
+            layer.register_buffer(names[-1], getattr(slabs, group)[0], persistent=False)
+        for meta in ops.MIXED_METADATA:
+            names.append(DENSE_SLAB + meta)
+            layer.register_buffer(names[-1], getattr(slabs, meta), persistent=False)
+        self._free_ragged(layer)
+        self.scheme = ops.mixed_scheme(slabs.layout)
+        self._op_names = names
+        _log_once(logging.INFO, "CAMERA-P experts run as %s dense slabs on the slab kernels", dtype)
+
+    def _free_ragged(self, layer: RoutedExperts) -> None:
+        for name in (W13, W2):
+            param = getattr(layer, name)
+            param.data = param.data.new_empty((0, param.shape[1]))
 
     def _use_cpu_buckets(self, layer: RoutedExperts, buckets: ops.CpuBuckets) -> None:
         """Serve ``layer`` from its bucketed copy and free the ragged tensors it replaces."""
         names = [CPU_ROUTE] + [f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(buckets.weights) - 1)]
         for name, tensor in zip(names, buckets.weights):
             layer.register_buffer(name, tensor, persistent=False)
-        for name in (W13, W2):
-            param = getattr(layer, name)
-            param.data = param.data.new_empty((0, param.shape[1]))
+        self._free_ragged(layer)
         self.scheme = buckets.scheme
         self._op_names = names
 

@@ -108,13 +108,19 @@ MIXED_METADATA = ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_o
 
 
 def mixed_scheme(layout: "object") -> str:
-    """The op's ``scheme`` string for a CAMERA-Q layer: ``mixed:`` + the layout as compact JSON."""
-    spec = {
+    """The op's ``scheme`` string for a slab layer: ``mixed:`` + the layout as compact JSON.
+
+    CAMERA-Q layers and CAMERA-P layers on the slab kernels (one 16-bit dense slab) both use
+    it; a layout with a dense slab also names what that slab holds (``"dense": "bfloat16"``).
+    """
+    spec: dict = {
         "h": layout.hidden_size,  # type: ignore[attr-defined]
         "g": layout.group_size,  # type: ignore[attr-defined]
         "bits": list(layout.bits),  # type: ignore[attr-defined]
         "sizes": [list(r) for r in layout.sizes],  # type: ignore[attr-defined]
     }
+    if 16 in spec["bits"]:
+        spec["dense"] = str(layout.dense_dtype).removeprefix("torch.")  # type: ignore[attr-defined]
     return "mixed:" + json.dumps(spec, separators=(",", ":"))
 
 
@@ -123,7 +129,8 @@ def _parse_layout(arg: str) -> "object":
     from camera_kernels import SlabLayout
 
     spec = json.loads(arg)
-    return SlabLayout(int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])))
+    dense = getattr(torch, spec.get("dense", "bfloat16"))
+    return SlabLayout(int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])), dense)
 
 
 def _mixed_impl(

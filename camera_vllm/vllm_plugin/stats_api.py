@@ -283,8 +283,14 @@ def expert_backends(device_type: str | None = None) -> dict[str, Any]:
         camera_q = setting
     else:
         camera_q = {"cuda": "triton", "cpu": "cpu"}.get(device_type or "", "reference")
-    camera_p = ("cpu_fused_moe on width buckets (bf16), torch (fp32)" if device_type == "cpu"
-                else "torch ragged loop")
+    from .backend import prune_on_slabs
+
+    try:
+        on_slabs = prune_on_slabs(device_type or "")
+    except ValueError as err:  # CAMERA_VLLM_BACKEND=cpu off CPU: the model would not load
+        return {"setting": setting, "device": device_type, "camera_q": camera_q, "camera_p": str(err)}
+    camera_p = (f"{camera_q} on a 16-bit dense slab" if on_slabs
+                else "cpu_fused_moe on width buckets (bf16), torch (fp32)")
     return {"setting": setting, "device": device_type, "camera_q": camera_q, "camera_p": camera_p}
 
 

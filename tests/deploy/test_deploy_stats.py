@@ -221,6 +221,9 @@ def test_deploy_stats_names_the_expert_backend(monkeypatch, setting, device, wan
     monkeypatch.setenv("CAMERA_VLLM_BACKEND", setting)
     got = stats_api.expert_backends(device)
     assert got["camera_q"] == want and got["setting"] == (setting or "auto") and got["device"] == device
+    # CAMERA-P runs on the same kernels (a dense slab) except on CPU under auto.
+    on_slabs = got["camera_p"] == f"{want} on a 16-bit dense slab"
+    assert on_slabs is (device != "cpu" or bool(setting)), got["camera_p"]
 
 
 def test_deploy_stats_endpoint_plugin_entry_point_declared():

@@ -69,9 +69,24 @@ def test_quantization_changes_the_model(arch: str, mixed_runs: dict[str, dict]) 
 def test_vllm_mixed_through_the_triton_backend_equals_oracle(tmp_path_factory: pytest.TempPathFactory) -> None:
     """CAMERA_VLLM_BACKEND=triton: the Triton launcher and kernels (interpreted on CPU) serve
     inside a vLLM engine, and greedy tokens equal the oracle."""
-    info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")
+    info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")["q"]
     got = info["result"]
     assert got["memory"]["slab_backend"] == "triton", got["memory"]["slab_backend"]
     want = reference_greedy(info["dir"])
     for prompt, g, w in zip(PROMPTS, got["tokens"], want):
         assert g == w, f"triton backend: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"
+
+
+@pytest.mark.vllm
+def test_vllm_prune_through_the_triton_backend_equals_oracle(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """CAMERA_VLLM_BACKEND=triton: a CAMERA-P checkpoint (bf16 weights, served in fp32) runs as one
+    16-bit dense slab per layer on the Triton slab kernels inside a vLLM engine (the CUDA path),
+    and greedy tokens equal the fp32 oracle."""
+    info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")["p"]
+    got = info["result"]
+    schemes = got["memory"]["prune_schemes"]
+    assert schemes and all(s.startswith("mixed:") and '"bits":[16]' in s and '"dense":"bfloat16"' in s
+                           for s in schemes), schemes
+    want = reference_greedy(info["dir"])
+    for prompt, g, w in zip(PROMPTS, got["tokens"], want):
+        assert g == w, f"CAMERA-P on triton: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"

@@ -30,14 +30,17 @@ def expert_memory(worker: Any) -> dict[str, Any]:
     import torch
 
     from camera_vllm.vllm_plugin.linear_method import CameraSlabLinearMethod
-    from camera_vllm.vllm_plugin.moe_method import CameraMixedMoEMethod
+    from camera_vllm.vllm_plugin.moe_method import CameraMixedMoEMethod, CameraPruneMoEMethod
 
     model = worker.model_runner.get_model()
     routed = shared = 0
     methods: dict[str, int] = {}
+    prune_schemes: set[str] = set()
     tensors: list[list[Any]] = []
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
+        if isinstance(method, CameraPruneMoEMethod):
+            prune_schemes.add(method.scheme)
         if isinstance(method, (CameraMixedMoEMethod, CameraSlabLinearMethod)):
             n = sum(t.numel() * t.element_size() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
             if isinstance(method, CameraMixedMoEMethod):
@@ -55,7 +58,7 @@ def expert_memory(worker: Any) -> dict[str, Any]:
     # kernel unless CAMERA_VLLM_BACKEND forces another).
     backend = choose_backend(torch.empty(1, 1, dtype=next(model.parameters()).dtype), expert_backend())[0]
     return {"routed_bytes": routed, "shared_bytes": shared, "methods": methods, "mlp_tensors": tensors,
-            "slab_backend": backend}
+            "slab_backend": backend, "prune_schemes": sorted(prune_schemes)}
 
 
 def run_one(model: str, mode: str, seqs: int) -> dict[str, Any]:

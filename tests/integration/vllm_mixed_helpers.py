@@ -161,21 +161,38 @@ def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def build_pruned_bf16(arch: str, root: Path, ratio: float = 0.5) -> Path:
+    """A CAMERA-P checkpoint of a tiny ``arch`` model saved in bf16 (reused if present).
+
+    Served with ``--dtype float32``, its weights are exact in bf16, so the plugin can hold
+    them as a bf16 dense slab while the fp32 oracle computes on the very same values.
+    """
+    from integration_helpers import prune_checkpoint
+
+    out = root / f"{arch}-bf16-p{int(ratio * 100)}"
+    if not (out / "config.json").exists():
+        original = build_tiny_moe(arch, root / f"{arch}-bf16-orig", dtype=torch.bfloat16)
+        prune_checkpoint(original, out, ratio)
+    return out
+
+
 @functools.cache
 def run_forced_backend(root: Path, backend: str) -> dict[str, Any]:
-    """The tiny Qwen3-MoE CAMERA-Q checkpoint served with ``CAMERA_VLLM_BACKEND=backend``
-    (eager, one subprocess).  ``triton`` on this CPU machine adds ``TRITON_INTERPRET=1``: the
-    CUDA code path (the launcher, ``moe_align``, the kernels) inside a real vLLM engine."""
+    """The tiny Qwen3-MoE CAMERA-Q and CAMERA-P (bf16) checkpoints served with
+    ``CAMERA_VLLM_BACKEND=backend`` (eager, one subprocess).  ``triton`` on this CPU machine
+    adds ``TRITON_INTERPRET=1``: the CUDA code path (the launcher, ``moe_align``, the kernels)
+    inside a real vLLM engine.  Returns ``{"q": {...}, "p": {...}}`` with ``dir`` and ``result``."""
     from integration_helpers import run_vllm_driver, vllm_env
 
     root.mkdir(parents=True, exist_ok=True)
     _, qdir = build_mixed("qwen3_moe", root)
+    pdir = build_pruned_bf16("qwen3_moe", root)
     out, log = root / f"results-{backend}.json", root / f"vllm-{backend}.log"
     env = vllm_env("qwen3_moe")
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     env["CAMERA_VLLM_BACKEND"] = backend
     if backend == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    raw = run_vllm_driver([str(SCRIPT), str(out), f"{qdir}:eager:4"], out, log, env, TIMEOUT_S,
-                          f"vLLM CAMERA-Q with CAMERA_VLLM_BACKEND={backend}")
-    return {"dir": qdir, "result": raw[0]}
+    raw = run_vllm_driver([str(SCRIPT), str(out), f"{qdir}:eager:4", f"{pdir}:eager:4"], out, log, env,
+                          TIMEOUT_S, f"vLLM CAMERA-Q and CAMERA-P with CAMERA_VLLM_BACKEND={backend}")
+    return {"q": {"dir": qdir, "result": raw[0]}, "p": {"dir": pdir, "result": raw[1]}}

@@ -149,6 +149,33 @@ def test_kernel_reference_dense_layer_is_the_plain_moe(dense_dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_kernel_from_ragged_dense_is_the_ragged_moe():
+    """vLLM's ragged CAMERA-P tensors ([gate_e; up_e] rows, W_down^T rows per expert) repacked as one
+    dense slab compute the plain MoE on those tensors."""
+    gen = torch.Generator().manual_seed(12)
+    widths = (40, 0, 17, 33)
+    total = sum(widths)
+    w13 = (torch.randn(2 * total, H, generator=gen) * 0.2).to(torch.bfloat16)
+    w2t = (torch.randn(total, H, generator=gen) * 0.2).to(torch.bfloat16)
+    w = SlabMoEWeights.from_ragged_dense(w13, w2t, widths, torch.bfloat16)
+    assert w.layout.bits == (16,) and w.layout.sizes == tuple((n,) for n in widths)
+    x = torch.randn(5, H, generator=gen)
+    tw, ids = random_routing(5, 2, len(widths), seed=4, drop=0.2)
+    want = torch.zeros(5, H)
+    offs = [sum(widths[:e]) for e in range(len(widths))]
+    for t in range(5):
+        for k in range(2):
+            e = int(ids[t, k])
+            if e < 0 or widths[e] == 0:
+                continue
+            o, n = offs[e], widths[e]
+            gate, up = w13[2 * o : 2 * o + n].float(), w13[2 * o + n : 2 * o + 2 * n].float()
+            want[t] += tw[t, k] * (w2t[o : o + n].float().t() @ (F.silu(gate @ x[t]) * (up @ x[t])))
+    torch.testing.assert_close(slab_moe_reference(x, tw, ids, w), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="w13 must be"):
+        SlabMoEWeights.from_ragged_dense(w13[:-2], w2t, widths, torch.bfloat16)
+
+
 def test_kernel_slab_tensors_match_checkpoint_layout():
     """from_expert_tensors accepts exactly the tensors the checkpoint format stores per slab."""
     layout_mod = pytest.importorskip("camera_vllm.format.layout")
