@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from .linear import SlabLinearWeights
 from .packing import DENSE_BITS
 from .slab_weights import SlabLayout, SlabMoEWeights, check_moe_inputs
 from .tuning import MoEConfig, TileConfig, get_config
 
-__all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_moe_triton"]
+__all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_linear_triton", "slab_moe_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -255,6 +256,66 @@ def slab_moe_triton(
             **kernel_args,
         )
     return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
+def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig | None = None) -> torch.Tensor:
+    """Triton ``y = sum_s x[:, k0_s : k0_s + K_s] @ W_s`` (:mod:`.linear`): the down kernels with one expert.
+
+    One launch for all slabs (split-K over them inside the program), no host syncs:
+    the expert id of every row is 0 and its router weight 1, both made on the device.
+    """
+    from . import moe_slab
+    from .linear import _check as check_linear
+
+    check_linear(x, w)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
+    num_tokens, n_out = x.shape[0], w.out_features
+    if num_tokens == 0:
+        return x.new_zeros(0, n_out)
+    if config is None:
+        device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else None
+        config = get_config(num_tokens, 1, n_out, 1, device_name)
+    c2 = config.w2
+    bk = _block_k(c2, w.group_size)
+    x = x.contiguous()
+    nb = len(w.bits)
+    dense = [b == DENSE_BITS for b in w.bits]
+    q = tuple(w.qweight)
+    scales = tuple(qq if d else ss for qq, ss, d in zip(q, w.scales, dense))
+    zeros = tuple(qq if d else zz for qq, zz, d in zip(q, w.zeros, dense))
+    act_cols = tuple(sum(w.in_sizes[:j]) for j in range(nb))
+    ids = torch.zeros(num_tokens, dtype=torch.int32, device=x.device)
+    ones = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
+    sizes, row_off, grp_off = w.meta[0], w.meta[1], w.meta[2]
+    kernel_args = dict(
+        BITS=tuple(w.bits),
+        DENSE_FP16=w.dense_dtype == torch.float16,
+        COLS=tuple(range(nb)),
+        GROUP_SIZE=w.group_size,
+        BLOCK_N=c2.block_n,
+        BLOCK_K=bk,
+        num_warps=c2.num_warps,
+        num_stages=c2.num_stages,
+    )
+    if config.path == "gemv":
+        out = torch.empty(num_tokens, n_out, dtype=torch.float32, device=x.device)
+        moe_slab._w2_gemv_kernel[(num_tokens, _cdiv(n_out, c2.block_n))](
+            x, q, scales, zeros, act_cols, out, ids, ones, sizes, row_off, grp_off,
+            n_out, 1, nb, x.stride(0), out.stride(0), **kernel_args,
+        )
+    else:
+        ieee = x.dtype == torch.float32 or (
+            x.dtype == torch.bfloat16 and _interpreted(moe_slab._w2_sorted_kernel)
+        )
+        sorted_ids, block_expert = moe_align(ids, 1, c2.block_m)
+        out = torch.zeros(num_tokens, n_out, dtype=torch.float32, device=x.device)
+        moe_slab._w2_sorted_kernel[(block_expert.numel(), _cdiv(n_out, c2.block_n))](
+            x, q, scales, zeros, act_cols, out, sorted_ids, block_expert, ones, sizes, row_off, grp_off,
+            n_out, num_tokens, nb, x.stride(0), out.stride(0),
+            BLOCK_M=c2.block_m, IEEE=ieee, **kernel_args,
+        )
+    return out.to(x.dtype)
 
 
 def _slot_tensors(

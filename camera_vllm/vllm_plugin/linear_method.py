@@ -9,8 +9,9 @@ the shapes flow through unchanged code.
 
 A CAMERA-Q checkpoint stores the kept micro-experts in slabs of different bit-widths
 (``shared_expert.{gate,up,down}_proj.{qweight,scales,zeros}_bB``).
-:class:`CameraSlabLinearMethod` keeps them packed and computes each projection by
-dequantizing one slab at a time (``torch.ops.camera_vllm.slab_linear``).
+:class:`CameraSlabLinearMethod` keeps them packed and computes each projection with
+``torch.ops.camera_vllm.slab_linear``: the slab kernels on CUDA (one launch per slab for
+gate_up, one for down), one transiently dequantized slab at a time elsewhere.
 
 Tensor parallelism follows vLLM's MLP split (column-parallel gate/up, row-parallel
 down, whose partial outputs vLLM all-reduces) on the kept micro-experts, with the
@@ -39,6 +40,9 @@ from ..format.schema import CameraFormatError
 
 if TYPE_CHECKING:
     from .config import CameraConfig
+
+# Buffer of a slab-quantized projection: the kernels' int32 slab metadata.
+META = "camera_meta"
 
 
 def make_shared_linear_method(config: CameraConfig, width: int, prefix: str) -> LinearMethodBase:
@@ -238,6 +242,11 @@ class CameraSlabLinearMethod(LinearMethodBase):
                 f"{self.prefix}: unexpected layer type {type(layer).__name__} for a shared expert"
             )
         self.hidden = hidden
+        from camera_kernels.linear import slab_linear_meta
+
+        # The kernels' slab metadata, made once here (per call it would be a host-to-device copy).
+        k_sizes = [hidden] if self.gate_up else [m for m in self.local_slabs if m > 0]
+        layer.register_buffer(META, slab_linear_meta(k_sizes), persistent=False)
         for bi, (b, n, m) in enumerate(zip(self.bits, self.slabs, self.local_slabs)):
             if n == 0:
                 continue  # empty slabs are not stored
@@ -310,7 +319,7 @@ class CameraSlabLinearMethod(LinearMethodBase):
             for b, m in zip(self.bits, self.local_slabs)
             if m > 0
             for kind in ("qweight", "scales", "zeros")
-        ]
+        ] + [getattr(layer, META)]
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         from . import ops

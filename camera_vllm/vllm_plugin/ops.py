@@ -11,7 +11,7 @@ CAMERA-Q is ``"mixed:<layout json>"`` (see :func:`mixed_scheme`), so the layer's
 graph as a constant string instead of through process-global state.
 
 A second op, ``torch.ops.camera_vllm.slab_linear``, computes the quantized shared
-expert's projections (:mod:`.linear_method`) by dequantizing one slab at a time.
+expert's projections (:mod:`.linear_method`) on the same kernels (:mod:`camera_kernels.linear`).
 """
 
 # No `from __future__ import annotations`: torch's schema inference reads the real
@@ -265,41 +265,53 @@ def slab_linear_impl(
     gate_up: bool,
     out_features: int,
 ) -> torch.Tensor:
-    """One projection of a slab-quantized shared expert, dequantizing one slab at a time (fp32).
+    """One projection of a slab-quantized shared expert (:mod:`camera_kernels.linear`).
 
-    ``weights`` is ``[qweight, scales, zeros]`` per non-empty slab, in ``bits`` order.
-    gate_up (``gate_up=True``): slab ``j`` holds ``[packed_rows(H, b), 2 n_j]`` with gate
-    columns first; the output is ``[..., 2 S]`` = all gate slabs, then all up slabs (what
-    vLLM's SiluAndMul splits in half).  down: slab ``j`` is ``[packed_rows(n_j, b), H]``
-    and consumes input columns ``[sum_{<j} n, sum_{<=j} n)``; the output is ``[..., H]``.
+    ``weights`` is ``[qweight, scales, zeros]`` per non-empty slab, in ``bits`` order, then
+    the int32 metadata (:func:`camera_kernels.linear.slab_linear_meta`, built at load:
+    ``[H]`` for gate_up, the non-empty ``sizes`` for down).  gate_up (``gate_up=True``):
+    slab ``j`` holds ``[packed_rows(H, b), 2 n_j]`` with gate columns first; the output is
+    ``[..., 2 S]`` = all gate slabs, then all up slabs (what vLLM's SiluAndMul splits in
+    half).  down: slab ``j`` is ``[packed_rows(n_j, b), H]`` and consumes input columns
+    ``[sum_{<j} n, sum_{<=j} n)``; the output is ``[..., H]``.  The Triton kernels read the
+    packed codes (no dequantized copy, no host sync) wherever ``CAMERA_VLLM_BACKEND``
+    picks Triton; otherwise one slab at a time is dequantized to fp32.
     """
-    from camera_kernels.reference import dequantize_fast
+    from camera_kernels.linear import SlabLinearWeights, slab_linear
 
     lead = x.shape[:-1]
-    x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x2 = x.reshape(-1, x.shape[-1])
     live = [(b, n) for b, n in zip(bits, sizes) if n > 0]
-    if len(weights) != 3 * len(live):
-        raise ValueError(f"camera_vllm.slab_linear: {len(live)} slabs need {3 * len(live)} tensors, got {len(weights)}")
+    if len(weights) != 3 * len(live) + 1:
+        raise ValueError(
+            f"camera_vllm.slab_linear: {len(live)} slabs need {3 * len(live)} tensors and the metadata, "
+            f"got {len(weights)}"
+        )
+    meta, backend = weights[-1], expert_backend()
     if gate_up:
         gates, ups = [], []
         for j, (b, n) in enumerate(live):
-            qweight, scales, zeros = weights[3 * j : 3 * j + 3]
-            w = dequantize_fast(qweight, scales, zeros, b, x32.shape[1], group_size)  # [H, 2n]
-            y = x32 @ w
-            del w  # transient: no dequantized copy outlives its matmul
+            q, sc, z = weights[3 * j : 3 * j + 3]
+            w = SlabLinearWeights((b,), (x2.shape[1],), 2 * n, group_size, (q,), (sc,), (z,), meta)
+            y = slab_linear(x2, w, backend)
             gates.append(y[:, :n])
             ups.append(y[:, n:])
-        out = torch.cat(gates + ups, dim=1) if live else x32.new_zeros(x32.shape[0], 0)
+        out = torch.cat(gates + ups, dim=1) if live else x2.new_zeros(x2.shape[0], 0)
+    elif live:
+        w = SlabLinearWeights(
+            tuple(b for b, _ in live),
+            tuple(n for _, n in live),
+            out_features,
+            group_size,
+            tuple(weights[0 : 3 * len(live) : 3]),
+            tuple(weights[1 : 3 * len(live) : 3]),
+            tuple(weights[2 : 3 * len(live) : 3]),
+            meta,
+        )
+        out = slab_linear(x2, w, backend)
     else:
-        out = torch.zeros(x32.shape[0], out_features, dtype=torch.float32, device=x.device)
-        start = 0
-        for j, (b, n) in enumerate(live):
-            qweight, scales, zeros = weights[3 * j : 3 * j + 3]
-            w = dequantize_fast(qweight, scales, zeros, b, n, group_size)  # [n, H]
-            out.addmm_(x32[:, start : start + n], w)
-            del w
-            start += n
-    return out.to(x.dtype).reshape(*lead, out.shape[1])
+        out = x2.new_zeros(x2.shape[0], out_features)
+    return out.reshape(*lead, out.shape[1])
 
 
 def _slab_linear_fake(

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from camera_kernels import SlabMoEWeights
+from camera_kernels.linear import slab_linear_meta
 from camera_kernels.packing import dequantize
 from camera_kernels.slab_weights import quantize_rtn
 from camera_kernels.slab_weights import random_slab_weights as _random
@@ -86,6 +87,9 @@ def _shared(slabs: tuple[int, ...], seed: int = 0):
         deq["up"].append(dequantize(*uq, b, HIDDEN, GROUP).t())
         deq["down"].append(dequantize(*dq, b, n, GROUP).t())
     dense = (torch.cat(deq["gate"]), torch.cat(deq["up"]), torch.cat(deq["down"], dim=1))
+    # The metadata the linear method builds at load: K of gate_up's slabs (H), of down's (n_j).
+    gu_w.append(slab_linear_meta([HIDDEN]))
+    down_w.append(slab_linear_meta([n for n in slabs if n]))
     return gu_w, down_w, dense
 
 

@@ -176,6 +176,25 @@ def test_kernel_from_ragged_dense_is_the_ragged_moe():
         SlabMoEWeights.from_ragged_dense(w13[:-2], w2t, widths, torch.bfloat16)
 
 
+def test_kernel_slab_linear_reference_is_the_dequantized_matmul():
+    """The shared-expert projection: x split along K over the slabs, each slab dequantized
+    independently (packing.dequantize) and multiplied; shape errors name the tensor."""
+    from camera_kernels.linear import SlabLinearWeights, slab_linear_meta, slab_linear_reference
+
+    gen = torch.Generator().manual_seed(13)
+    bits, ks, n_out = (16, 4, 1), (33, 40, 7), 24
+    parts = [quantize_rtn(torch.randn(k, n_out, generator=gen), b, 32) for b, k in zip(bits, ks)]
+    w = SlabLinearWeights(bits, ks, n_out, 32, *(tuple(t[j] for t in parts) for j in range(3)), slab_linear_meta(ks))
+    x = torch.randn(5, sum(ks), generator=gen)
+    dense = torch.cat([dequantize(*t, b, k, 32) for t, b, k in zip(parts, bits, ks)])  # [sum K, N]
+    torch.testing.assert_close(slab_linear_reference(x, w), x @ dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"qweight\[1\]"):
+        SlabLinearWeights(bits, ks, n_out, 32, (parts[0][0], parts[0][0], parts[2][0]),
+                          *(tuple(t[j] for t in parts) for j in (1, 2)), slab_linear_meta(ks))
+    with pytest.raises(ValueError, match="x must be"):
+        slab_linear_reference(x[:, 1:], w)
+
+
 def test_kernel_slab_tensors_match_checkpoint_layout():
     """from_expert_tensors accepts exactly the tensors the checkpoint format stores per slab."""
     layout_mod = pytest.importorskip("camera_vllm.format.layout")

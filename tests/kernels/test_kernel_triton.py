@@ -347,6 +347,108 @@ def test_kernel_triton_path_has_no_host_sync(path, num_tokens, scheme):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def random_slab_linear(bits, in_sizes, n_out, seed, dense_dtype=torch.bfloat16):
+    """A random slab linear layer (RTN at group 32), e.g. a shared expert's down or gate_up projection."""
+    from camera_kernels.linear import SlabLinearWeights, slab_linear_meta
+    from camera_kernels.slab_weights import quantize_rtn
+
+    gen = torch.Generator().manual_seed(seed)
+    parts = [quantize_rtn(torch.randn(k, n_out, generator=gen) * 0.1, b, 32, dense_dtype)
+             for b, k in zip(bits, in_sizes)]
+    return SlabLinearWeights(
+        tuple(bits), tuple(in_sizes), n_out, 32,
+        *(tuple(t[j].to(DEVICE) for t in parts) for j in range(3)),
+        slab_linear_meta(in_sizes, DEVICE), dense_dtype,
+    )
+
+
+# (bits, K per slab, N): a shared expert's down projection (slabs split K), a gate_up slab
+# (K = H, N = 2 n), and dense slabs (a CAMERA-P projection).
+LINEARS = {
+    "down-4_2_1": ((4, 2, 1), (12, 40, 7), H),
+    "gate_up-3": ((3,), (H,), 2 * 21),
+    "dense-16_4": ((16, 4), (33, 17), H),
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+@pytest.mark.parametrize("name", sorted(LINEARS))
+def test_kernel_triton_slab_linear_matches_reference(path, name):
+    """The shared-expert projection on the down kernels (one expert, weight 1) equals the torch path."""
+    from camera_kernels.launch import slab_linear_triton
+    from camera_kernels.linear import slab_linear_reference
+
+    bits, in_sizes, n_out = LINEARS[name]
+    dtype = {"gemv": torch.float32, "sorted": torch.float16}[path] if name != "dense-16_4" else torch.bfloat16
+    w = random_slab_linear(bits, in_sizes, n_out, seed=len(name))
+    x = torch.randn(6, sum(in_sizes), generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    got = slab_linear_triton(x, w, CONFIGS[path])
+    want = slab_linear_reference(x, w).float()
+    assert got.dtype == dtype and got.shape == (6, n_out)
+    err, scale = (got.float() - want).abs().max().item(), want.abs().max().item()
+    assert err <= tolerance(dtype, path) * scale + 1e-7, f"max err {err:.3g} vs max |ref| {scale:.3g}"
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_kernel_triton_slab_linear_has_no_host_sync(num_tokens):
+    """The shared expert's projections (gate_up slab, split-K down) make no host sync on the Triton path."""
+    from host_sync import HostSyncRecorder
+
+    from camera_kernels.linear import slab_linear, slab_linear_reference
+
+    for name in ("down-4_2_1", "gate_up-3", "dense-16_4"):
+        bits, in_sizes, n_out = LINEARS[name]
+        w = random_slab_linear(bits, in_sizes, n_out, seed=1)
+        x = torch.randn(num_tokens, sum(in_sizes), device=DEVICE)
+        with HostSyncRecorder() as rec:
+            got = slab_linear(x, w, backend="triton")
+        assert rec.calls == [], name + "\n" + "\n".join(map(str, rec.calls))
+        want = slab_linear_reference(x, w)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# vLLM's default CUDA-graph capture sizes (1, 2, 4, then every 8 up to 512).
+CAPTURE_SIZES = (1, 2, 4, *range(8, 513, 8))
+
+
+@pytest.mark.kernel
+def test_kernel_triton_no_host_sync_at_every_capture_size(monkeypatch):
+    """Every batch size vLLM captures a graph for, P, Q and P+Q layers with top-8 and -1 ids, and the
+    shared-expert projection: the launcher's decisions and ``moe_align`` make no host sync (kernels
+    replaced by recorders: the interpreter would take minutes at 512 tokens; the interpreted paths
+    are covered above)."""
+    from host_sync import HostSyncRecorder
+
+    from camera_kernels import moe_slab
+    from camera_kernels.launch import slab_linear_triton
+
+    launches: list = []
+    for name in ("_w13_gemv_kernel", "_w2_gemv_kernel", "_w13_sorted_kernel", "_w2_sorted_kernel"):
+        monkeypatch.setattr(moe_slab, name, _RecordingKernel(launches))
+    layers = {
+        scheme: random_slab_weights(tuple(LAYERS[name][1]) * 3, LAYERS[name][0], H, 32, device=DEVICE)
+        for scheme, name in (("Q", "8431-mixed"), ("P", "16-pruned"), ("PQ", "16-41-pq"))
+    }
+    linear = random_slab_linear(*LINEARS["down-4_2_1"], seed=0)
+    paths = set()
+    for num_tokens in CAPTURE_SIZES:
+        for scheme, w in layers.items():
+            tw, ids = routing(num_tokens, 8, w.num_experts, seed=num_tokens, drop=0.1)
+            x = torch.randn(num_tokens, H, device=DEVICE)
+            config = get_config(num_tokens, 8, H, w.num_experts)
+            paths.add(config.path)
+            with HostSyncRecorder() as rec:
+                slab_moe_triton(x, tw, ids.to(torch.int32), w)
+            assert rec.calls == [], f"{scheme} at {num_tokens} tokens:\n" + "\n".join(map(str, rec.calls))
+        with HostSyncRecorder() as rec:
+            slab_linear_triton(torch.randn(num_tokens, linear.in_features, device=DEVICE), linear)
+        assert rec.calls == [], f"shared expert at {num_tokens} tokens:\n" + "\n".join(map(str, rec.calls))
+    assert paths == {"gemv", "sorted"}  # both launch paths were exercised
+    assert len(launches) == 2 * len(CAPTURE_SIZES) * (len(layers) + 0.5)  # 2 per MoE call, 1 per linear
+
+
 @pytest.mark.kernel
 def test_kernel_dispatch_runs_triton_when_asked():
     w = random_slab_weights(((8, 8),), (4, 1), H, 32, device=DEVICE)
