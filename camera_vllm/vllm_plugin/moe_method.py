@@ -197,6 +197,11 @@ def local_to_global_ids(layer: RoutedExperts, num_local: int) -> list[int]:
 class CameraPruneMoEMethod(CameraMoEMethod):
     """CAMERA-P: every expert keeps its own number of micro-experts, stored ragged (no padding).
 
+    vLLM loads the checkpoint into the ragged ``w13``/``w2`` tensors (:mod:`.ragged`); after
+    loading, the layer is repacked for the code that will run it: one 16-bit dense slab on
+    the slab kernels (CUDA; :func:`.backend.prune_on_slabs`), width buckets for vLLM's CPU
+    kernel (bf16 on CPU), or left as it is for the exact torch loop.
+
     Under tensor parallelism a rank stores only its contiguous share of every expert's
     micro-experts (:func:`camera_vllm.format.sharding.prune_shares`): a smaller ragged
     layout, computed by the same op; vLLM all-reduces the partial outputs.

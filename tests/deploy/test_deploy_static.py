@@ -515,3 +515,15 @@ def test_deploy_docker_compose_config():
     env = {**os.environ, "VLLM_API_KEY": "k", "CAMERA_CHECKPOINT_DIR": "/srv/models/ckpt"}
     r = _run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"], env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_deploy_cuda_files_keep_vllm_default_graph_mode():
+    """The expert ops are CUDA-graph safe (tests/host_sync.py), so the CUDA deploy files must not
+    turn graphs off: --enforce-eager (or a compilation mode that disables them) would cost every
+    decode step its graph replay."""
+    cuda_files = [p for p in DEPLOY.rglob("*") if p.is_file() and "cpu" not in p.name.lower()]
+    assert any(p.name == "deployment.yaml" for p in cuda_files) and any(p.name == "Dockerfile" for p in cuda_files)
+    for path in cuda_files:
+        text = path.read_text(errors="replace")
+        for flag in ("enforce-eager", "enforce_eager", "ENFORCE_EAGER", "cudagraph_mode"):
+            assert flag not in text, f"{path.relative_to(ROOT)} sets {flag}"
