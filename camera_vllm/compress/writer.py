@@ -184,6 +184,7 @@ class CheckpointWriter:
         for fname, data in (extra_files or {}).items():
             (self.tmp_dir / fname).write_bytes(data)
 
+        _make_world_readable(self.tmp_dir)
         marker = self.tmp_dir / names.INCOMPLETE_MARKER
         marker_text = marker.read_text()
         marker.unlink()
@@ -209,6 +210,17 @@ class CheckpointWriter:
             self.tmp_dir.rename(self.out_dir)
         _fsync_path(self.out_dir.parent)  # the rename itself
         return self.out_dir
+
+
+#: Modes of a published checkpoint: serving containers run as another user (uid 10001)
+#: and mount it read-only, and safetensors writes its files 0600.
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def _make_world_readable(root: Path) -> None:
+    root.chmod(DIR_MODE)
+    for item in root.rglob("*"):
+        item.chmod(DIR_MODE if item.is_dir() else FILE_MODE)
 
 
 def _fsync_path(path: Path) -> None:

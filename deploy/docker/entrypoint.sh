@@ -34,6 +34,20 @@ if [[ "$model" == /* || "$model" == ./* || "$model" == ../* || -e "$model" ]]; t
         listing=$(find "$model" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null | head -c 400 || true)
         die "no config.json in model directory '$model' (contents: ${listing:-<missing or empty>}). Mount a CAMERA checkpoint at /models or pass its path as the first argument."
     fi
+    # The engine opens the weights minutes later, as this (non-root) user: check them now.
+    shopt -s nullglob
+    weights=("$model"/*.safetensors)
+    shopt -u nullglob
+    if [[ ${#weights[@]} -eq 0 ]]; then
+        die "no *.safetensors weights in model directory '$model'"
+    fi
+    unreadable=()
+    for f in "${weights[@]}"; do
+        [[ -r "$f" ]] || unreadable+=("${f##*/}")
+    done
+    if [[ ${#unreadable[@]} -gt 0 ]]; then
+        die "uid $(id -u) cannot read ${unreadable[*]} in '$model': the files must be world-readable (chmod a+r; camera-vllm writes them 0644)"
+    fi
     # Served from local files: never reach for a model hub.
     export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 fi

@@ -220,6 +220,7 @@ def test_deploy_entrypoint_builds_the_serve_command(tmp_path):
     model = tmp_path / "ckpt"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"{}")
     r = _entry([str(model), "--max-model-len", "256"], {"VLLM_API_KEY": "k"}, tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -253,6 +254,9 @@ def test_deploy_entrypoint_refuses_bad_setups(tmp_path):
     r = _entry([str(model)], {"VLLM_API_KEY": "k"}, tmp_path)
     assert r.returncode == 2 and "no config.json" in r.stderr
     (model / "config.json").write_text("{}")
+    r = _entry([str(model)], {"VLLM_API_KEY": "k"}, tmp_path)
+    assert r.returncode == 2 and "no *.safetensors" in r.stderr
+    (model / "model.safetensors").write_bytes(b"{}")
     r = _entry([str(model)], {}, tmp_path)
     assert r.returncode == 2 and "no API key" in r.stderr
     r = _entry([str(model)], {"CAMERA_ALLOW_NO_API_KEY": "1"}, tmp_path)
@@ -263,6 +267,40 @@ def test_deploy_entrypoint_refuses_bad_setups(tmp_path):
     assert r.returncode == 2 and "is empty" in r.stderr
     r = _entry([str(model)], {"VLLM_API_KEY_FILE": str(tmp_path / "missing")}, tmp_path)
     assert r.returncode == 2 and "not readable" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the entrypoint as another user")
+def test_deploy_entrypoint_refuses_weights_its_user_cannot_read():
+    """As in the image (uid 10001, read-only mount): a 0600 root-owned weight file is named at start,
+    not found by the engine minutes later; 0644 passes."""
+    import tempfile
+
+    # Not under pytest's tmp_path: its root is 0700, which uid 10001 cannot traverse.
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        Path(tmp).chmod(0o755)
+        _entrypoint_as_uid_10001(Path(tmp) / "ckpt")
+
+
+def _entrypoint_as_uid_10001(model: Path) -> None:
+    model.mkdir(mode=0o755)
+    (model / "config.json").write_text("{}")
+    weights = model / "model-00001-of-00002.safetensors"
+    weights.write_bytes(b"{}")
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"{}")
+    for f in model.iterdir():
+        f.chmod(0o644)
+    weights.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAMERA_"))}
+    env.update({"CAMERA_ENTRYPOINT_DRY_RUN": "1", "VLLM_API_KEY": "k"})
+    as_user = ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
+               "bash", str(DOCKER / "entrypoint.sh"), str(model)]
+    r = _run(as_user, env=env, cwd="/")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "uid 10001 cannot read model-00001-of-00002.safetensors" in r.stderr, r.stderr
+    weights.chmod(0o644)
+    r = _run(as_user, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

@@ -142,6 +142,10 @@ def test_written_checkpoint_holds_exactly_the_kept_channels(tiny, tmp_path: Path
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["layers"]["1"]["expert_slabs"] == [[w] for w in pruner.keeps[1].widths]
     assert "0" not in qc["layers"]
+    # Serving containers run as another user on a read-only mount: everything is world-readable
+    # (safetensors itself writes 0600), whatever the umask.
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes.pop(".") == 0o755 and modes and set(modes.values()) == {0o644}, modes
 
 
 def test_run_camera_p_report_and_scores(tiny, calib: Path, tmp_path: Path) -> None:
