@@ -442,8 +442,12 @@ def _check_values(root: Path, tensors: dict[str, TensorInfo], report: Validation
             report.errors.append(f"{fname}: unreadable by safetensors ({type(err).__name__}: {err})")
 
 
-def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> ValidationReport:
-    """Check a CAMERA checkpoint directory; see the module docstring for what is checked."""
+def validate(checkpoint_dir: str | Path, *, check_values: bool = True, weights: bool = True) -> ValidationReport:
+    """Check a CAMERA checkpoint directory; see the module docstring for what is checked.
+
+    ``weights=False`` checks only what config.json holds (the quantization_config against the
+    model's own architecture facts): for a hub snapshot whose weights are not downloaded yet.
+    """
     root = Path(checkpoint_dir)
     report = ValidationReport(root)
     if not root.is_dir():
@@ -466,6 +470,11 @@ def validate(checkpoint_dir: str | Path, *, check_values: bool = True) -> Valida
                 qc = CameraQuantConfig.from_json_dict(raw, source=f"{names.CONFIG_FILE}: quantization_config")
             except CameraFormatError as err:
                 report.errors.append(str(err))
+    if not weights:
+        if cfg is not None and qc is not None:
+            _check_arch_facts(cfg, qc, report)
+        report.finish()
+        return report
     tensors = _load_tensors(root, report)
     if cfg is not None and qc is not None:
         _check_layout(cfg, qc, tensors, report)
@@ -514,6 +523,20 @@ def _resolve_local(model: str | Path, revision: str | None) -> Path | None:
         return None
 
 
+def _weights_present(root: Path) -> bool:
+    """Whether the weight files are all there: model.safetensors, or every shard its index names."""
+    if (root / "model.safetensors").is_file():
+        return True
+    index = root / names.INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True  # a broken index is validate()'s to report
+    return all((root / shard).is_file() for shard in shards)
+
+
 def validate_for_serving(
     model: str | Path, *, revision: str | None = None, check_values: bool | None = None
 ) -> ValidationReport | None:
@@ -523,7 +546,10 @@ def validate_for_serving(
     while vLLM builds its config, before any engine process starts).  ``model`` is
     vLLM's model argument: a local directory or a Hugging Face id already in the local
     cache; for an id whose files are not cached yet nothing can be checked here and
-    ``None`` is returned after a warning.
+    ``None`` is returned after a warning.  On the first start from a hub vLLM has fetched
+    config.json but not yet the weights (it downloads them when it loads the model): then
+    only the config is checked here, and every tensor is checked against it by the plugin's
+    weight loaders as it arrives (shape, dtype, completeness; no value scan).
 
     :param check_values: scan tensor values (NaN/inf, scales > 0; reads every tensor once).
         Default: on, unless the environment sets ``CAMERA_VALIDATE_VALUES=0``.
@@ -537,7 +563,12 @@ def validate_for_serving(
         return None
     if check_values is None:
         check_values = os.environ.get(VALUES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    report = validate(root, check_values=check_values)
+    weights = Path(model).is_dir() or _weights_present(root)
+    if not weights:
+        log.info(
+            "camera-vllm: %s: weights not downloaded yet; config checked now, tensors as vLLM loads them", model
+        )
+    report = validate(root, check_values=check_values and weights, weights=weights)
     for warning in report.warnings:
         log.warning("camera-vllm: %s: %s", root, warning)
     if not report.ok:

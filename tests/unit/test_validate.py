@@ -247,3 +247,51 @@ def test_mixed_precision_layout(tmp_path: Path) -> None:
     tensors.pop(scales)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     assert f"tensor {scales}: missing" in _errors(tmp_path)
+
+
+def _cache_snapshot(cache: Path, repo: str, files: list[Path]) -> Path:
+    """A Hugging Face hub cache entry for ``repo`` holding only ``files`` (what a partial download leaves)."""
+    commit = "0" * 40
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    snap = entry / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / "main").write_text(commit)
+    for f in files:
+        shutil.copy(f, snap / f.name)
+    return snap
+
+
+def test_first_start_from_a_hub_checks_the_config_then_the_weights(pruned: Path, tmp_path: Path, monkeypatch) -> None:
+    """vLLM builds its config (and calls the plugin's check) after fetching config.json, before the
+    weights: that state passes; a config that contradicts the model still fails; once the weights are
+    there, the full check runs (a damaged tensor is refused)."""
+    from camera_vllm.format.schema import CameraFormatError
+    from camera_vllm.format.validate import validate_for_serving
+
+    cache = tmp_path / "hub"
+    # huggingface_hub reads its environment at import: point its constant at the emulated cache.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    snap = _cache_snapshot(cache, "org/tiny-camera", [pruned / names.CONFIG_FILE])
+    report = validate_for_serving("org/tiny-camera")
+    assert report is not None and report.ok, report
+
+    cfg = json.loads((snap / names.CONFIG_FILE).read_text())
+    cfg["quantization_config"]["num_experts"] += 1
+    (snap / names.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CameraFormatError, match="num_experts"):
+        validate_for_serving("org/tiny-camera")
+    shutil.copy(pruned / names.CONFIG_FILE, snap / names.CONFIG_FILE)
+
+    weights = sorted(pruned.glob("*.safetensors"))
+    _cache_snapshot(cache, "org/tiny-camera", weights)
+    assert validate_for_serving("org/tiny-camera").ok
+    tensors = {k: v for k, v in _read_all(snap / weights[0].name).items() if k != EXPERT0_GATE}
+    save_file(tensors, str(snap / weights[0].name))
+    with pytest.raises(CameraFormatError, match="refusing to serve"):
+        validate_for_serving("org/tiny-camera")
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
