@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from ..format import names
 from ..format.schema import CameraFormatError, CameraQuantConfig
+from .model_card import MODEL_CARD_FILE, base_model_id, render_model_card
 
 # Files of the source model that are not weights and travel unchanged.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -176,6 +177,14 @@ class CheckpointWriter:
             if item.is_file():
                 shutil.copyfile(item, self.tmp_dir / item.name)
 
+        # The source's README describes the source model: this directory gets its own card.
+        card = render_model_card(
+            base_model=base_model_id(config, source.name),
+            out_name=self.out_dir.name,
+            quant_config=quant_config,
+            report=report,
+        )
+        (self.tmp_dir / MODEL_CARD_FILE).write_text(card)
         cfg = dict(config)
         cfg["quantization_config"] = quant_config.to_json_dict()
         (self.tmp_dir / names.CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

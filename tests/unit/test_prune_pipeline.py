@@ -174,6 +174,15 @@ def test_run_camera_p_report_and_scores(tiny, calib: Path, tmp_path: Path) -> No
     assert qc["compression"]["method"] == "camera-p" and qc["compression"]["ratio"] == 0.25
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A model card of its own: front matter for the hub, the settings, the size, the serve command.
+    import yaml
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front == {"base_model": tiny["qwen2_moe"].name, "library_name": "vllm",
+                     "tags": ["camera", "moe", "mixture-of-experts", "pruned"]}
+    assert "- ratio: 0.25" in card and "vllm serve out" in card
+    assert f"{p['experts_after']:,} of {p['experts_before']:,}" in card
     # The saved energies reproduce the report's thresholds.
     energies, _ = load_energies(tmp_path / "s.safetensors")
     for layer, info in report["layers"].items():

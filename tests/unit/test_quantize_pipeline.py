@@ -114,6 +114,15 @@ def test_checkpoint_validates_and_copies_the_rest(tiny, runs, arch: str) -> None
     ]
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The model card says what this directory is (not the source's README).
+    import yaml
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "vllm" and {"camera", "moe", "quantized"} <= set(front["tags"])
+    assert front["base_model"] == tiny[arch].name
+    assert f"vllm serve {out.name}" in card and "CAMERA-Q" in card
+    assert f"{report['avg_bits_achieved']:.3f}" in card and f"group size {G}" in card
 
 
 @pytest.mark.parametrize("arch", list(RUNS))
