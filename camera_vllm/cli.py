@@ -391,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CameraFormatError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, KeyError,
+            CameraFormatError) as err:
         if args.verbose:
             raise
         print(f"camera-vllm {args.command}: error: {err}", file=sys.stderr)

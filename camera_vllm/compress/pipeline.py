@@ -16,6 +16,7 @@ per-layer method (CAMERA-Q) plugs in as an ``on_moe_layer`` callback the same wa
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -35,10 +36,51 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
+    """``auto`` picks CUDA when available, else the CPU; a device this machine lacks raises ``ValueError``.
+
+    Called before calibration starts, so ``--device cuda`` on a machine without a GPU fails
+    in a second, not after the calibration text is tokenized.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: the compressor runs on cpu or cuda")
+    return dev
+
+
+def check_run_setup(out: Path, *, overwrite: bool, batch_size: int) -> None:
+    """Refuse, before any work, an output directory that cannot be written and bad run options.
+
+    ``out`` must not exist (unless ``overwrite``) and must not be a file; the checkpoint is
+    written into a sibling temporary directory, so its parent (or the nearest existing
+    ancestor, when parents will be created) must accept a new directory: probed by creating
+    and removing one, which also catches read-only mounts.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a checkpoint directory")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"--out {out}: {ancestor} is a file, so no directory can be made under it")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
+    except OSError as err:
+        raise PermissionError(f"--out {out}: cannot create the checkpoint under {ancestor} ({err.strerror})") from None
+    probe.rmdir()
 
 
 class CameraPPruner:
@@ -139,16 +181,15 @@ def run_camera_p(
     calib, energy = calib or CalibSpec(), energy or EnergySpec()
     pruner = CameraPPruner(ratio, scope)  # fail fast on bad ratio/scope, before calibrating
     out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_run_setup(out, overwrite=overwrite, batch_size=batch_size)
     if scores_out is not None and out in Path(scores_out).resolve().parents:
         raise ValueError(f"scores_out {scores_out} must not be inside the checkpoint directory {out}")
+    dev = resolve_device(device)
 
     t0 = time.perf_counter()
     source = SourceCheckpoint(model_dir)
     ids = load_calibration(model_dir, calib_files, calib)
     t_calib = time.perf_counter()
-    dev = resolve_device(device)
     streamer = LayerStreamer(source, device=dev, batch_size=batch_size)
     energies: dict[int, LayerEnergies] = streamer.run(
         ids, energy=energy, on_moe_layer=pruner, progress=progress

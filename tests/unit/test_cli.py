@@ -114,6 +114,9 @@ def test_errors_exit_2_with_a_message(setup, pruned: Path, capsys) -> None:
     empty.write_text("")
     assert main(["analyze", str(model), "--out", str(root / "s.safetensors"), *calib_args(empty)]) == 2
     assert "empty.txt: calibration file has no text" in capsys.readouterr().err
+    # An unwritable --out is an error message before calibration, not a traceback after it.
+    assert main(["prune", str(model), "--ratio", "0.3", "--out", "/proc/camera-x", *calib_args(empty)]) == 2
+    assert "cannot create the checkpoint under /proc" in capsys.readouterr().err
 
 
 def test_console_script_help() -> None:

@@ -192,6 +192,14 @@ def test_run_camera_p_report_and_scores(tiny, calib: Path, tmp_path: Path) -> No
         run_camera_p(tiny["qwen2_moe"], out, 0.25, [calib], calib=spec, progress=False)
     with pytest.raises(ValueError, match="ratio"):
         run_camera_p(tiny["qwen2_moe"], tmp_path / "x", 1.0, [calib], calib=spec, progress=False)
+    missing = tmp_path / "missing.txt"  # never read: each error comes before calibration
+    with pytest.raises(PermissionError, match="cannot create the checkpoint under /proc"):
+        run_camera_p(tiny["qwen2_moe"], "/proc/camera-out", 0.25, [missing], progress=False)
+    with pytest.raises(ValueError, match="--batch-size"):
+        run_camera_p(tiny["qwen2_moe"], tmp_path / "y", 0.25, [missing], batch_size=0, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            run_camera_p(tiny["qwen2_moe"], tmp_path / "y", 0.25, [missing], device="cuda", progress=False)
 
 
 def test_on_moe_layer_hook_exposes_inputs_routing_and_can_replace_weights(tiny) -> None:

@@ -225,6 +225,20 @@ def test_bad_settings_fail_before_calibrating(tiny, calib, tmp_path: Path) -> No
     (tmp_path / "b").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         run_camera_q(m, tmp_path / "b", [missing], avg_bits=3.0, group_size=G)
+    # The output, the device and the batch size are checked before any work too.
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_camera_q(m, tmp_path / "file" / "out", [missing], avg_bits=3.0, group_size=G)
+    with pytest.raises(PermissionError, match="cannot create the checkpoint under /proc"):
+        run_camera_q(m, "/proc/camera-out", [missing], avg_bits=3.0, group_size=G)
+    with pytest.raises(ValueError, match="--batch-size"):
+        run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
+            run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="cuda")
+    with pytest.raises(ValueError, match="--device 'gpu0' is not a device"):
+        run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="gpu0")
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.*")) and not list(Path("/proc").glob(".camera-out*"))
 
 
 # -- the streamer path, layer by layer -------------------------------------------------------------

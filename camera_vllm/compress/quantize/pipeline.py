@@ -52,7 +52,7 @@ from ...format.names import QUANT_BITS
 from ...format.schema import CameraQuantConfig, LayerSpec
 from ...format.validate import validate
 from ..calibrate import CalibSpec, LayerStreamer, MoELayerContext, load_calibration
-from ..pipeline import _calib_settings, resolve_device
+from ..pipeline import _calib_settings, check_run_setup, resolve_device
 from ..report import build_quant_report, keeps_from_allocations, render_quant_plots
 from ..score import (
     EnergySpec,
@@ -504,17 +504,16 @@ def run_camera_q(
     )
     calib, energy = calib or CalibSpec(), energy or EnergySpec()
     out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_run_setup(out, overwrite=overwrite, batch_size=batch_size)
     if scores_out is not None and out in Path(scores_out).resolve().parents:
         raise ValueError(f"scores_out {scores_out} must not be inside the checkpoint directory {out}")
+    dev = resolve_device(device)
     source = SourceCheckpoint(model_dir)
     _dry_allocation(source, spec)
 
     t0 = time.perf_counter()
     ids = load_calibration(model_dir, calib_files, calib)
     t_calib = time.perf_counter()
-    dev = resolve_device(device)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         quantizer = CameraQQuantizer(spec, sink=writer.add)
         streamer = LayerStreamer(source, device=dev, batch_size=batch_size)
