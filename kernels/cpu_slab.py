@@ -149,6 +149,12 @@ def ensure_cpu_kernel() -> bool:
         try:
             isa = cpu_kernel_isa()
             verbose = os.environ.get("CAMERA_VLLM_CPU_KERNEL_VERBOSE", "0") not in ("", "0")
+            if isa not in _variants:
+                # A first build on a machine is silent for a minute or more: say what is happening.
+                logger.info(
+                    "camera slab MoE: building the compiled CPU kernel (%s) with g++, or loading it from "
+                    "torch's extension cache; a first build takes 1-3 minutes", isa,
+                )
             _module = _variants.get(isa) or _build(isa, verbose)
             _variants[isa] = _module
             _build_seconds = time.perf_counter() - t0

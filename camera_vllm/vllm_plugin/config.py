@@ -7,6 +7,7 @@ so the config stays cheap to import and to unpickle in spawned workers.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from ..arch import moe_arch_from_config
 from ..format import names
 from ..format.schema import CameraFormatError, CameraQuantConfig
+
+logger = logging.getLogger(__name__)
 
 # Which linear layers of a shared expert a CAMERA checkpoint may shrink, as vLLM names
 # them (its MergedColumnParallelLinear fuses the checkpoint's gate_proj and up_proj).
@@ -116,6 +119,29 @@ class CameraConfig(QuantizationConfig):
                 f"{model_name}: quantization_config.layers covers {sorted(self.camera.layers)} "
                 f"but the model's MoE layers are {list(arch.moe_layers)}"
             )
+        logger.info("%s", load_summary(model_name, cfg))
+
+
+def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
+    """The one line a served CAMERA model logs at start: scheme, layers, bits, bytes vs dense, backend."""
+    from .stats_api import expert_backends, summarize_camera_config
+
+    s = summarize_camera_config(cfg)
+    t = s["totals"]
+    scheme = {"prune": "CAMERA-P", "mixed": "CAMERA-Q"}.get(s["scheme"], s["scheme"])
+    parts = [f"camera-vllm: serving {model_name}: {scheme}, {s['num_moe_layers']} MoE layers"]
+    if s["scheme"] == "mixed":
+        parts.append(f"bits {s['bits']} (group {s['group_size']})")
+    if t.get("kept_fraction") is not None:
+        parts.append(f"{100 * t['kept_fraction']:.1f} % of micro-experts kept")
+    if t.get("stored_bytes"):
+        parts.append(
+            f"expert bytes {t['stored_bytes'] / 2**20:.1f} MiB vs {t['original_bytes'] / 2**20:.1f} MiB dense "
+            f"({t['compression_ratio']:.2f}x)"
+        )
+    backends = expert_backends()
+    parts.append(f"experts on {backends['camera_q'] if s['scheme'] == 'mixed' else backends['camera_p']}")
+    return ", ".join(parts)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.fused_moe import RoutedExperts

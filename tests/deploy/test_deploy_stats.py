@@ -271,3 +271,18 @@ def test_deploy_stats_for_a_zero_masked_model_under_load_format_camera(tmp_path)
     assert "zero-mask scan" in s["model"]["config_source"]
     with pytest.raises(stats_api.NotACameraCheckpoint):
         stats_api.collect_stats(engine("auto"), Namespace(model=str(masked)))
+
+
+def test_deploy_load_summary_line(monkeypatch):
+    """The one INFO line a served model logs at start names the scheme, layers, size and backend."""
+    from camera_vllm.vllm_plugin.config import load_summary
+
+    monkeypatch.setenv("CAMERA_VLLM_BACKEND", "triton")
+    line = load_summary("m", _mixed_config())
+    s = summarize_camera_config(_mixed_config())
+    assert line.startswith("camera-vllm: serving m: CAMERA-Q, 1 MoE layers, bits [4, 2] (group 32)")
+    assert f"({s['totals']['compression_ratio']:.2f}x)" in line and line.endswith("experts on triton")
+    monkeypatch.setenv("CAMERA_VLLM_BACKEND", "reference")
+    line = load_summary("p", _prune_config([[32, 64]]))
+    assert "CAMERA-P" in line and "75.0 % of micro-experts kept" in line
+    assert line.endswith("experts on reference on a 16-bit dense slab")

@@ -125,3 +125,13 @@ def test_console_script_help() -> None:
     )
     for cmd in ("analyze", "prune", "validate", "inspect"):
         assert cmd in res.stdout
+
+
+def test_version(capsys) -> None:
+    from camera_vllm import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith(f"camera-vllm {__version__} (checkpoint format ")
+    assert "vllm 0.32" in out and "torch " in out
