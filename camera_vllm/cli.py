@@ -81,13 +81,28 @@ def _specs(args: argparse.Namespace):
     return iter_files(args.calib), calib, EnergySpec(alpha=args.alpha, normalize_sum=args.normalize_sum)
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        help="local Hugging Face model directory, or a hub id ORG/NAME (the local cache first, "
+        "downloaded otherwise unless HF_HUB_OFFLINE is set)",
+    )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    from .compress.hub import resolve_model
+
+    return resolve_model(args.model, args.revision)
+
+
 # -- analyze ---------------------------------------------------------------------------------------
 def _analyze(args: argparse.Namespace) -> int:
     from .compress.pipeline import analyze
 
     files, calib, energy = _specs(args)
     path = analyze(
-        args.model,
+        _model_dir(args),
         files,
         args.out,
         calib=calib,
@@ -106,7 +121,7 @@ def _register_analyze(sub) -> None:
         help="compute CAMERA energies of every micro-expert",
         description="Score every micro-expert of an unmodified HF MoE model.",
     )
-    p.add_argument("model", help="local Hugging Face model directory")
+    _add_model_args(p)
     p.add_argument(
         "--out", required=True, help="output .safetensors file (a .json sidecar is written beside it)"
     )
@@ -120,7 +135,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     files, calib, energy = _specs(args)
     out = run_camera_p(
-        args.model,
+        _model_dir(args),
         args.out,
         args.ratio,
         files,
@@ -143,7 +158,7 @@ def _register_prune(sub) -> None:
         help="CAMERA-P: remove low-energy micro-experts",
         description="Structured micro-expert pruning; writes a servable checkpoint with a report.",
     )
-    p.add_argument("model", help="local Hugging Face model directory")
+    _add_model_args(p)
     p.add_argument(
         "--ratio", type=float, required=True, help="fraction of expert channels to remove, in [0, 1)"
     )
@@ -187,7 +202,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.fractions is not None and args.bits is None:
         raise ValueError("--fractions needs --bits (one fraction per bit-width)")
     out = run_camera_q(
-        args.model,
+        _model_dir(args),
         args.out,
         files,
         avg_bits=args.avg_bits,
@@ -225,7 +240,7 @@ def _register_quantize(sub) -> None:
         description="Energy-ranked mixed-precision quantization of expert channels (GPTQ or RTN); writes a"
         " servable checkpoint with a report.",
     )
-    p.add_argument("model", help="local Hugging Face model directory")
+    _add_model_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument(

@@ -9,6 +9,7 @@ run's report.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ..format.names import REPORT_FILE
@@ -18,12 +19,18 @@ from ..format.schema import CameraQuantConfig
 MODEL_CARD_FILE = "README.md"
 
 
-def base_model_id(config: dict[str, Any], source_name: str) -> str:
-    """The source model's hub id if config.json records one (``_name_or_path``), else its directory name."""
+def base_model_id(config: dict[str, Any], source: Path) -> str:
+    """The source model's hub id: from its cache snapshot path, or config.json's ``_name_or_path``;
+    else its directory name."""
+    from .hub import hub_id_of
+
+    from_cache = hub_id_of(source)
+    if from_cache:
+        return from_cache
     name = str(config.get("_name_or_path") or "").strip()
     if name and not name.startswith(("/", ".")) and name.count("/") == 1:
         return name
-    return source_name
+    return source.name
 
 
 def render_model_card(

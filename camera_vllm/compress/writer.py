@@ -179,7 +179,7 @@ class CheckpointWriter:
 
         # The source's README describes the source model: this directory gets its own card.
         card = render_model_card(
-            base_model=base_model_id(config, source.name),
+            base_model=base_model_id(config, source),
             out_name=self.out_dir.name,
             quant_config=quant_config,
             report=report,

@@ -523,7 +523,7 @@ def _resolve_local(model: str | Path, revision: str | None) -> Path | None:
         return None
 
 
-def _weights_present(root: Path) -> bool:
+def weights_present(root: Path) -> bool:
     """Whether the weight files are all there: model.safetensors, or every shard its index names."""
     if (root / "model.safetensors").is_file():
         return True
@@ -563,7 +563,7 @@ def validate_for_serving(
         return None
     if check_values is None:
         check_values = os.environ.get(VALUES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    weights = Path(model).is_dir() or _weights_present(root)
+    weights = Path(model).is_dir() or weights_present(root)
     if not weights:
         log.info(
             "camera-vllm: %s: weights not downloaded yet; config checked now, tensors as vLLM loads them", model

@@ -135,3 +135,36 @@ def test_version(capsys) -> None:
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith(f"camera-vllm {__version__} (checkpoint format ")
     assert "vllm 0.32" in out and "torch " in out
+
+
+def test_prune_a_cached_hub_id(setup, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`camera-vllm prune ORG/NAME` reads the model from the local Hugging Face cache (no network),
+    its card names the hub id as base model; offline and not cached is a one-line error."""
+    import shutil
+
+    import yaml
+
+    root, model, calib = setup
+    cache, commit = tmp_path / "hub", "1" * 40
+    entry = cache / "models--org--tiny-moe"
+    snap = entry / "snapshots" / commit
+    shutil.copytree(model, snap)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    # huggingface_hub reads its environment at import: point its constants at the emulated cache.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    out = tmp_path / "p"
+    assert main(["prune", "org/tiny-moe", "--ratio", "0.3", "--out", str(out), *calib_args(calib)]) == 0
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "org/tiny-moe"
+    capsys.readouterr()
+    assert main(["prune", "org/absent", "--ratio", "0.3", "--out", str(tmp_path / "q"), *calib_args(calib)]) == 2
+    err = capsys.readouterr().err
+    assert "org/absent is not (completely) in the local Hugging Face cache" in err and "hf download" in err
+    assert main(["prune", str(tmp_path / "nothing"), "--ratio", "0.3", "--out", str(tmp_path / "q"),
+                 *calib_args(calib)]) == 2
+    assert "not a model directory, and not a hub id" in capsys.readouterr().err
+    assert main(["prune", str(model), "--revision", "v1", "--ratio", "0.3", "--out", str(tmp_path / "q"),
+                 *calib_args(calib)]) == 2
+    assert "--revision v1 applies to hub ids" in capsys.readouterr().err
