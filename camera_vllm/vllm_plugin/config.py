@@ -121,28 +121,6 @@ class CameraConfig(QuantizationConfig):
             )
         logger.info("%s", load_summary(model_name, cfg))
 
-
-def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
-    """The one line a served CAMERA model logs at start: scheme, layers, bits, bytes vs dense, backend."""
-    from .stats_api import expert_backends, summarize_camera_config
-
-    s = summarize_camera_config(cfg)
-    t = s["totals"]
-    scheme = {"prune": "CAMERA-P", "mixed": "CAMERA-Q"}.get(s["scheme"], s["scheme"])
-    parts = [f"camera-vllm: serving {model_name}: {scheme}, {s['num_moe_layers']} MoE layers"]
-    if s["scheme"] == "mixed":
-        parts.append(f"bits {s['bits']} (group {s['group_size']})")
-    if t.get("kept_fraction") is not None:
-        parts.append(f"{100 * t['kept_fraction']:.1f} % of micro-experts kept")
-    if t.get("stored_bytes"):
-        parts.append(
-            f"expert bytes {t['stored_bytes'] / 2**20:.1f} MiB vs {t['original_bytes'] / 2**20:.1f} MiB dense "
-            f"({t['compression_ratio']:.2f}x)"
-        )
-    backends = expert_backends()
-    parts.append(f"experts on {backends['camera_q'] if s['scheme'] == 'mixed' else backends['camera_p']}")
-    return ", ".join(parts)
-
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.fused_moe import RoutedExperts
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
@@ -185,3 +163,25 @@ def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
         if _matches(prefix, f"{shared}.{SHARED_GATE_UP}") or _matches(prefix, f"{shared}.{SHARED_DOWN}"):
             return spec.shared_width
         return None
+
+
+def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
+    """The one line a served CAMERA model logs at start: scheme, layers, bits, bytes vs dense, backend."""
+    from .stats_api import expert_backends, summarize_camera_config
+
+    s = summarize_camera_config(cfg)
+    t = s["totals"]
+    scheme = {"prune": "CAMERA-P", "mixed": "CAMERA-Q"}.get(s["scheme"], s["scheme"])
+    parts = [f"camera-vllm: serving {model_name}: {scheme}, {s['num_moe_layers']} MoE layers"]
+    if s["scheme"] == "mixed":
+        parts.append(f"bits {s['bits']} (group {s['group_size']})")
+    if t.get("kept_fraction") is not None:
+        parts.append(f"{100 * t['kept_fraction']:.1f} % of micro-experts kept")
+    if t.get("stored_bytes"):
+        parts.append(
+            f"expert bytes {t['stored_bytes'] / 2**20:.1f} MiB vs {t['original_bytes'] / 2**20:.1f} MiB dense "
+            f"({t['compression_ratio']:.2f}x)"
+        )
+    backends = expert_backends()
+    parts.append(f"experts on {backends['camera_q'] if s['scheme'] == 'mixed' else backends['camera_p']}")
+    return ", ".join(parts)

@@ -44,4 +44,36 @@ def register() -> None:
     from .loader import register_loader
 
     register_loader()  # --load-format camera: zero-masked checkpoints served compactly
+    route_logs_to_vllm()
     _registered = True
+
+
+#: Loggers of this project whose records a served model should show.
+PROJECT_LOGGERS = ("camera_vllm", "camera_kernels")
+
+
+class _ToVllmLogger(logging.Handler):
+    """Hands each record to the ``vllm`` logger as it is configured at that moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger("vllm")
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
+
+
+def route_logs_to_vllm() -> None:
+    """Send the project's log records through vLLM's logger (its handlers, format and level).
+
+    vLLM configures only the ``vllm`` logger, and may do so after the plugin loads (and
+    again in each process); records of other packages reach the root logger, which has no
+    handler in a vLLM process, so the load summary and the CPU kernel's build messages
+    would vanish.  Records are forwarded when they are emitted, so the configuration in
+    force then applies.  A logger the user configured is left alone.
+    """
+    for name in PROJECT_LOGGERS:
+        target = logging.getLogger(name)
+        if target.handlers:
+            continue
+        target.addHandler(_ToVllmLogger())
+        target.setLevel(logging.DEBUG)  # the vllm logger's level decides
+        target.propagate = False

@@ -406,10 +406,65 @@ def _init_state(state: Any, engine_client: Any, args: Any) -> None:
     state.camera_stats, state.camera_stats_error = None, None
     try:
         state.camera_stats = collect_stats(engine_client, args)
+        publish_metrics(state.camera_stats)
     except NotACameraCheckpoint as err:
         state.camera_stats_error = (404, str(err), "NotACameraCheckpoint")
     except (CameraFormatError, OSError, ValueError) as err:
         state.camera_stats_error = (500, f"cannot read the CAMERA checkpoint: {err}", type(err).__name__)
+
+
+#: Gauges on vLLM's ``/metrics`` (the API server's prometheus_client registry), made once per process.
+_GAUGES: dict[str, Any] = {}
+_GAUGE_HELP = {
+    "camera_expert_bytes_stored": "Bytes of the CAMERA checkpoint's MoE expert weights as served",
+    "camera_expert_bytes_dense": "Bytes the same experts take in the original (dense) model",
+    "camera_compression_ratio": "Dense expert bytes / stored expert bytes",
+    "camera_kept_micro_experts_fraction": "Share of the original routed micro-experts kept",
+    "camera_expert_bits_per_weight": "Stored bits per original expert weight (scales and zeros included)",
+    "camera_model_info": "The served CAMERA checkpoint (value 1): scheme, format and expert backend labels",
+}
+_INFO_LABELS = ("model_name", "scheme", "format_version", "backend")
+
+
+def publish_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """Set the CAMERA gauges from a /camera/stats payload; returns the numbers set (tests, logs).
+
+    Registered in the API server process, whose prometheus registry vLLM serves on ``/metrics``.
+    """
+    from prometheus_client import Gauge
+
+    totals = stats.get("totals") or {}
+    hidden = stats.get("hidden_size") or 0
+    weights = 3 * hidden * (totals.get("original_micro_experts") or 0) + 3 * hidden * (
+        totals.get("original_shared_micro_experts") or 0
+    )
+    values = {
+        "camera_expert_bytes_stored": totals.get("stored_bytes"),
+        "camera_expert_bytes_dense": totals.get("original_bytes"),
+        "camera_compression_ratio": totals.get("compression_ratio"),
+        "camera_kept_micro_experts_fraction": totals.get("kept_fraction"),
+        "camera_expert_bits_per_weight": (8.0 * totals["stored_bytes"] / weights)
+        if totals.get("stored_bytes") and weights else None,
+    }
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in _GAUGES:
+            _GAUGES[name] = Gauge(name, _GAUGE_HELP[name], multiprocess_mode="max")
+        _GAUGES[name].set(float(value))
+    if "camera_model_info" not in _GAUGES:
+        _GAUGES["camera_model_info"] = Gauge(
+            "camera_model_info", _GAUGE_HELP["camera_model_info"], _INFO_LABELS, multiprocess_mode="max"
+        )
+    backend = stats.get("expert_backend") or {}
+    names_ = (stats.get("model") or {}).get("served_model_name") or [""]
+    _GAUGES["camera_model_info"].labels(
+        model_name=str(names_[0]),
+        scheme=str(stats.get("scheme")),
+        format_version=str(stats.get("format_version")),
+        backend=str(backend.get("camera_q" if stats.get("scheme") == "mixed" else "camera_p")),
+    ).set(1)
+    return {k: float(v) for k, v in values.items() if v is not None}
 
 
 def _handle(request: "Request", experts: bool):

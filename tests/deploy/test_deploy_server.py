@@ -245,6 +245,27 @@ def test_deploy_server_camera_stats(server):
     assert {layer["layer"]: layer["expert_widths"] for layer in detailed["layers"]} == want
 
 
+def test_deploy_server_metrics_show_camera_gauges(server):
+    """vLLM's /metrics carries CAMERA's gauges, equal to /camera/stats (one computation)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", headers=server.auth, timeout=30).text
+    samples = {s.name: s for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name.startswith("camera_")}
+    totals = requests.get(server.url + "/camera/stats", headers=server.auth, timeout=30).json()["totals"]
+    assert samples["camera_expert_bytes_stored"].value == totals["stored_bytes"] == _expert_bytes(server.ckpt)
+    assert samples["camera_expert_bytes_dense"].value == totals["original_bytes"]
+    assert samples["camera_compression_ratio"].value == pytest.approx(totals["compression_ratio"])
+    assert samples["camera_kept_micro_experts_fraction"].value == pytest.approx(totals["kept_fraction"])
+    assert 0 < samples["camera_expert_bits_per_weight"].value < 32
+    info = samples["camera_model_info"]
+    assert info.value == 1 and info.labels["scheme"] == "prune" and info.labels["model_name"] == SERVED_NAME
+    assert "cpu" in info.labels["backend"] or "torch" in info.labels["backend"], info.labels
+    # ... and the log says what is served, once, through vLLM's own log format.
+    log = server.log.read_text(errors="replace")
+    assert log.count("camera-vllm: serving ") == 1 and "CAMERA-P, " in log, server.log_tail()
+
+
 def test_deploy_server_stops_cleanly_on_sigterm(server):
     rc = server.stop(timeout=90)
     assert rc is not None, f"server still running 90 s after SIGTERM:\n{server.log_tail()}"
