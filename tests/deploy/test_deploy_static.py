@@ -196,7 +196,7 @@ def test_deploy_dockerfile_interface(dockerfile):
 # Shell scripts
 # ------------------------------------------------------------------------------------------------
 def test_deploy_shellcheck_clean():
-    assert {p.name for p in SCRIPTS} >= {"entrypoint.sh", "healthcheck.sh", "ray-node.sh"}
+    assert {p.name for p in SCRIPTS} >= {"entrypoint.sh", "healthcheck.sh", "ray-node.sh", "fetch-model.sh"}
     r = _run([_tool("shellcheck"), "--severity=info", *map(str, SCRIPTS)])
     assert r.returncode == 0, r.stdout + r.stderr
     for p in SCRIPTS:
@@ -301,6 +301,26 @@ def _entrypoint_as_uid_10001(model: Path) -> None:
     weights.chmod(0o644)
     r = _run(as_user, env=env, cwd="/")
     assert r.returncode == 0, r.stderr
+
+
+def test_deploy_fetch_model_downloads_hub_ids_only(tmp_path):
+    """The init step: a local path is a no-op; a hub id becomes one `hf download` of what serving
+    reads, with the revision; a malformed id or a missing HF_HOME is refused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAMERA_", "HF_"))}
+    env["CAMERA_ENTRYPOINT_DRY_RUN"] = "1"
+    script = ["bash", str(DOCKER / "fetch-model.sh")]
+    r = _run(script, env={**env, "CAMERA_MODEL": str(tmp_path)}, cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to download" in r.stdout, r.stderr
+    r = _run(script, env={**env, "CAMERA_MODEL": "org/tiny-camera", "CAMERA_MODEL_REVISION": "v2",
+                          "HF_HOME": str(tmp_path / "hf")}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = r.stdout.splitlines()[1:]
+    assert argv[:3] == ["hf", "download", "org/tiny-camera"]
+    assert argv[argv.index("--revision") + 1] == "v2" and "*.safetensors" in argv and "*.bin" not in argv
+    r = _run(script, env={**env, "CAMERA_MODEL": "not a/hub id", "HF_HOME": str(tmp_path)}, cwd=tmp_path)
+    assert r.returncode == 2 and "neither a local path nor a hub id" in r.stderr
+    r = _run(script, env={**env, "CAMERA_MODEL": "org/tiny-camera"}, cwd=tmp_path)
+    assert r.returncode == 2 and "HF_HOME is not set" in r.stderr
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -418,7 +438,45 @@ def test_deploy_k8s_pods_are_hardened_and_probed():
                 secret = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
                 assert secret["name"] == "camera-vllm-api-key", where
                 assert "value" not in env["VLLM_API_KEY"], where
+        for c in pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
     assert seen == 3
+
+
+def test_deploy_k8s_hub_models_and_graceful_drain():
+    """Hub ids: the init container fetches into the HF cache PVC that the server mounts at HF_HOME,
+    both read CAMERA_MODEL, HF_TOKEN comes from an optional Secret.  Rolling updates drain: vLLM's
+    --shutdown-timeout fits inside the grace period after the preStop sleep."""
+    dep = _docs(K8S / "deployment.yaml")[0]
+    pod = dep["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    server = next(c for c in pod["containers"] if c["name"] == "vllm")
+    assert fetch["command"] == ["/usr/local/bin/camera-vllm-fetch-model"]
+    assert fetch["image"] == server["image"]
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "deploy/docker/fetch-model.sh /usr/local/bin/camera-vllm-fetch-model" in dockerfile
+    hf_home = re.search(r"HF_HOME=(\S+)", dockerfile).group(1)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in (fetch, server):
+        env = {e["name"]: e for e in c["env"]}
+        ref = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "camera-vllm-hf-token" and ref["optional"] is True, c["name"]
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == hf_home)
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "camera-vllm-hf-cache"
+        assert not mount.get("readOnly"), c["name"]
+    envs = [{e["name"]: e.get("value") for e in c["env"]}["CAMERA_MODEL"] for c in (fetch, server)]
+    assert envs[0] == envs[1], "the init container must fetch what the server serves"
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "pvc-hf-cache.yaml" in kust["resources"]
+    args = server["args"]
+    drain = int(args[args.index("--shutdown-timeout") + 1])
+    pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pre_stop + drain < pod["terminationGracePeriodSeconds"]
+    import vllm.engine.arg_utils as arg_utils
+
+    assert '"--shutdown-timeout"' in Path(arg_utils.__file__).read_text()  # a real vLLM 0.32 flag
 
 
 def test_deploy_k8s_kustomization_and_hpa_wiring():
@@ -458,7 +516,7 @@ def test_deploy_k8s_kubectl_kustomize_renders():
     r = _run([kubectl, "kustomize", str(K8S)])
     assert r.returncode == 0, r.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(r.stdout) if d]
-    assert sorted(kinds) == sorted(["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"])
+    assert sorted(kinds) == sorted(["PersistentVolumeClaim"] * 2 + ["Deployment", "Service", "PodDisruptionBudget"])
 
 
 # ------------------------------------------------------------------------------------------------
