@@ -141,7 +141,7 @@ def checkpoint_bytes(ckpt: Path) -> dict[str, int]:
     return {
         "dir_bytes": sum(p.stat().st_size for p in files),
         "safetensors_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
-        "expert_bytes": int(s.get("expert_bytes") or s.get("stored_expert_bytes") or 0),
+        "expert_bytes": int(s["totals"]["stored_bytes"] or 0),
     }
 
 

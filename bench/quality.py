@@ -44,7 +44,7 @@ def _expert_bytes(ckpt: Path) -> int:
     from camera_vllm.format.validate import summarize
 
     s = summarize(ckpt)
-    return int(s.get("expert_bytes") or s.get("stored_expert_bytes") or 0)
+    return int(s["totals"]["stored_bytes"] or 0)
 
 
 def _dense_expert_bytes(model: Path) -> int:

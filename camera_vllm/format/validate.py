@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names
-from .layout import QWEIGHT_DTYPE_NAME, SCALE_DTYPE_NAME, expert_tensors, stored_bytes
+from .layout import QWEIGHT_DTYPE_NAME, SCALE_DTYPE_NAME, expert_tensors
 from .schema import CameraFormatError, CameraQuantConfig
 
 log = logging.getLogger(__name__)
@@ -582,67 +582,32 @@ def validate_for_serving(
 
 # -- inspect ---------------------------------------------------------------------------------------
 def summarize(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """A JSON-able summary: scheme, bits, per-layer widths / bits / bytes, totals."""
+    """``inspect``: the checkpoint's summary plus its files.
+
+    The summary is :func:`camera_vllm.format.summary.summarize_camera_config` with per-expert
+    widths and slabs, exactly what ``/camera/stats?experts=true`` serves for the same
+    config.json; added here: ``path``, ``num_tensors``, ``files`` and ``total_bytes`` (every
+    tensor of the directory).
+    """
+    from .summary import summarize_camera_config
+
     root = Path(checkpoint_dir)
     cfg = json.loads((root / names.CONFIG_FILE).read_text())
-    qc = CameraQuantConfig.from_json_dict(
-        cfg.get("quantization_config"), source=f"{root / names.CONFIG_FILE}"
+    summary = summarize_camera_config(cfg, experts=True)
+    tensors = _load_tensors(root, ValidationReport(root))
+    summary.update(
+        path=str(root),
+        total_bytes=sum(i.nbytes for i in tensors.values()),
+        num_tensors=len(tensors),
+        files=sorted({i.file for i in tensors.values()}),
     )
-    scratch = ValidationReport(root)
-    tensors = _load_tensors(root, scratch)
-    model_bytes = _TAG_BYTES.get(
-        _MODEL_DTYPE_TAG.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "BF16"), 2
-    )
-    hidden = int(cfg["hidden_size"])
-    layers: dict[str, Any] = {}
-    total_expert_bytes = 0
-    for layer, spec in sorted(qc.layers.items()):
-        widths = spec.expert_widths
-        per_bits = {str(b): sum(s[i] for s in spec.expert_slabs) for i, b in enumerate(qc.bits)}
-        if spec.shared_slabs is not None:
-            for i, b in enumerate(qc.bits):
-                per_bits[str(b)] += spec.shared_slabs[i]
-        kept = sum(per_bits.values())
-        nbytes = sum(stored_bytes(s, qc.bits, hidden, qc.group_size, model_bytes) for s in spec.expert_slabs)
-        if spec.shared_slabs is not None:
-            nbytes += stored_bytes(spec.shared_slabs, qc.bits, hidden, qc.group_size, model_bytes)
-        total_expert_bytes += nbytes
-        original = qc.num_experts * qc.original_intermediate_size + (
-            (qc.original_shared_intermediate_size or 0) if spec.shared_slabs is not None else 0
-        )
-        layers[str(layer)] = {
-            "widths": widths,
-            "min_width": min(widths, default=0),
-            "max_width": max(widths, default=0),
-            "zero_width_experts": sum(1 for w in widths if w == 0),
-            "shared_width": spec.shared_width,
-            "micro_experts_by_bits": per_bits,
-            "avg_bits": (sum(int(b) * n for b, n in per_bits.items()) / kept) if kept else 0.0,
-            "kept_fraction": kept / original if original else 1.0,
-            "expert_bytes": nbytes,
-        }
-    return {
-        "path": str(root),
-        "architecture": qc.architecture,
-        "format_version": qc.format_version,
-        "scheme": qc.scheme,
-        "bits": qc.bits,
-        "group_size": qc.group_size,
-        "num_experts": qc.num_experts,
-        "original_intermediate_size": qc.original_intermediate_size,
-        "original_shared_intermediate_size": qc.original_shared_intermediate_size,
-        "compression": qc.compression,
-        "layers": layers,
-        "expert_bytes": total_expert_bytes,
-        "total_bytes": sum(i.nbytes for i in tensors.values()),
-        "num_tensors": len(tensors),
-        "files": sorted({i.file for i in tensors.values()}),
-    }
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable table of :func:`summarize` output."""
-    s = summary
+    s, t = summary, summary["totals"]
+    mib = lambda n: "?" if n is None else f"{n / 2**20:.2f}"  # noqa: E731 - unknown dtype: no bytes
     lines = [
         f"{s['path']}",
         f"  architecture {s['architecture']}, CAMERA format v{s['format_version']}, scheme {s['scheme']},"
@@ -653,18 +618,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             if s["original_shared_intermediate_size"]
             else ""
         ),
-        f"  {s['num_tensors']} tensors in {len(s['files'])} file(s), {s['total_bytes'] / 2**20:.2f} MiB"
-        f" (experts {s['expert_bytes'] / 2**20:.2f} MiB)",
+        f"  {s['num_tensors']} tensors in {len(s['files'])} file(s), {s['total_bytes'] / 2**20:.2f} MiB",
+        f"  experts {mib(t['stored_bytes'])} MiB of {mib(t['original_bytes'])} MiB dense"
+        + (f" ({t['compression_ratio']:.2f}x smaller" if t.get("compression_ratio") else " (")
+        + (f", {t['bits_per_original_weight']:.3f} bits per original expert weight)"
+           if t.get("bits_per_original_weight") else ")"),
+        f"  routed micro-experts kept: {t['kept_fraction']:.1%}" if t.get("kept_fraction") is not None else "",
         "",
-        f"  {'layer':>5} {'kept':>6} {'min':>5} {'max':>5} {'zero':>5} {'shared':>6} {'avg bits':>8}"
+        f"  {'layer':>5} {'kept':>6} {'min':>5} {'max':>5} {'zero':>5} {'shared':>6} {'bits/w':>7}"
         f" {'MiB':>8}  micro-experts by bits",
     ]
-    for layer, info in s["layers"].items():
+    for info in s["layers"]:
         shared = "-" if info["shared_width"] is None else str(info["shared_width"])
         by_bits = " ".join(f"b{b}:{n}" for b, n in info["micro_experts_by_bits"].items())
+        width = info["expert_width"]
+        bits = info["effective_bits_per_kept_weight"]
         lines.append(
-            f"  {layer:>5} {info['kept_fraction']:>6.1%} {info['min_width']:>5} {info['max_width']:>5}"
-            f" {info['zero_width_experts']:>5} {shared:>6} {info['avg_bits']:>8.2f}"
-            f" {info['expert_bytes'] / 2**20:>8.3f}  {by_bits}"
+            f"  {info['layer']:>5} {info['kept_fraction'] or 0:>6.1%} {width['min']:>5} {width['max']:>5}"
+            f" {info['empty_experts']:>5} {shared:>6} {'?' if bits is None else f'{bits:.2f}':>7}"
+            f" {mib(info['stored_bytes']):>8}  {by_bits}"
         )
     return "\n".join(lines)

@@ -11,8 +11,9 @@ sets ``VLLM_PLUGINS=camera_vllm,camera_stats`` (``deploy/docker/entrypoint.sh`` 
 
 The stats come from the served checkpoint's ``config.json`` (its ``quantization_config``,
 parsed by :meth:`CameraQuantConfig.from_json_dict`), found through the model path the
-API server was started with.  :func:`summarize_camera_config` is the pure part (no vLLM
-import) and is what the tests exercise directly.
+API server was started with, and are computed by
+:func:`camera_vllm.format.summary.summarize_camera_config` (pure: no vLLM import), the same
+function ``camera-vllm inspect`` prints.
 
 Authentication: vLLM's own ``--api-key`` middleware guards only ``/v1``-style prefixes,
 so this route checks the same keys itself (``--api-key`` or ``VLLM_API_KEY``) unless
@@ -28,9 +29,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from ..format.layout import stored_bytes
-from ..format.names import CONFIG_FILE, QUANT_METHOD
-from ..format.schema import CameraFormatError, CameraQuantConfig
+from ..format.names import CONFIG_FILE
+from ..format.schema import CameraFormatError
+
+# The summary itself is the checkpoint format's (``inspect`` prints the same numbers).
+from ..format.summary import NotACameraCheckpoint, summarize_camera_config, text_config
 
 try:  # FastAPI ships with vLLM; the pure summary below works without it.
     from fastapi import APIRouter, FastAPI, Request
@@ -41,183 +44,6 @@ except ImportError:  # pragma: no cover
 STATS_PATH = "/camera/stats"
 PLUGIN_NAME = "camera_stats"  # the entry-point name to list in VLLM_PLUGINS
 PUBLIC_ENV = "CAMERA_STATS_PUBLIC"
-
-# Bytes per element of the checkpoint dtype, as config.json spells it.
-_DTYPE_BYTES = {
-    "float32": 4, "float": 4, "fp32": 4,
-    "float16": 2, "half": 2, "fp16": 2,
-    "bfloat16": 2, "bf16": 2,
-    "float64": 8, "double": 8,
-}
-
-
-class NotACameraCheckpoint(LookupError):
-    """The served model has no CAMERA ``quantization_config``."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Pure summary (no vLLM, no FastAPI)
-# ------------------------------------------------------------------------------------------------
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    sub = config.get("text_config")
-    return sub if isinstance(sub, dict) else {}
-
-
-def checkpoint_dtype(config: dict[str, Any]) -> str | None:
-    """The weights dtype recorded in config.json (``dtype`` in transformers 5, ``torch_dtype`` before)."""
-    for cfg in (config, _text_config(config)):
-        for key in ("dtype", "torch_dtype"):
-            value = cfg.get(key)
-            if isinstance(value, str):
-                return value.removeprefix("torch.")
-    return None
-
-
-def _hidden_size(config: dict[str, Any]) -> int | None:
-    for cfg in (config, _text_config(config)):
-        value = cfg.get("hidden_size")
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _quant_block(config: dict[str, Any]) -> dict[str, Any]:
-    block = config.get("quantization_config")
-    if block is None:
-        block = _text_config(config).get("quantization_config")
-    if not isinstance(block, dict) or str(block.get("quant_method", "")).lower() != QUANT_METHOD:
-        found = block.get("quant_method") if isinstance(block, dict) else None
-        raise NotACameraCheckpoint(
-            f"the served model is not a CAMERA checkpoint (quantization_config.quant_method is {found!r})"
-        )
-    return block
-
-
-def _width_stats(widths: list[int]) -> dict[str, Any]:
-    if not widths:
-        return {"min": 0, "max": 0, "mean": 0.0, "total": 0}
-    return {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths), "total": sum(widths)}
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return None if not den else num / den
-
-
-def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) -> dict[str, Any]:
-    """Summarise a CAMERA checkpoint from its whole config.json dict.
-
-    Returns the format version, the scheme and bit-widths, per-MoE-layer width and bit
-    statistics, and the bytes the routed and shared experts occupy before (model dtype,
-    original width) and after compression (:func:`camera_vllm.format.layout.stored_bytes`:
-    packed weights, scales and zeros all counted).  Byte fields are ``None`` when config.json
-    lacks ``hidden_size`` or a known dtype.  ``experts=True`` adds per-expert widths and slabs.
-
-    Raises :class:`NotACameraCheckpoint` when there is no CAMERA ``quantization_config`` and
-    :class:`CameraFormatError` when there is one but it is invalid.
-    """
-    q = CameraQuantConfig.from_json_dict(_quant_block(config))
-    hidden = _hidden_size(config)
-    dtype = checkpoint_dtype(config)
-    model_bytes = _DTYPE_BYTES.get(dtype) if dtype else None
-    sized = hidden is not None and model_bytes is not None
-
-    layers: list[dict[str, Any]] = []
-    tot = {"original_bytes": 0, "stored_bytes": 0, "kept_micro_experts": 0, "original_micro_experts": 0,
-           "kept_shared_micro_experts": 0, "original_shared_micro_experts": 0}
-    by_bits_total = {str(b): 0 for b in q.bits}
-    for index in sorted(q.layers):
-        spec = q.layers[index]
-        widths = spec.expert_widths
-        by_bits = {str(b): sum(s[i] for s in spec.expert_slabs) for i, b in enumerate(q.bits)}
-        original_width = q.num_experts * q.original_intermediate_size
-        entry: dict[str, Any] = {
-            "layer": index,
-            "expert_width": _width_stats(widths),
-            "original_width_total": original_width,
-            "kept_fraction": _ratio(sum(widths), original_width),
-            "empty_experts": sum(1 for w in widths if w == 0),
-            "micro_experts_by_bits": by_bits,
-            "shared_width": spec.shared_width,
-            "shared_micro_experts_by_bits": (
-                None if spec.shared_slabs is None
-                else {str(b): n for b, n in zip(q.bits, spec.shared_slabs)}
-            ),
-        }
-        tot["kept_micro_experts"] += sum(widths)
-        tot["original_micro_experts"] += original_width
-        for b, n in by_bits.items():
-            by_bits_total[b] += n
-        if spec.shared_width is not None and q.original_shared_intermediate_size:
-            tot["kept_shared_micro_experts"] += spec.shared_width
-            tot["original_shared_micro_experts"] += q.original_shared_intermediate_size
-        if sized:
-            assert hidden is not None and model_bytes is not None
-            original = q.num_experts * 3 * hidden * q.original_intermediate_size * model_bytes
-            stored = sum(
-                stored_bytes(s, q.bits, hidden, q.group_size, model_bytes) for s in spec.expert_slabs
-            )
-            kept_weights = 3 * hidden * sum(widths)
-            if spec.shared_slabs is not None and q.original_shared_intermediate_size:
-                original += 3 * hidden * q.original_shared_intermediate_size * model_bytes
-                stored += stored_bytes(spec.shared_slabs, q.bits, hidden, q.group_size, model_bytes)
-                kept_weights += 3 * hidden * sum(spec.shared_slabs)
-            entry.update(
-                original_bytes=original,
-                stored_bytes=stored,
-                bytes_saved=original - stored,
-                effective_bits_per_kept_weight=_ratio(8 * stored, kept_weights),
-            )
-            tot["original_bytes"] += original
-            tot["stored_bytes"] += stored
-        else:
-            entry.update(original_bytes=None, stored_bytes=None, bytes_saved=None,
-                         effective_bits_per_kept_weight=None)
-        if experts:
-            entry["expert_widths"] = widths
-            entry["expert_slabs"] = [list(s) for s in spec.expert_slabs]
-            if spec.shared_slabs is not None:
-                entry["shared_slabs"] = list(spec.shared_slabs)
-        layers.append(entry)
-
-    totals: dict[str, Any] = {
-        "scope": "routed and shared expert weights of the MoE layers (attention, embeddings and dense "
-                 "layers are not counted)",
-        "kept_micro_experts": tot["kept_micro_experts"],
-        "original_micro_experts": tot["original_micro_experts"],
-        "kept_fraction": _ratio(tot["kept_micro_experts"], tot["original_micro_experts"]),
-        "micro_experts_by_bits": by_bits_total,
-    }
-    if tot["original_shared_micro_experts"]:
-        totals["kept_shared_micro_experts"] = tot["kept_shared_micro_experts"]
-        totals["original_shared_micro_experts"] = tot["original_shared_micro_experts"]
-    if sized:
-        totals.update(
-            original_bytes=tot["original_bytes"],
-            stored_bytes=tot["stored_bytes"],
-            bytes_saved=tot["original_bytes"] - tot["stored_bytes"],
-            compression_ratio=_ratio(tot["original_bytes"], tot["stored_bytes"]),
-        )
-    else:
-        totals.update(original_bytes=None, stored_bytes=None, bytes_saved=None, compression_ratio=None)
-
-    return {
-        "quant_method": q.quant_method,
-        "format_version": q.format_version,
-        "scheme": q.scheme,
-        "bits": list(q.bits),
-        "group_size": q.group_size,
-        "architecture": q.architecture,
-        "num_experts": q.num_experts,
-        "original_intermediate_size": q.original_intermediate_size,
-        "original_shared_intermediate_size": q.original_shared_intermediate_size,
-        "hidden_size": hidden,
-        "checkpoint_dtype": dtype,
-        "num_moe_layers": len(layers),
-        "totals": totals,
-        "layers": layers,
-        "compression": dict(q.compression),
-    }
-
 
 def read_config_json(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json of a local checkpoint directory."""
@@ -253,7 +79,7 @@ def _served_names(model_config: Any, args: Any, model: str | None) -> list[str]:
 
 
 def _has_no_quant_block(config: dict[str, Any]) -> bool:
-    return config.get("quantization_config") is None and _text_config(config).get("quantization_config") is None
+    return config.get("quantization_config") is None and text_config(config).get("quantization_config") is None
 
 
 def _load_format(model_config: Any, engine_client: Any, args: Any) -> str | None:
@@ -434,17 +260,12 @@ def publish_metrics(stats: dict[str, Any]) -> dict[str, float]:
     from prometheus_client import Gauge
 
     totals = stats.get("totals") or {}
-    hidden = stats.get("hidden_size") or 0
-    weights = 3 * hidden * (totals.get("original_micro_experts") or 0) + 3 * hidden * (
-        totals.get("original_shared_micro_experts") or 0
-    )
     values = {
         "camera_expert_bytes_stored": totals.get("stored_bytes"),
         "camera_expert_bytes_dense": totals.get("original_bytes"),
         "camera_compression_ratio": totals.get("compression_ratio"),
         "camera_kept_micro_experts_fraction": totals.get("kept_fraction"),
-        "camera_expert_bits_per_weight": (8.0 * totals["stored_bytes"] / weights)
-        if totals.get("stored_bytes") and weights else None,
+        "camera_expert_bits_per_weight": totals.get("bits_per_original_weight"),
     }
     for name, value in values.items():
         if value is None:

@@ -39,7 +39,7 @@ def test_resident_expert_bytes_match_checkpoint(case: str, mixed_runs: dict) -> 
 
     info = mixed_runs[case]
     memory = info["result"]["memory"]
-    want = summarize(info["dir"])["expert_bytes"]
+    want = summarize(info["dir"])["totals"]["stored_bytes"]
     got = memory["routed_bytes"] + memory["shared_bytes"]
     assert want > 0 and abs(got - want) <= TOLERANCE * want, (
         f"{case}: CAMERA layers hold {got} bytes in vLLM, the checkpoint's experts are {want} bytes"

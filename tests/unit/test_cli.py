@@ -73,7 +73,8 @@ def test_validate_and_inspect(pruned: Path, tmp_path: Path, capsys) -> None:
     assert main(["inspect", str(pruned), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     qc = json.loads((pruned / "config.json").read_text())["quantization_config"]
-    assert summary["layers"]["1"]["widths"] == [w for [w] in qc["layers"]["1"]["expert_slabs"]]
+    by_layer = {info["layer"]: info for info in summary["layers"]}
+    assert by_layer[1]["expert_widths"] == [w for [w] in qc["layers"]["1"]["expert_slabs"]]
     # Damage one tensor: validate exits 1 and names it.
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -23,7 +23,7 @@ from camera_vllm.compress.score import LayerWeights, moe_forward
 from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.format import names
 from camera_vllm.format.layout import stored_bytes
-from camera_vllm.format.validate import read_safetensors_header, validate
+from camera_vllm.format.validate import read_safetensors_header, summarize, validate
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 G = 32  # hidden 64: two groups along H; experts of width 64 (32 for deepseek_v2)
@@ -155,6 +155,10 @@ def test_achieved_bits_count_every_stored_byte(tiny, runs, arch: str) -> None:
         for s in spec["expert_slabs"] + ([spec["shared_slabs"]] if "shared_slabs" in spec else [])
     )
     assert layout == on_disk
+    # inspect (and /camera/stats, /metrics) report the compressor's number, not another average.
+    totals = summarize(out)["totals"]
+    assert totals["stored_bytes"] == on_disk
+    assert totals["bits_per_original_weight"] == pytest.approx(report["avg_bits_achieved"], rel=1e-12)
     target = RUNS[arch].get("avg_bits")
     if target is not None:
         assert report["avg_bits_target"] == target
