@@ -214,6 +214,27 @@ def test_same_seed_gives_byte_identical_checkpoint(tiny, runs, calib, tmp_path: 
     assert (again / names.CONFIG_FILE).read_bytes() == (first / names.CONFIG_FILE).read_bytes()
 
 
+def test_settings_that_put_almost_everything_at_1_bit_warn_first(tiny, tmp_path: Path, caplog) -> None:
+    import logging
+
+    from camera_vllm.compress.calibrate import CalibrationError
+    from camera_vllm.compress.quantize import pipeline
+
+    # The plugin may route this package's records to vLLM's logger (propagate off): listen directly.
+    pipeline.log.addHandler(caplog.handler)
+    try:
+        missing = tmp_path / "missing.txt"  # the warning comes before the calibration text is read
+        with caplog.at_level(logging.WARNING), pytest.raises(CalibrationError, match="not found"):
+            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], avg_bits=2.1, group_size=32)
+        assert "at 1 bit" in caplog.text and "group size 32 costs 1.00 bits" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(CalibrationError, match="not found"):
+            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], avg_bits=3.0, group_size=32)
+        assert "at 1 bit" not in caplog.text
+    finally:
+        pipeline.log.removeHandler(caplog.handler)
+
+
 def test_bad_settings_fail_before_calibrating(tiny, calib, tmp_path: Path) -> None:
     m = tiny["qwen3_moe"]
     missing = tmp_path / "missing.txt"  # never read: each error must come first

@@ -434,6 +434,10 @@ def write_quantized_checkpoint(
         )
 
 
+#: Share of kept micro-experts at 1 bit above which the settings get a warning before calibration.
+ONE_BIT_WARNING_SHARE = 0.75
+
+
 def _dry_allocation(source: SourceCheckpoint, spec: QuantSpec) -> None:
     """Fail before calibrating when the settings cannot work (e.g. an unreachable avg_bits)."""
     arch = source.arch
@@ -442,7 +446,21 @@ def _dry_allocation(source: SourceCheckpoint, spec: QuantSpec) -> None:
     shared = None
     if arch.has_shared_expert:
         shared = torch.arange(arch.shared_intermediate_size, 0, -1, dtype=torch.float64)  # type: ignore[arg-type]
-    spec.allocate(fake, arch.hidden_size, shared)
+    allocation = spec.allocate(fake, arch.hidden_size, shared)
+    # A budget that the scale/zero overhead of small groups nearly eats up leaves almost every
+    # micro-expert at 1 bit: legal, but rarely what was meant.  Say so before hours of work.
+    if 1 in allocation.bits:
+        i = allocation.bits.index(1)
+        slabs = allocation.expert_slabs + ([list(allocation.shared.slabs)] if allocation.shared else [])
+        kept = sum(sum(s) for s in slabs)
+        ones = sum(s[i] for s in slabs)
+        if kept and ones / kept > ONE_BIT_WARNING_SHARE:
+            log.warning(
+                "camera-vllm quantize: these settings put %.0f %% of the kept micro-experts at 1 bit "
+                "(group size %d costs %.2f bits per weight in fp16 scales and zeros); a larger "
+                "--group-size or --avg-bits keeps more of them at 2+ bits",
+                100 * ones / kept, spec.group_size, 32 / spec.group_size,
+            )
 
 
 def run_camera_q(
