@@ -50,10 +50,13 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
 
     try:
         cached = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
-        if (cached / names.CONFIG_FILE).is_file() and weights_present(cached):
-            return cached
-    except LocalEntryNotFoundError:
-        pass
+    except LocalEntryNotFoundError as err:
+        # Incomplete per the cached tree listing (it names files we do not read, e.g. README
+        # images): usable when what a compression reads is all there.
+        partial = getattr(err, "snapshot_path", None)
+        cached = Path(partial) if partial else None
+    if cached is not None and (cached / names.CONFIG_FILE).is_file() and weights_present(cached):
+        return cached
     if constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(
             f"{model}{'@' + revision if revision else ''} is not (completely) in the local Hugging Face cache "

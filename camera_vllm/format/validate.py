@@ -519,8 +519,12 @@ def _resolve_local(model: str | Path, revision: str | None) -> Path | None:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(model), revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (yet) or not a hub id
-        return None
+    except Exception as err:  # noqa: BLE001 - not cached (yet) or not a hub id
+        # A cached tree listing naming files this cache lacks (README, images, .bin copies, or the
+        # weights not yet fetched) makes huggingface_hub refuse the snapshot as incomplete; what
+        # is there is still what vLLM will read, so check it (weights_present decides how far).
+        partial = getattr(err, "snapshot_path", None)
+        return Path(partial) if partial else None
 
 
 def weights_present(root: Path) -> bool:

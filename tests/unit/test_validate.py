@@ -300,3 +300,27 @@ def test_first_start_from_a_hub_checks_the_config_then_the_weights(pruned: Path,
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_an_incomplete_hub_snapshot_is_still_checked(pruned: Path, tmp_path: Path, monkeypatch) -> None:
+    """huggingface_hub calls a cached snapshot incomplete when its tree listing names files the cache
+    lacks (a README image, .bin copies): the files that are there are validated, not skipped."""
+    import huggingface_hub
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    from camera_vllm.format.schema import CameraFormatError
+    from camera_vllm.format.validate import validate_for_serving
+
+    snap = tmp_path / "snapshot"
+    shutil.copytree(pruned, snap)
+
+    def incomplete(*args, **kwargs):
+        raise IncompleteSnapshotError("1 file(s) are missing (README.png)", snapshot_path=str(snap))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    assert validate_for_serving("org/tiny-camera").ok
+    weights = next(snap.glob("*.safetensors"))
+    tensors = {k: v for k, v in _read_all(weights).items() if k != EXPERT0_GATE}
+    save_file(tensors, str(weights))
+    with pytest.raises(CameraFormatError, match="refusing to serve"):
+        validate_for_serving("org/tiny-camera")
