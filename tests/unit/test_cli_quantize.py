@@ -89,7 +89,8 @@ def test_quantize_writes_checkpoint_report_and_plots(setup, capsys) -> None:
     assert main(["validate", str(out)]) == 0
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after validate's line
-    assert summary["expert_bytes"] == report["expert_bytes"]
+    assert summary["totals"]["stored_bytes"] == report["expert_bytes"]
+    assert summary["totals"]["bits_per_original_weight"] == pytest.approx(report["avg_bits_achieved"])
 
 
 @pytest.mark.parametrize(
