@@ -15,11 +15,13 @@ the result deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .linear import SlabLinearWeights
 from .packing import DENSE_BITS
-from .slab_weights import SlabLayout, SlabMoEWeights, check_moe_inputs
+from .slab_weights import SlabMoEWeights, check_moe_inputs
 from .tuning import MoEConfig, TileConfig, get_config
 
 __all__ = ["SUPPORTED_DTYPES", "moe_align", "slab_linear_triton", "slab_moe_triton"]
@@ -143,9 +145,9 @@ def slab_moe_triton(
         COLS=tuple(slots),
         GROUP_SIZE=lay.group_size,
     )
-    w13 = _slot_tensors(lay, slots, w.w13_qweight, w.w13_scales, w.w13_zeros)
+    w13 = _slot_tensors(lay.bits, slots, w.w13_qweight, w.w13_scales, w.w13_zeros)
     w13_strides = tuple(w.w13_qweight[i].stride(0) for i in slots)
-    w2 = _slot_tensors(lay, slots, w.w2_qweight, w.w2_scales, w.w2_zeros)
+    w2 = _slot_tensors(lay.bits, slots, w.w2_qweight, w.w2_scales, w.w2_zeros)
 
     # GEMV: fp32 intermediate (free at decode sizes, one rounding fewer) and every
     # out row written by the w2 kernel.  Sorted: activation-dtype intermediate (tl.dot
@@ -280,10 +282,7 @@ def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig 
     bk = _block_k(c2, w.group_size)
     x = x.contiguous()
     nb = len(w.bits)
-    dense = [b == DENSE_BITS for b in w.bits]
-    q = tuple(w.qweight)
-    scales = tuple(qq if d else ss for qq, ss, d in zip(q, w.scales, dense))
-    zeros = tuple(qq if d else zz for qq, zz, d in zip(q, w.zeros, dense))
+    q, scales, zeros = _slot_tensors(w.bits, range(nb), w.qweight, w.scales, w.zeros)
     act_cols = tuple(sum(w.in_sizes[:j]) for j in range(nb))
     ids = torch.zeros(num_tokens, dtype=torch.int32, device=x.device)
     ones = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
@@ -319,8 +318,8 @@ def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig 
 
 
 def _slot_tensors(
-    lay: SlabLayout,
-    slots: list[int],
+    bits: Sequence[int],
+    slots: Sequence[int],
     qweight: tuple[torch.Tensor, ...],
     scales: tuple[torch.Tensor, ...],
     zeros: tuple[torch.Tensor, ...],
@@ -330,7 +329,7 @@ def _slot_tensors(
     A dense slab's scales and zeros have 0 rows and are never read; its qweight stands
     in for them, since an empty CUDA tensor may have a null pointer that Triton refuses.
     """
-    dense = [lay.bits[i] == DENSE_BITS for i in slots]
+    dense = [bits[i] == DENSE_BITS for i in slots]
     return (
         tuple(qweight[i] for i in slots),
         tuple(qweight[i] if d else scales[i] for i, d in zip(slots, dense)),
