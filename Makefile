@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.camera-vllm-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install demo test test-fast kernel-test bench bench-model bench-load gpu-bench clean
+.PHONY: install demo lint test test-fast kernel-test bench bench-model bench-load gpu-bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,12 @@ demo: install
 
 # The kernel tests go first in their own process: they need Triton's interpreter, which
 # must be switched on before anything (vLLM) imports Triton in compiled mode.
-test: install
+# Lint and format check first: seconds, and a red line here needs no engine start to find.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q -ra tests/kernels $(PYTEST_ARGS)
 	$(PY) -m pytest -q -ra --ignore=tests/kernels $(PYTEST_ARGS)
 

@@ -74,7 +74,9 @@ class _BaselinePruner:
             sh = None if shared is None else self._magnitude(*shared)
             keep = select_keep(scores, self.ratio, shared_scores=sh)
         else:
-            counts = torch.bincount(ctx.routing.topk_ids.flatten().long().clamp(min=0), minlength=len(w.gates))
+            counts = torch.bincount(
+                ctx.routing.topk_ids.flatten().long().clamp(min=0), minlength=len(w.gates)
+            )
             total = sum(w.widths) + (0 if shared is None else shared[0].shape[0])
             budget = int(round(self.ratio * total))
             dropped, removed = set(), 0
@@ -107,9 +109,13 @@ def run_baseline_p(
     source = SourceCheckpoint(model_dir)
     ids = load_calibration(model_dir, calib_files, calib)
     pruner = _BaselinePruner(method, ratio, seed=calib.seed)
-    LayerStreamer(source).run(ids, on_moe_layer=pruner, keep_moe_inputs=method == "expert-drop", progress=True)
+    LayerStreamer(source).run(
+        ids, on_moe_layer=pruner, keep_moe_inputs=method == "expert-drop", progress=True
+    )
     compression = {"method": f"baseline-{method}", "ratio": ratio}
-    return write_pruned_checkpoint(source, out_dir, pruner.keeps, compression=compression, overwrite=overwrite)
+    return write_pruned_checkpoint(
+        source, out_dir, pruner.keeps, compression=compression, overwrite=overwrite
+    )
 
 
 # -- MC-like expert-level mixed precision -------------------------------------------------------------
@@ -127,8 +133,10 @@ def expert_importance(routed_share: Tensor, energy_share: Tensor, gamma: float =
         micro-experts), which also carries the router weights (MC's activation weight).
     """
     if routed_share.shape != energy_share.shape:
-        raise ValueError(f"routed_share {tuple(routed_share.shape)} and energy_share "
-                         f"{tuple(energy_share.shape)} differ in shape")
+        raise ValueError(
+            f"routed_share {tuple(routed_share.shape)} and energy_share "
+            f"{tuple(energy_share.shape)} differ in shape"
+        )
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     return routed_share.double().clamp(min=0) ** gamma * energy_share.double().clamp(min=0) ** (1.0 - gamma)
@@ -149,8 +157,11 @@ def rtn_relative_error(gate: Tensor, up: Tensor, down: Tensor, bits: int, group_
 
 
 def solve_expert_bits(
-    importance: Sequence[float], errors: Sequence[Sequence[float]], costs: Sequence[Sequence[int]],
-    budget: int, bits: Sequence[int] = MC_BITS,
+    importance: Sequence[float],
+    errors: Sequence[Sequence[float]],
+    costs: Sequence[Sequence[int]],
+    budget: int,
+    bits: Sequence[int] = MC_BITS,
 ) -> list[int]:
     """Bit-width per expert minimising ``sum_e importance_e * errors[e][i]`` with ``sum costs <= budget``.
 
@@ -224,11 +235,15 @@ class _MCLikeQuantizer:
         if w.shared is not None:
             raise NotImplementedError("the MC-like baseline covers routed experts only (no shared expert)")
         n_e = len(w.gates)
-        counts = torch.bincount(ctx.routing.topk_ids.flatten().long().clamp(min=0), minlength=n_e)[:n_e].double()
+        counts = torch.bincount(ctx.routing.topk_ids.flatten().long().clamp(min=0), minlength=n_e)[
+            :n_e
+        ].double()
         energy = torch.stack([s.sum() for s in ctx.energies.expert_scores]).double()
         share = lambda v: v / v.sum() if float(v.sum()) > 0 else torch.full_like(v, 1.0 / n_e)  # noqa: E731
         imp = expert_importance(share(counts), share(energy), self.gamma)
-        errors = [[rtn_relative_error(w.gates[e], w.ups[e], w.downs[e], b, g) for b in MC_BITS] for e in range(n_e)]
+        errors = [
+            [rtn_relative_error(w.gates[e], w.ups[e], w.downs[e], b, g) for b in MC_BITS] for e in range(n_e)
+        ]
         costs = [[stored_bytes([w.widths[e]], [b], arch.hidden_size, g) for b in MC_BITS] for e in range(n_e)]
         dense = sum(3 * arch.hidden_size * wd for wd in w.widths)
         budget = int(self.spec.avg_bits * dense // 8)  # the per-layer budget CAMERA-Q meets
@@ -236,7 +251,8 @@ class _MCLikeQuantizer:
         alloc = expert_level_allocation(chosen, w.widths)
         alloc.info["bits_per_weight"] = bits_per_weight(alloc, arch.hidden_size, g)
         self.plans[ctx.layer] = {
-            "expert_bits": chosen, "importance": [round(float(x), 6) for x in imp],
+            "expert_bits": chosen,
+            "importance": [round(float(x), 6) for x in imp],
             "routed_share": [round(float(x), 6) for x in share(counts)],
             "energy_share": [round(float(x), 6) for x in share(energy)],
             "bits_per_weight": alloc.info["bits_per_weight"],
@@ -277,16 +293,34 @@ def run_mc_like_q(
         copy_unquantized(writer, source)
         allocations = final_allocations(q.results)
         achieved = bits_per_weight(list(allocations.values()), source.arch.hidden_size, group_size)
-        compression = {"method": "baseline-mc-like", "quant_algorithm": method, "avg_bits": avg_bits,
-                       "avg_bits_achieved": achieved, "group_size": group_size, "gamma": gamma,
-                       "candidate_bits": list(MC_BITS),
-                       "calibration": {"files": [Path(f).name for f in calib_files], "tokens": int(ids.numel()),
-                                       "num_seqs": calib.num_seqs, "seq_len": calib.seq_len, "seed": calib.seed}}
-        report = {**compression, "layers": {str(k): v for k, v in sorted(q.plans.items())},
-                  "expert_bytes": sum(r.expert_bytes for r in q.results.values()),
-                  "output_rel_errors": {str(k): r.output_rel_error for k, r in sorted(q.results.items())}}
-        path = writer.commit(source_dir=source.path, config=source.config,
-                             quant_config=quant_config(source, allocations, group_size, compression), report=report)
+        compression = {
+            "method": "baseline-mc-like",
+            "quant_algorithm": method,
+            "avg_bits": avg_bits,
+            "avg_bits_achieved": achieved,
+            "group_size": group_size,
+            "gamma": gamma,
+            "candidate_bits": list(MC_BITS),
+            "calibration": {
+                "files": [Path(f).name for f in calib_files],
+                "tokens": int(ids.numel()),
+                "num_seqs": calib.num_seqs,
+                "seq_len": calib.seq_len,
+                "seed": calib.seed,
+            },
+        }
+        report = {
+            **compression,
+            "layers": {str(k): v for k, v in sorted(q.plans.items())},
+            "expert_bytes": sum(r.expert_bytes for r in q.results.values()),
+            "output_rel_errors": {str(k): r.output_rel_error for k, r in sorted(q.results.items())},
+        }
+        path = writer.commit(
+            source_dir=source.path,
+            config=source.config,
+            quant_config=quant_config(source, allocations, group_size, compression),
+            report=report,
+        )
     result = validate(path, check_values=False)
     if not result.ok:
         raise RuntimeError(f"the MC-like checkpoint {path} does not validate:\n{result}")

@@ -41,12 +41,15 @@ def train_tokenizer(text: str, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tok.train_from_iterator([text[i:i + 100_000] for i in range(0, len(text), 100_000)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    tok.train_from_iterator([text[i : i + 100_000] for i in range(0, len(text), 100_000)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = (
         "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -58,11 +61,24 @@ def build_model(vocab: int, args: argparse.Namespace):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=args.hidden // 4, intermediate_size=4 * args.hidden,
-        moe_intermediate_size=args.expert_width, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        norm_topk_prob=True, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, router_aux_loss_coef=0.01, output_router_logits=True,
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=args.hidden // 4,
+        intermediate_size=4 * args.hidden,
+        moe_intermediate_size=args.expert_width,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        router_aux_loss_coef=0.01,
+        output_router_logits=True,
         experts_implementation="grouped_mm",
     )
     return Qwen3MoeForCausalLM(cfg)
@@ -74,7 +90,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) ->
     n = min(max_windows, (ids.numel() - 1) // seq_len)
     nll, count = 0.0, 0
     for w in range(n):
-        chunk = ids[w * seq_len:(w + 1) * seq_len + 1].unsqueeze(0)
+        chunk = ids[w * seq_len : (w + 1) * seq_len + 1].unsqueeze(0)
         logits = model(chunk[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
         nll += float(loss)
@@ -86,7 +102,9 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) ->
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="qwen3moe-shakespeare")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (a step budget keeps runs reproducible)")
+    p.add_argument(
+        "--steps", type=int, default=2000, help="optimizer steps (a step budget keeps runs reproducible)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
@@ -124,7 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, train_ids.numel() - args.seq_len - 1, (args.batch,), generator=gen)
-        batch = torch.stack([train_ids[s:s + args.seq_len + 1] for s in starts.tolist()])
+        batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])
         outp = model(batch, labels=batch)  # the loss shifts labels itself; aux loss added
         loss = outp.loss
         opt.zero_grad(set_to_none=True)
@@ -142,11 +160,20 @@ def main(argv: list[str] | None = None) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     record = {
-        "model": args.name, "path": str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else str(out),
-        "params": n_params, "steps": args.steps, "train_tokens": tokens, "train_seconds": round(train_s, 1),
-        "val_ppl": round(ppl, 3), "held_out_works": list(text_data.HELD_OUT), "args": vars(args) | {"out": os.path.relpath(out, ROOT.parent)},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
+        "model": args.name,
+        "path": str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else str(out),
+        "params": n_params,
+        "steps": args.steps,
+        "train_tokens": tokens,
+        "train_seconds": round(train_s, 1),
+        "val_ppl": round(ppl, 3),
+        "held_out_works": list(text_data.HELD_OUT),
+        "args": vars(args) | {"out": os.path.relpath(out, ROOT.parent)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     RESULTS.mkdir(exist_ok=True)

@@ -64,8 +64,9 @@ def peak_rss_self() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
 
 
-def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None
-                 ) -> dict[str, Any]:
+def run_measured(
+    cmd: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
     """Run ``cmd`` to completion; return its exit code, stdout, stderr tail, wall time and ``ru_maxrss``.
 
     ``ru_maxrss_bytes`` is this child's own (``os.wait4``, not the maximum over all children
@@ -123,12 +124,24 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     elif op == "prune":
         run_camera_p(model, out, job["ratio"], [calib_file], calib=spec, device="cpu", progress=False)
     elif op == "quantize":
-        run_camera_q(model, out, [calib_file], avg_bits=job["avg_bits"], method=job["method"],
-                     group_size=job["group_size"], calib=spec, device="cpu", progress=False)
+        run_camera_q(
+            model,
+            out,
+            [calib_file],
+            avg_bits=job["avg_bits"],
+            method=job["method"],
+            group_size=job["group_size"],
+            calib=spec,
+            device="cpu",
+            progress=False,
+        )
     else:
         raise ValueError(f"unknown job op {op!r}")
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "peak_rss_bytes": peak_rss_self()}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "peak_rss_bytes": peak_rss_self(),
+    }
 
 
 # -- checkpoint bytes --------------------------------------------------------------------------------
@@ -181,23 +194,74 @@ def jobs(tokens: list[int]) -> list[dict[str, Any]]:
     default = max(tokens)
     out: list[dict[str, Any]] = [
         {"op": "floor", "num_seqs": 1, "seq_len": SEQ_LEN, "label": "import floor"},
-        {"op": "floor", "num_seqs": 1, "seq_len": SEQ_LEN, "label": "tokenize whole train split", "full_text": True},
+        {
+            "op": "floor",
+            "num_seqs": 1,
+            "seq_len": SEQ_LEN,
+            "label": "tokenize whole train split",
+            "full_text": True,
+        },
     ]
     for t in tokens:
-        out.append({"op": "analyze", "num_seqs": t // SEQ_LEN if t >= SEQ_LEN else 1,
-                    "seq_len": min(t, SEQ_LEN), "label": "analyze"})
+        out.append(
+            {
+                "op": "analyze",
+                "num_seqs": t // SEQ_LEN if t >= SEQ_LEN else 1,
+                "seq_len": min(t, SEQ_LEN),
+                "label": "analyze",
+            }
+        )
     for t in tokens:
-        out.append({"op": "prune", "ratio": 0.5, "num_seqs": t // SEQ_LEN if t >= SEQ_LEN else 1,
-                    "seq_len": min(t, SEQ_LEN), "label": "camera-p 50%", "ckpt": "camera-p-50" if t == default else None})
+        out.append(
+            {
+                "op": "prune",
+                "ratio": 0.5,
+                "num_seqs": t // SEQ_LEN if t >= SEQ_LEN else 1,
+                "seq_len": min(t, SEQ_LEN),
+                "label": "camera-p 50%",
+                "ckpt": "camera-p-50" if t == default else None,
+            }
+        )
     n = default // SEQ_LEN
     out += [
-        {"op": "prune", "ratio": 0.25, "num_seqs": n, "seq_len": SEQ_LEN, "label": "camera-p 25%", "ckpt": "camera-p-25"},
-        {"op": "quantize", "avg_bits": 2.25, "method": "rtn", "group_size": 128, "num_seqs": n, "seq_len": SEQ_LEN,
-         "label": "camera-q rtn 2.25", "ckpt": "camera-q-rtn-2.25"},
-        {"op": "quantize", "avg_bits": 2.25, "method": "gptq", "group_size": 128, "num_seqs": n, "seq_len": SEQ_LEN,
-         "label": "camera-q gptq 2.25", "ckpt": "camera-q-gptq-2.25"},
-        {"op": "quantize", "avg_bits": 2.5, "method": "gptq", "group_size": 128, "num_seqs": n, "seq_len": SEQ_LEN,
-         "label": "camera-q gptq 2.5", "ckpt": "camera-q-gptq-2.5"},
+        {
+            "op": "prune",
+            "ratio": 0.25,
+            "num_seqs": n,
+            "seq_len": SEQ_LEN,
+            "label": "camera-p 25%",
+            "ckpt": "camera-p-25",
+        },
+        {
+            "op": "quantize",
+            "avg_bits": 2.25,
+            "method": "rtn",
+            "group_size": 128,
+            "num_seqs": n,
+            "seq_len": SEQ_LEN,
+            "label": "camera-q rtn 2.25",
+            "ckpt": "camera-q-rtn-2.25",
+        },
+        {
+            "op": "quantize",
+            "avg_bits": 2.25,
+            "method": "gptq",
+            "group_size": 128,
+            "num_seqs": n,
+            "seq_len": SEQ_LEN,
+            "label": "camera-q gptq 2.25",
+            "ckpt": "camera-q-gptq-2.25",
+        },
+        {
+            "op": "quantize",
+            "avg_bits": 2.5,
+            "method": "gptq",
+            "group_size": 128,
+            "num_seqs": n,
+            "seq_len": SEQ_LEN,
+            "label": "camera-q gptq 2.5",
+            "ckpt": "camera-q-gptq-2.5",
+        },
     ]
     return out
 
@@ -205,8 +269,11 @@ def jobs(tokens: list[int]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)),
-                   help="calibration token counts (multiples of 1024 above 1024)")
+    p.add_argument(
+        "--tokens",
+        default=",".join(map(str, DEFAULT_TOKENS)),
+        help="calibration token counts (multiples of 1024 above 1024)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads in every run (recorded)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job: run it here and print the result
@@ -244,25 +311,37 @@ def main(argv: list[str] | None = None) -> None:
             calib_file = WORK / f"calib-{want}.txt"
             if not calib_file.exists():
                 calib_file.write_text(train[: int(2 * want * CHARS_PER_TOKEN)])
-        job = {**job, "model": str(args.model), "calib": str(calib_file), "threads": args.threads,
-               "calib_chars": len(train) if job.get("full_text") else int(2 * want * CHARS_PER_TOKEN)}
+        job = {
+            **job,
+            "model": str(args.model),
+            "calib": str(calib_file),
+            "threads": args.threads,
+            "calib_chars": len(train) if job.get("full_text") else int(2 * want * CHARS_PER_TOKEN),
+        }
         out = WORK / f"run{i:02d}-{job['op']}"
         if job["op"] == "analyze":
             out = out.with_suffix(".safetensors")
         job["out"] = None if job["op"] == "floor" else str(out)
         load_before = os.getloadavg()[0]
-        res = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                           env=env, timeout=args.timeout)
+        res = run_measured(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+            env=env,
+            timeout=args.timeout,
+        )
         lines = [ln for ln in res["stdout"].splitlines() if ln.startswith("{")]
         if res["returncode"] != 0 or not lines:
             raise SystemExit(f"run {job['label']} failed (exit {res['returncode']}):\n{res['stderr_tail']}")
         inner = json.loads(lines[-1])
         row = {
-            "label": job["label"], "op": job["op"],
-            "calibration_tokens": job["num_seqs"] * job["seq_len"], "num_seqs": job["num_seqs"],
-            "seq_len": job["seq_len"], "seconds": round(inner["seconds"], 2),
+            "label": job["label"],
+            "op": job["op"],
+            "calibration_tokens": job["num_seqs"] * job["seq_len"],
+            "num_seqs": job["num_seqs"],
+            "seq_len": job["seq_len"],
+            "seconds": round(inner["seconds"], 2),
             "cpu_seconds": round(inner["cpu_seconds"], 2),
-            "wall_seconds": round(res["wall_seconds"], 2), "peak_rss_bytes": inner["peak_rss_bytes"],
+            "wall_seconds": round(res["wall_seconds"], 2),
+            "peak_rss_bytes": inner["peak_rss_bytes"],
             # The machine may be shared: the 1-minute load average before and after the run.
             "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
@@ -280,12 +359,25 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [{"checkpoint": "dense (fp32)", **dense}]
     for name, path in ckpts.items():
         b = checkpoint_bytes(path)
-        sizes.append({"checkpoint": name, **b,
-                      **{f"{k}_vs_dense": round(b[k] / dense[k], 4) for k in ("dir_bytes", "safetensors_bytes",
-                                                                               "expert_bytes")},
-                      "expert_bytes_vs_dense_bf16": round(b["expert_bytes"] / (2 * dense["expert_params"]), 4)})
-    result = {**here, "model": args.model.name, "torch_threads": args.threads, "seq_len": SEQ_LEN,
-              "runs": runs, "checkpoint_bytes": sizes}
+        sizes.append(
+            {
+                "checkpoint": name,
+                **b,
+                **{
+                    f"{k}_vs_dense": round(b[k] / dense[k], 4)
+                    for k in ("dir_bytes", "safetensors_bytes", "expert_bytes")
+                },
+                "expert_bytes_vs_dense_bf16": round(b["expert_bytes"] / (2 * dense["expert_params"]), 4),
+            }
+        )
+    result = {
+        **here,
+        "model": args.model.name,
+        "torch_threads": args.threads,
+        "seq_len": SEQ_LEN,
+        "runs": runs,
+        "checkpoint_bytes": sizes,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "compressor-cost.json").write_text(json.dumps(result, indent=2) + "\n")
     write_docs(result)
@@ -313,8 +405,12 @@ def write_docs(result: dict[str, Any]) -> None:
         "Each run is its own process. *seconds* is the wall time of the pipeline call (imports excluded), "
         "*CPU seconds* its CPU time (the steadier number on a shared machine); *peak RSS* is "
         "that process's maximum resident memory, imports included"
-        + (f" (the import floor: Python, torch, transformers and the tokenizer, is {_mib(floor['peak_rss_bytes'])} MiB)."
-           if floor else ".")
+        + (
+            " (the import floor: Python, torch, transformers and the tokenizer, is "
+            f"{_mib(floor['peak_rss_bytes'])} MiB)."
+            if floor
+            else "."
+        )
         + " Calibration files hold about twice the text their windows need.",
         "",
         f"The machine has {m['cpu_count']} cores and may be shared: a load average well above that means "
@@ -328,21 +424,35 @@ def write_docs(result: dict[str, Any]) -> None:
     ]
     for r in runs:
         tokens = "-" if r["op"] == "floor" else r["calibration_tokens"]
-        lines.append(f"| {r['label']} | {tokens} | {r['calib_chars']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
-                     f"| {r['wall_seconds']:.1f} | {_mib(r['peak_rss_bytes'])} "
-                     f"| {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |")
-    lines += ["", "## Checkpoint bytes vs dense", "",
-              "| checkpoint | directory MiB | safetensors MiB | expert MiB | expert vs dense fp32 "
-              "| expert vs dense bf16 | safetensors vs dense |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['label']} | {tokens} | {r['calib_chars']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
+            f"| {r['wall_seconds']:.1f} | {_mib(r['peak_rss_bytes'])} "
+            f"| {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |"
+        )
+    lines += [
+        "",
+        "## Checkpoint bytes vs dense",
+        "",
+        "| checkpoint | directory MiB | safetensors MiB | expert MiB | expert vs dense fp32 "
+        "| expert vs dense bf16 | safetensors vs dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in result["checkpoint_bytes"]:
         dense = "dense" in s["checkpoint"]
         lines.append(
-            f"| {s['checkpoint']} | {_mib(s['dir_bytes'])} | {_mib(s['safetensors_bytes'])} | {_mib(s['expert_bytes'])} "
-            f"| {'1' if dense else s['expert_bytes_vs_dense']} | {'2' if dense else s['expert_bytes_vs_dense_bf16']} "
-            f"| {'1' if dense else s['safetensors_bytes_vs_dense']} |")
-    lines += ["", "The benchmark model is stored in fp32; CAMERA-P keeps the model dtype, CAMERA-Q stores packed "
-              "codes with fp16 scales and zeros. Embeddings, attention and router are unchanged in every "
-              "checkpoint, so the whole-file ratio is above the expert ratio.", ""]
+            f"| {s['checkpoint']} | {_mib(s['dir_bytes'])} | {_mib(s['safetensors_bytes'])} "
+            f"| {_mib(s['expert_bytes'])} "
+            f"| {'1' if dense else s['expert_bytes_vs_dense']} "
+            f"| {'2' if dense else s['expert_bytes_vs_dense_bf16']} "
+            f"| {'1' if dense else s['safetensors_bytes_vs_dense']} |"
+        )
+    lines += [
+        "",
+        "The benchmark model is stored in fp32; CAMERA-P keeps the model dtype, CAMERA-Q stores packed "
+        "codes with fp16 scales and zeros. Embeddings, attention and router are unchanged in every "
+        "checkpoint, so the whole-file ratio is above the expert ratio.",
+        "",
+    ]
     DOCS.mkdir(exist_ok=True)
     (DOCS / "compressor-cost.md").write_text("\n".join(lines))
 
@@ -351,17 +461,25 @@ def write_docs(result: dict[str, Any]) -> None:
     for op, label in (("analyze", "analyze (energies)"), ("prune", "CAMERA-P 50 %")):
         pts = [r for r in runs if r["op"] == op and r.get("ratio", 0.5) == 0.5]
         x = [r["calibration_tokens"] for r in pts]
-        line, = ax_t.plot(x, [r["seconds"] for r in pts], "o-", label=f"{label}, wall")
+        (line,) = ax_t.plot(x, [r["seconds"] for r in pts], "o-", label=f"{label}, wall")
         ax_t.plot(x, [r["cpu_seconds"] for r in pts], "o--", color=line.get_color(), label=f"{label}, CPU")
         ax_m.plot(x, [r["peak_rss_bytes"] / 2**20 for r in pts], "o-", label=label)
     for r in runs:
         if r["op"] == "quantize":
-            line, = ax_t.plot([r["calibration_tokens"]], [r["seconds"]], "s", label=f"{r['label']}, wall")
-            ax_t.plot([r["calibration_tokens"]], [r["cpu_seconds"]], "s", mfc="none", color=line.get_color(),
-                      label=f"{r['label']}, CPU")
+            (line,) = ax_t.plot([r["calibration_tokens"]], [r["seconds"]], "s", label=f"{r['label']}, wall")
+            ax_t.plot(
+                [r["calibration_tokens"]],
+                [r["cpu_seconds"]],
+                "s",
+                mfc="none",
+                color=line.get_color(),
+                label=f"{r['label']}, CPU",
+            )
             ax_m.plot([r["calibration_tokens"]], [r["peak_rss_bytes"] / 2**20], "s", label=r["label"])
     if floor:
-        ax_m.axhline(floor["peak_rss_bytes"] / 2**20, color="k", linestyle="--", linewidth=1, label="import floor")
+        ax_m.axhline(
+            floor["peak_rss_bytes"] / 2**20, color="k", linestyle="--", linewidth=1, label="import floor"
+        )
     for ax, yl in ((ax_t, "seconds (pipeline call; wall and CPU)"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration tokens")

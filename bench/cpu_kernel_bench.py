@@ -5,8 +5,8 @@ width 768, top-4, group size 128, slabs at 3/2/1 bits with width fractions
 0.25/0.5/0.25 ("q225") or 0.5/0.25/0.25 ("q25"); random weights (speed only).  Every
 backend rotates over 8 copies of its layer so weights come from memory, not cache (a model
 has many layers: serving never finds the next layer in cache).  Timed per call (median of
-``--iters`` calls after a warm-up, backends interleaved call by call) for T = 1, 8, 64 tokens at 1 and 2 threads; the
-routing is random and the same for every backend.
+``--iters`` calls after a warm-up, backends interleaved call by call) for T = 1, 8, 64
+tokens at 1 and 2 threads; the routing is random and the same for every backend.
 
 * dense: ``torch.ops._C.cpu_fused_moe`` on bf16 weights prepacked with
   ``torch.ops._C.prepack_moe_weight`` (isa as vLLM picks it: "amx" where there are AMX
@@ -28,8 +28,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -61,8 +62,12 @@ def copy_layer(w: SlabMoEWeights) -> SlabMoEWeights:
     """The same layer in fresh memory (cold-cache rotation needs distinct storage)."""
     return SlabMoEWeights.from_layout(
         w.layout,
-        [t.clone() for t in w.w13_qweight], [t.clone() for t in w.w13_scales], [t.clone() for t in w.w13_zeros],
-        [t.clone() for t in w.w2_qweight], [t.clone() for t in w.w2_scales], [t.clone() for t in w.w2_zeros],
+        [t.clone() for t in w.w13_qweight],
+        [t.clone() for t in w.w13_scales],
+        [t.clone() for t in w.w13_zeros],
+        [t.clone() for t in w.w2_qweight],
+        [t.clone() for t in w.w2_scales],
+        [t.clone() for t in w.w2_zeros],
     )
 
 
@@ -112,8 +117,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--ref-iters", type=int, default=8, help="iterations for the (slow) reference")
     ap.add_argument("--tokens", default="1,8,64")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
-                    help="avx2: the kernel's AVX2 build against vLLM's AVX2 library, as on a CPU without AVX-512")
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: the kernel's AVX2 build against vLLM's AVX2 library, as on a CPU without AVX-512",
+    )
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu-kernel[-avx2].json")
     args = ap.parse_args(argv)
     if args.out is None:
@@ -154,19 +163,29 @@ def main(argv: list[str] | None = None) -> Path:
         ids32 = ids.to(torch.int32).contiguous()
         out = torch.empty_like(x)
 
-        def dense_call(j: int) -> None:
+        def dense_call(j: int, out=out, x=x, tw=tw, ids32=ids32) -> None:
             w13, w2, _ = dense[j]
             torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, tw, ids32, False, "silu", isa)
 
-        row: dict[str, Any] = {"threads": nt, "tokens": t, "hit_experts": int(torch.unique(ids).numel()),
-                               "loadavg_1m_before": os.getloadavg()[0]}
+        row: dict[str, Any] = {
+            "threads": nt,
+            "tokens": t,
+            "hit_experts": int(torch.unique(ids).numel()),
+            "loadavg_1m_before": os.getloadavg()[0],
+        }
         fast = {"dense": dense_call}
         slow = {}
         for name, copies in layers.items():
-            fast[f"{name}_cpu"] = lambda j, c=copies: slab_moe_cpu(x, tw, ids, c[j], isa=kernel_isa)
-            slow[f"{name}_reference"] = lambda j, c=copies: slab_moe_reference(x, tw, ids, c[j])
-        for name, sec in {**time_interleaved(fast, args.copies, args.iters),
-                          **time_interleaved(slow, args.copies, args.ref_iters)}.items():
+            fast[f"{name}_cpu"] = lambda j, c=copies, x=x, tw=tw, ids=ids: slab_moe_cpu(
+                x, tw, ids, c[j], isa=kernel_isa
+            )
+            slow[f"{name}_reference"] = lambda j, c=copies, x=x, tw=tw, ids=ids: slab_moe_reference(
+                x, tw, ids, c[j]
+            )
+        for name, sec in {
+            **time_interleaved(fast, args.copies, args.iters),
+            **time_interleaved(slow, args.copies, args.ref_iters),
+        }.items():
             row[f"{name}_ms"] = 1e3 * sec
         for name in layers:
             # Speed relative to dense (dense time / time): > 1 means faster than dense.
@@ -180,11 +199,23 @@ def main(argv: list[str] | None = None) -> Path:
     result = {
         "benchmark": "cpu-kernel",
         "stamp": stamp(),
-        "layer": {"hidden": HIDDEN, "expert_width": WIDTH, "experts": EXPERTS, "top_k": TOP_K,
-                  "group_size": GROUP, "slabs": {k: {"bits": b, "fractions": f} for k, (b, f) in LAYERS.items()},
-                  "bytes": {"dense_bf16": 3 * EXPERTS * HIDDEN * WIDTH * 2, **bytes_q}},
-        "settings": {"copies": args.copies, "iters": args.iters, "ref_iters": args.ref_iters,
-                     "dense_isa": isa, "cpu_isa": args.isa, "quick": args.quick},
+        "layer": {
+            "hidden": HIDDEN,
+            "expert_width": WIDTH,
+            "experts": EXPERTS,
+            "top_k": TOP_K,
+            "group_size": GROUP,
+            "slabs": {k: {"bits": b, "fractions": f} for k, (b, f) in LAYERS.items()},
+            "bytes": {"dense_bf16": 3 * EXPERTS * HIDDEN * WIDTH * 2, **bytes_q},
+        },
+        "settings": {
+            "copies": args.copies,
+            "iters": args.iters,
+            "ref_iters": args.ref_iters,
+            "dense_isa": isa,
+            "cpu_isa": args.isa,
+            "quick": args.quick,
+        },
         "kernel_build_or_load_s": build_s,
         "rows": rows,
     }
@@ -207,8 +238,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         sub = [r for r in rows if r["threads"] == nt]
         xs = range(len(sub))
         width = 0.2
-        series = [("q225_cpu_vs_dense", "q225 kernel"), ("q25_cpu_vs_dense", "q25 kernel"),
-                  ("q225_reference_vs_dense", "q225 reference")]
+        series = [
+            ("q225_cpu_vs_dense", "q225 kernel"),
+            ("q25_cpu_vs_dense", "q25 kernel"),
+            ("q225_reference_vs_dense", "q225 reference"),
+        ]
         for s, (key, label) in enumerate(series):
             ax.bar([x + (s - 1) * width for x in xs], [r[key] for r in sub], width, label=label)
         ax.axhline(1.0, color="k", lw=0.8)

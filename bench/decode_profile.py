@@ -39,8 +39,14 @@ def profile_model(name: str, tokens: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(MODELS / name), dtype="bfloat16", max_model_len=256, max_num_seqs=8, seed=0,
-              distributed_executor_backend="uni")
+    llm = LLM(
+        model=str(MODELS / name),
+        dtype="bfloat16",
+        max_model_len=256,
+        max_num_seqs=8,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     prompt = {"prompt_token_ids": list(range(3, 35))}
     llm.generate([prompt], params, use_tqdm=False)  # warm-up: compile, caches
@@ -77,7 +83,9 @@ def main() -> None:
     names = args.models.split(",")
     missing = [n for n in names if not (MODELS / n / "config.json").is_file()]
     if missing:
-        raise SystemExit(f"missing checkpoints {missing} under {MODELS}: run bench/speed_cpu.py --prepare-only")
+        raise SystemExit(
+            f"missing checkpoints {missing} under {MODELS}: run bench/speed_cpu.py --prepare-only"
+        )
     rows = []
     for name in names:
         rows.append(profile_model(name, args.tokens))
@@ -92,9 +100,15 @@ def main() -> None:
         bound = round(1.0 / (1.0 - share), 3) if share is not None and share < 1 else None
     else:
         bound = None
-    result = {"benchmark": "decode-profile", "stamp": stamp(), "tokens": args.tokens, "concurrency": 1,
-              "rows": rows, "speedup_bound_if_experts_were_free": bound,
-              "loadavg_1min": os.getloadavg()[0]}
+    result = {
+        "benchmark": "decode-profile",
+        "stamp": stamp(),
+        "tokens": args.tokens,
+        "concurrency": 1,
+        "rows": rows,
+        "speedup_bound_if_experts_were_free": bound,
+        "loadavg_1min": os.getloadavg()[0],
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {OUT}")
 

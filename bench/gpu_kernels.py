@@ -312,6 +312,7 @@ class SharedExpert:
     @classmethod
     def random(cls, hidden: int, sizes, bits, group: int, seed: int, device) -> SharedExpert:
         import torch
+
         from camera_kernels.linear import SlabLinearWeights, slab_linear_meta
         from camera_kernels.slab_weights import quantize_rtn
 
@@ -577,6 +578,7 @@ def tune_table(results: dict[int, dict[str, tuple[float, object]]], top_k: int) 
 def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> int:
     """Time candidate tiles per shape and token count; write kernels/configs/<device>.json."""
     import torch
+
     from camera_kernels.launch import slab_moe_triton
     from camera_kernels.slab_weights import random_slab_weights
     from camera_kernels.tuning import CONFIG_DIR, FALLBACK, device_file_name, shape_key
@@ -684,6 +686,7 @@ class Bench:
     # ---- one shape -----------------------------------------------------------------------
     def shape(self, shape: Shape, kinds: tuple[str, ...]) -> None:
         import torch
+
         from camera_kernels.packing import DENSE_BITS
         from camera_kernels.slab_weights import DENSE_GROUP_SIZE, random_slab_weights
 

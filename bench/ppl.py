@@ -26,7 +26,7 @@ def token_windows(model_dir: str | Path, text: str, seq_len: int, count: int) ->
     n = min(count, len(ids) // seq_len)
     if n == 0:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
 @torch.no_grad()
@@ -50,8 +50,12 @@ def ppl_vllm(model_dir: str | Path, windows: list[list[int]], dtype: str = "floa
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=str(model_dir), dtype=dtype, max_model_len=max(len(w) for w in windows) + 8,
-        enforce_eager=False, max_num_seqs=8, seed=0,
+        model=str(model_dir),
+        dtype=dtype,
+        max_model_len=max(len(w) for w in windows) + 8,
+        enforce_eager=False,
+        max_num_seqs=8,
+        seed=0,
     )
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
@@ -77,8 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     windows = token_windows(args.model, args.text.read_text(), args.seq_len, args.windows)
     fn = ppl_vllm if args.backend == "vllm" else ppl_reference
-    result = {"model": args.model, "backend": args.backend, "ppl": fn(args.model, windows),
-              "tokens": sum(len(w) - 1 for w in windows)}
+    result = {
+        "model": args.model,
+        "backend": args.backend,
+        "ppl": fn(args.model, windows),
+        "tokens": sum(len(w) - 1 for w in windows),
+    }
     print(json.dumps(result) if args.json else result, flush=True)
     return result
 

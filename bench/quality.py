@@ -66,19 +66,38 @@ def settings() -> list[tuple[str, str, dict]]:
         ]
     for bits, label in ((2.25, "2.25 bpw"), (2.5, "2.5 bpw")):
         for m in ("rtn", "gptq"):
-            rows.append((f"camera-q {m}", label, {"kind": "q", "avg_bits": bits, "method": m, "group_size": 128}))
+            rows.append(
+                (f"camera-q {m}", label, {"kind": "q", "avg_bits": bits, "method": m, "group_size": 128})
+            )
     # MC-like: one bit-width per expert (1-4) at CAMERA-Q's bytes, same group size.
     for bits, label in ((2.25, "2.25 bpw"), (2.5, "2.5 bpw")):
         for m in ("rtn", "gptq"):
-            rows.append((f"mc-like {m}", label, {"kind": "mc", "avg_bits": bits, "method": m, "group_size": 128}))
+            rows.append(
+                (f"mc-like {m}", label, {"kind": "mc", "avg_bits": bits, "method": m, "group_size": 128})
+            )
     # Uniform baselines at the same bytes: 2 bits with g128 = 2.25 bpw, with g64 = 2.5 bpw.
     for m in ("rtn", "gptq"):
-        rows.append((f"uniform {m} 2-bit", "2.25 bpw (g128)", {"kind": "q", "bits": [2], "fractions": [1.0],
-                                                                "method": m, "group_size": 128}))
-        rows.append((f"uniform {m} 2-bit", "2.5 bpw (g64)", {"kind": "q", "bits": [2], "fractions": [1.0],
-                                                              "method": m, "group_size": 64}))
-        rows.append((f"uniform {m} 3-bit", "3.25 bpw (g128)", {"kind": "q", "bits": [3], "fractions": [1.0],
-                                                                "method": m, "group_size": 128}))
+        rows.append(
+            (
+                f"uniform {m} 2-bit",
+                "2.25 bpw (g128)",
+                {"kind": "q", "bits": [2], "fractions": [1.0], "method": m, "group_size": 128},
+            )
+        )
+        rows.append(
+            (
+                f"uniform {m} 2-bit",
+                "2.5 bpw (g64)",
+                {"kind": "q", "bits": [2], "fractions": [1.0], "method": m, "group_size": 64},
+            )
+        )
+        rows.append(
+            (
+                f"uniform {m} 3-bit",
+                "3.25 bpw (g128)",
+                {"kind": "q", "bits": [3], "fractions": [1.0], "method": m, "group_size": 128},
+            )
+        )
     return rows
 
 
@@ -97,12 +116,27 @@ def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec, 
     if kind == "b":
         return baselines.run_baseline_p(model, out, kw["method"], kw["ratio"], [calib_file], calib=calib)
     if kind == "mc":
-        return baselines.run_mc_like_q(model, out, kw["avg_bits"], [calib_file], method=kw["method"],
-                                       group_size=kw["group_size"], calib=calib)
+        return baselines.run_mc_like_q(
+            model,
+            out,
+            kw["avg_bits"],
+            [calib_file],
+            method=kw["method"],
+            group_size=kw["group_size"],
+            calib=calib,
+        )
     if kind == "q":
-        return run_camera_q(model, out, [calib_file], avg_bits=kw.get("avg_bits"), bits=kw.get("bits"),
-                            fractions=kw.get("fractions"), group_size=kw["group_size"], method=kw["method"],
-                            calib=calib)
+        return run_camera_q(
+            model,
+            out,
+            [calib_file],
+            avg_bits=kw.get("avg_bits"),
+            bits=kw.get("bits"),
+            fractions=kw.get("fractions"),
+            group_size=kw["group_size"],
+            method=kw["method"],
+            calib=calib,
+        )
     return model
 
 
@@ -114,8 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--only", default=None, help="comma-separated method prefixes to run")
     p.add_argument("--skip-vllm", action="store_true")
-    p.add_argument("--reuse-checkpoints", action="store_true",
-                   help="score cached checkpoints in bench/.cache/quality as they are instead of rebuilding them")
+    p.add_argument(
+        "--reuse-checkpoints",
+        action="store_true",
+        help="score cached checkpoints in bench/.cache/quality as they are instead of rebuilding them",
+    )
     args = p.parse_args(argv)
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model}: no benchmark model; run `make bench-model` first")
@@ -126,15 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     calib = CalibSpec(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=0)
     out_json = RESULTS / "quality.json"
     here = stamp()
-    setup = {"model": str(args.model.name), "windows": len(windows), "seq_len": args.seq_len,
-             "calibration": vars(calib)}
+    setup = {
+        "model": str(args.model.name),
+        "windows": len(windows),
+        "seq_len": args.seq_len,
+        "calibration": vars(calib),
+    }
     previous: list[dict] = []
     if out_json.exists() and args.only:
         old = json.loads(out_json.read_text())
         differs = {k: (old.get(k), v) for k, v in setup.items() if old.get(k) != v}
         if differs:
-            raise SystemExit(f"{out_json}: --only would merge rows measured on another setup {differs}; "
-                             "rerun the whole table instead")
+            raise SystemExit(
+                f"{out_json}: --only would merge rows measured on another setup {differs}; "
+                "rerun the whole table instead"
+            )
         for r in old["rows"]:  # rows from before per-row stamps were produced by the file's commit
             r.setdefault("commit", old.get("commit"))
             r.setdefault("dirty_tree", old.get("dirty_tree"))
@@ -155,9 +198,22 @@ def main(argv: list[str] | None = None) -> None:
         served = None
         if not args.skip_vllm:
             res = subprocess.run(
-                [sys.executable, str(ROOT / "ppl.py"), str(ckpt), "--text", str(held_file), "--seq-len",
-                 str(args.seq_len), "--windows", str(args.windows), "--backend", "vllm", "--json"],
-                capture_output=True, text=True,
+                [
+                    sys.executable,
+                    str(ROOT / "ppl.py"),
+                    str(ckpt),
+                    "--text",
+                    str(held_file),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--windows",
+                    str(args.windows),
+                    "--backend",
+                    "vllm",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
             )
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             if res.returncode != 0 or not lines:
@@ -166,17 +222,25 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 served = json.loads(lines[-1])["ppl"]
         row = {
-            "method": method, "setting": setting, "ppl_served": served, "ppl_reference": round(ref, 4),
+            "method": method,
+            "setting": setting,
+            "ppl_served": served,
+            "ppl_reference": round(ref, 4),
             "served_vs_reference": None if served is None else round(served / ref - 1, 5),
             "expert_bytes": _expert_bytes(ckpt) if kw else _dense_expert_bytes(ckpt),
             "compress_seconds": round(t_build, 1),
-            "checkpoint": str(ckpt.relative_to(ROOT.parent)) if ckpt.is_relative_to(ROOT.parent) else str(ckpt),
-            "commit": here["commit"], "dirty_tree": here["dirty_tree"],
+            "checkpoint": str(ckpt.relative_to(ROOT.parent))
+            if ckpt.is_relative_to(ROOT.parent)
+            else str(ckpt),
+            "commit": here["commit"],
+            "dirty_tree": here["dirty_tree"],
         }
         if not kw:
             row["note"] = "expert bytes = fp32 expert matrices of the dense model"
         if reused:
-            row["checkpoint_reused"] = True  # built earlier, maybe by other code: only the scoring is this commit's
+            row["checkpoint_reused"] = (
+                True  # built earlier, maybe by other code: only the scoring is this commit's
+            )
         print(json.dumps(row), flush=True)
         rows.append(row)
         RESULTS.mkdir(exist_ok=True)
@@ -191,9 +255,19 @@ def _write_json(path: Path, here: dict, setup: dict, rows: list[dict], done: dic
     have = {(r["method"], r["setting"]): r for r in rows}
     merged = [have.get(k) or done[k] for k in order if k in have or k in done]
     commits = sorted({r.get("commit") or "" for r in merged} - {""})
-    path.write_text(json.dumps({**here, **setup, "row_commits": commits,
-                                "note": "top-level stamp: the latest run; each row's commit: the code that "
-                                        "produced it", "rows": merged}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                **here,
+                **setup,
+                "row_commits": commits,
+                "note": "top-level stamp: the latest run; each row's commit: the code that produced it",
+                "rows": merged,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 TIE_PCT = 0.5  # perplexity gap (%) below which two rows are called equal in the generated text
@@ -202,19 +276,28 @@ TIE_PCT = 0.5  # perplexity gap (%) below which two rows are called equal in the
 def _mc_verdict(rows: list[dict]) -> list[str]:
     """Generated comparison of CAMERA-Q with the MC-like baseline at equal bytes (empty without MC rows)."""
     by = {(r["method"], r["setting"]): r for r in rows}
-    pairs = [(m, s) for m in ("rtn", "gptq") for s in ("2.25 bpw", "2.5 bpw")
-             if (f"camera-q {m}", s) in by and (f"mc-like {m}", s) in by]
+    pairs = [
+        (m, s)
+        for m in ("rtn", "gptq")
+        for s in ("2.25 bpw", "2.5 bpw")
+        if (f"camera-q {m}", s) in by and (f"mc-like {m}", s) in by
+    ]
     if not pairs:
         return []
-    out = ["", "## CAMERA-Q vs MC-like (expert-level mixed precision)", "",
-           "MC-like follows Mixture Compressor's idea: each routed expert gets one bit-width (1-4) for all "
-           "its weights, chosen per layer by an exact knapsack that minimises "
-           "sum(importance x measured RTN error) under CAMERA-Q's byte budget; importance = "
-           "sqrt(routing share x CAMERA-energy share). Same group size (128), same GPTQ/RTN code, "
-           "same calibration, all scale/zero bytes counted. Its checkpoint is a CAMERA-Q checkpoint "
-           "whose experts each fill one slab, served by the same vLLM path. Neither method removes "
-           "weights here: MC-like gives at least 1 bit even to experts the calibration never routes to, "
-           "and CAMERA-Q runs without pruning.", ""]
+    out = [
+        "",
+        "## CAMERA-Q vs MC-like (expert-level mixed precision)",
+        "",
+        "MC-like follows Mixture Compressor's idea: each routed expert gets one bit-width (1-4) for all "
+        "its weights, chosen per layer by an exact knapsack that minimises "
+        "sum(importance x measured RTN error) under CAMERA-Q's byte budget; importance = "
+        "sqrt(routing share x CAMERA-energy share). Same group size (128), same GPTQ/RTN code, "
+        "same calibration, all scale/zero bytes counted. Its checkpoint is a CAMERA-Q checkpoint "
+        "whose experts each fill one slab, served by the same vLLM path. Neither method removes "
+        "weights here: MC-like gives at least 1 bit even to experts the calibration never routes to, "
+        "and CAMERA-Q runs without pruning.",
+        "",
+    ]
     uniform = {"2.25 bpw": "2.25 bpw (g128)", "2.5 bpw": "2.5 bpw (g64)"}
     wins = losses = 0
     for m, s in pairs:
@@ -229,10 +312,15 @@ def _mc_verdict(rows: list[dict]) -> list[str]:
             wins, losses = wins + (gap > 0), losses + (gap < 0)
         u = by.get((f"uniform {m} 2-bit", uniform[s]))
         ref = "" if u is None else f"; uniform 2-bit {m.upper()} at the same bytes: {u['ppl_reference']:.2f}"
-        out.append(f"- {s}, {m.upper()}: CAMERA-Q {pc:.2f} ({c['expert_bytes']} B) vs MC-like {pb:.2f} "
-                   f"({b['expert_bytes']} B), MC-like {gap:+.2f} %: {verdict}{ref}.")
-    out += ["", f"Of {len(pairs)} comparisons CAMERA-Q wins {wins}, MC-like wins {losses}, "
-            f"the rest are within {TIE_PCT} %."]
+        out.append(
+            f"- {s}, {m.upper()}: CAMERA-Q {pc:.2f} ({c['expert_bytes']} B) vs MC-like {pb:.2f} "
+            f"({b['expert_bytes']} B), MC-like {gap:+.2f} %: {verdict}{ref}."
+        )
+    out += [
+        "",
+        f"Of {len(pairs)} comparisons CAMERA-Q wins {wins}, MC-like wins {losses}, "
+        f"the rest are within {TIE_PCT} %.",
+    ]
     return out
 
 
@@ -241,18 +329,33 @@ def write_docs(rows: list[dict]) -> None:
     from matplotlib.figure import Figure
 
     DOCS.mkdir(exist_ok=True)
-    lines = ["# Quality: perplexity on held-out Shakespeare", "",
-             "Generated by `bench/quality.py` from `bench/results/quality.json`.", "",
-             "| method | setting | ppl (vLLM) | ppl (reference) | expert bytes |", "|---|---|---|---|---|"]
+    lines = [
+        "# Quality: perplexity on held-out Shakespeare",
+        "",
+        "Generated by `bench/quality.py` from `bench/results/quality.json`.",
+        "",
+        "| method | setting | ppl (vLLM) | ppl (reference) | expert bytes |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         served = "-" if r["ppl_served"] is None else f"{r['ppl_served']:.2f}"
-        lines.append(f"| {r['method']} | {r['setting']} | {served} | {r['ppl_reference']:.2f} | {r['expert_bytes']} |")
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {served} | {r['ppl_reference']:.2f} | {r['expert_bytes']} |"
+        )
     lines += _mc_verdict(rows)
-    commits = sorted({(r.get("commit") or "")[:10] + (" (dirty tree)" if r.get("dirty_tree") else "")
-                      for r in rows if r.get("commit")})
+    commits = sorted(
+        {
+            (r.get("commit") or "")[:10] + (" (dirty tree)" if r.get("dirty_tree") else "")
+            for r in rows
+            if r.get("commit")
+        }
+    )
     if commits:
-        lines += ["", f"Rows were produced by commit(s) {', '.join(f'`{c}`' for c in commits)}; "
-                  "`bench/results/quality.json` records the commit of every row."]
+        lines += [
+            "",
+            f"Rows were produced by commit(s) {', '.join(f'`{c}`' for c in commits)}; "
+            "`bench/results/quality.json` records the commit of every row.",
+        ]
     (DOCS / "quality.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(10, 0.35 * len(rows) + 1.5))
     ax = fig.add_subplot()

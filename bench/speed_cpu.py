@@ -101,10 +101,20 @@ class Settings:
     cpu_isa: str = "native"
 
 
-QUICK_SHAPE = ModelShape(hidden=256, layers=2, experts=8, top_k=2, expert_width=256, heads=4, kv_heads=2,
-                         head_dim=64, max_positions=512)
-QUICK_SETTINGS = Settings(decode_input=16, decode_output=16, prefill_input=128, reps=1, calib_seqs=2,
-                          calib_len=32, min_prompts=2)
+QUICK_SHAPE = ModelShape(
+    hidden=256,
+    layers=2,
+    experts=8,
+    top_k=2,
+    expert_width=256,
+    heads=4,
+    kv_heads=2,
+    head_dim=64,
+    max_positions=512,
+)
+QUICK_SETTINGS = Settings(
+    decode_input=16, decode_output=16, prefill_input=128, reps=1, calib_seqs=2, calib_len=32, min_prompts=2
+)
 
 # name -> (label, camera-vllm subcommand args or None for the dense model)
 # Measured in this order within a repetition (the targets' rows first).
@@ -114,11 +124,35 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     # Explicit energy-ranked splits (the --avg-bits allocator takes ~10 min per layer of this
     # model on 2 busy cores); with g128 fp16 scales and zeros (+0.25 bit) they are exactly
     # 2.25 and 2.5 stored bits per expert weight, the bit-widths --avg-bits picks at this size.
-    "q225": ("CAMERA-Q 2.25 bit", ["quantize", "--bits", "3,2,1", "--fractions", "0.25,0.5,0.25", "--method",
-                                   "rtn", "--group-size", "128"]),
+    "q225": (
+        "CAMERA-Q 2.25 bit",
+        [
+            "quantize",
+            "--bits",
+            "3,2,1",
+            "--fractions",
+            "0.25,0.5,0.25",
+            "--method",
+            "rtn",
+            "--group-size",
+            "128",
+        ],
+    ),
     "p25": ("CAMERA-P 25 %", ["prune", "--ratio", "0.25"]),
-    "q25": ("CAMERA-Q 2.5 bit", ["quantize", "--bits", "3,2,1", "--fractions", "0.5,0.25,0.25", "--method", "rtn",
-                                 "--group-size", "128"]),
+    "q25": (
+        "CAMERA-Q 2.5 bit",
+        [
+            "quantize",
+            "--bits",
+            "3,2,1",
+            "--fractions",
+            "0.5,0.25,0.25",
+            "--method",
+            "rtn",
+            "--group-size",
+            "128",
+        ],
+    ),
 }
 
 
@@ -141,12 +175,24 @@ def build_base(shape: ModelShape, out: Path) -> Path:
     log(f"building {shape.tag} in {out}")
     tok = build_tokenizer(shape.vocab)
     cfg = Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-        intermediate_size=shape.expert_width, moe_intermediate_size=shape.expert_width,
-        num_experts=shape.experts, num_experts_per_tok=shape.top_k, norm_topk_prob=True, decoder_sparse_step=1,
-        max_position_embeddings=shape.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=len(tok),
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.expert_width,
+        moe_intermediate_size=shape.expert_width,
+        num_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=shape.max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     with torch.device("cpu"):
@@ -197,11 +243,26 @@ def compress(base: Path, name: str, args: list[str], out: Path, st: Settings) ->
 
 
 def _compress(base: Path, name: str, args: list[str], out: Path, st: Settings) -> Path:
-    cmd = [str(VENV_BIN / "camera-vllm"), *args, str(base), "--out", str(out), "--overwrite",
-           "--calib", str(calib_file()), "--num-seqs", str(st.calib_seqs), "--seq-len", str(st.calib_len),
-           "--device", "cpu"]
+    cmd = [
+        str(VENV_BIN / "camera-vllm"),
+        *args,
+        str(base),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--calib",
+        str(calib_file()),
+        "--num-seqs",
+        str(st.calib_seqs),
+        "--seq-len",
+        str(st.calib_len),
+        "--device",
+        "cpu",
+    ]
     log(f"compressing {name}: {' '.join(cmd[1:])}")
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    subprocess.run(
+        cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    )
     return out
 
 
@@ -257,19 +318,39 @@ def server_env(cpu_isa: str) -> dict[str, str]:
 class Server:
     """``vllm serve ckpt`` in its own process group, stopped on exit."""
 
-    def __init__(self, ckpt: Path, log_path: Path, max_num_seqs: int, max_model_len: int,
-                 cpu_isa: str = "native") -> None:
+    def __init__(
+        self, ckpt: Path, log_path: Path, max_num_seqs: int, max_model_len: int, cpu_isa: str = "native"
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(VENV_BIN / "vllm"), "serve", str(ckpt), "--dtype", "bfloat16", "--host", "127.0.0.1",
-               "--port", str(self.port), "--max-model-len", str(max_model_len), "--max-num-seqs",
-               str(max_num_seqs), "--seed", "0",
-               # Every measurement repeats the same seeded prompts (at each concurrency, in
-               # every repetition): with prefix caching their prefill would be cache hits.
-               "--no-enable-prefix-caching"]
+        cmd = [
+            str(VENV_BIN / "vllm"),
+            "serve",
+            str(ckpt),
+            "--dtype",
+            "bfloat16",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--seed",
+            "0",
+            # Every measurement repeats the same seeded prompts (at each concurrency, in
+            # every repetition): with prefix caching their prefill would be cache hits.
+            "--no-enable-prefix-caching",
+        ]
         self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=server_env(cpu_isa),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=server_env(cpu_isa),
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 900.0) -> float:
         t0 = time.monotonic()
@@ -324,22 +405,69 @@ class Server:
 
 
 def _complete(url: str, model: str, prompt_tokens: int, max_tokens: int) -> None:
-    body = json.dumps({"model": model, "prompt": [5] * prompt_tokens, "max_tokens": max_tokens,
-                       "ignore_eos": True, "temperature": 0}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": [5] * prompt_tokens,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=600) as r:
         r.read()
 
 
-def bench_serve(url: str, ckpt: Path, input_len: int, output_len: int, concurrency: int, num_prompts: int,
-                seed: int, out_dir: Path, tag: str) -> dict[str, Any]:
+def bench_serve(
+    url: str,
+    ckpt: Path,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    num_prompts: int,
+    seed: int,
+    out_dir: Path,
+    tag: str,
+) -> dict[str, Any]:
     """One ``vllm bench serve`` run (random dataset, fixed lengths); its saved result JSON."""
     fname = f"{tag}.json"
-    cmd = [str(VENV_BIN / "vllm"), "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", str(ckpt),
-           "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-           "--random-range-ratio", "0", "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-           "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--save-result", "--result-dir", str(out_dir),
-           "--result-filename", fname, "--percentile-metrics", "ttft,tpot,itl,e2el"]
+    cmd = [
+        str(VENV_BIN / "vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        url,
+        "--model",
+        str(ckpt),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--random-range-ratio",
+        "0",
+        "--num-prompts",
+        str(num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--ignore-eos",
+        "--seed",
+        str(seed),
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(out_dir),
+        "--result-filename",
+        fname,
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=_vllm_env())
     if res.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({tag}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -356,16 +484,30 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
         # Warm-up: one long prompt, then the largest batch of short ones (compiled shapes, caches).
         _complete(srv.url, str(ckpt), st.prefill_input - 8, 4)
         with ThreadPoolExecutor(max(st.concurrencies)) as pool:
-            list(pool.map(lambda _: _complete(srv.url, str(ckpt), st.decode_input, 8), range(max(st.concurrencies))))
+            list(
+                pool.map(
+                    lambda _: _complete(srv.url, str(ckpt), st.decode_input, 8), range(max(st.concurrencies))
+                )
+            )
         libraries = srv.kernel_libraries()
         log(f"{name} rep {rep}: kernel libraries {libraries}")
         for c in st.concurrencies:
             n = max(c * st.prompts_per_slot, st.min_prompts)
             load0 = os.getloadavg()[0]
-            dec = bench_serve(srv.url, ckpt, st.decode_input, st.decode_output, c, n, st.seed, work,
-                              f"decode-{name}-c{c}-{rep}")
-            pre = bench_serve(srv.url, ckpt, st.prefill_input, 1, c, n, st.seed + 1, work,
-                              f"prefill-{name}-c{c}-{rep}")
+            dec = bench_serve(
+                srv.url,
+                ckpt,
+                st.decode_input,
+                st.decode_output,
+                c,
+                n,
+                st.seed,
+                work,
+                f"decode-{name}-c{c}-{rep}",
+            )
+            pre = bench_serve(
+                srv.url, ckpt, st.prefill_input, 1, c, n, st.seed + 1, work, f"prefill-{name}-c{c}-{rep}"
+            )
             load1 = os.getloadavg()[0]
             row = {
                 "model": name,
@@ -382,8 +524,10 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
                 "server_ready_s": round(ready_s, 1),
                 "kernel_libraries": libraries,
             }
-            log(f"{name} rep {rep} c={c}: decode {row['decode_tok_s']:.1f} tok/s, "
-                f"prefill {row['prefill_tok_s']:.1f} tok/s (load {load0:.2f}/{load1:.2f})")
+            log(
+                f"{name} rep {rep} c={c}: decode {row['decode_tok_s']:.1f} tok/s, "
+                f"prefill {row['prefill_tok_s']:.1f} tok/s (load {load0:.2f}/{load1:.2f})"
+            )
             rows.append(row)
     return rows
 
@@ -391,7 +535,9 @@ def measure_model(name: str, ckpt: Path, st: Settings, rep: int, work: Path) -> 
 # -- summary, docs -------------------------------------------------------------------------------
 
 
-def summarize(raw: list[dict[str, Any]], bytes_by_model: dict[str, int], order: list[str]) -> list[dict[str, Any]]:
+def summarize(
+    raw: list[dict[str, Any]], bytes_by_model: dict[str, int], order: list[str]
+) -> list[dict[str, Any]]:
     """Median over repetitions per (model, concurrency), with ratios to dense."""
     table = []
     for c in sorted({r["concurrency"] for r in raw}):
@@ -408,20 +554,27 @@ def summarize(raw: list[dict[str, Any]], bytes_by_model: dict[str, int], order: 
             if m not in med:
                 continue
             d = med[m]
-            table.append({
-                "model": m,
-                "label": VARIANTS[m][0],
-                "concurrency": c,
-                "decode_tok_s": round(d["decode_tok_s"], 2),
-                "prefill_tok_s": round(d["prefill_tok_s"], 2),
-                "decode_ratio_vs_dense": round(d["decode_tok_s"] / dense["decode_tok_s"], 3) if dense else None,
-                "prefill_ratio_vs_dense": round(d["prefill_tok_s"] / dense["prefill_tok_s"], 3) if dense else None,
-                "decode_tok_s_per_rep": d["decode_all"],
-                "prefill_tok_s_per_rep": d["prefill_all"],
-                "expert_bytes": bytes_by_model[m],
-                "expert_bytes_ratio_vs_dense": round(bytes_by_model[m] / bytes_by_model["dense"], 4)
-                if "dense" in bytes_by_model else None,
-            })
+            table.append(
+                {
+                    "model": m,
+                    "label": VARIANTS[m][0],
+                    "concurrency": c,
+                    "decode_tok_s": round(d["decode_tok_s"], 2),
+                    "prefill_tok_s": round(d["prefill_tok_s"], 2),
+                    "decode_ratio_vs_dense": round(d["decode_tok_s"] / dense["decode_tok_s"], 3)
+                    if dense
+                    else None,
+                    "prefill_ratio_vs_dense": round(d["prefill_tok_s"] / dense["prefill_tok_s"], 3)
+                    if dense
+                    else None,
+                    "decode_tok_s_per_rep": d["decode_all"],
+                    "prefill_tok_s_per_rep": d["prefill_all"],
+                    "expert_bytes": bytes_by_model[m],
+                    "expert_bytes_ratio_vs_dense": round(bytes_by_model[m] / bytes_by_model["dense"], 4)
+                    if "dense" in bytes_by_model
+                    else None,
+                }
+            )
     return table
 
 
@@ -431,13 +584,17 @@ def verdicts(table: list[dict[str, Any]]) -> list[str]:
         rows = {r["model"]: r for r in table if r["concurrency"] == c}
         if "p50" in rows and rows["p50"]["decode_ratio_vs_dense"] is not None:
             r = rows["p50"]["decode_ratio_vs_dense"]
-            out.append(f"concurrency {c}: CAMERA-P 50 % decode {r:.2f}x dense "
-                       f"(target >= {TARGET_P50}x): {'met' if r >= TARGET_P50 else 'NOT met'}")
+            out.append(
+                f"concurrency {c}: CAMERA-P 50 % decode {r:.2f}x dense "
+                f"(target >= {TARGET_P50}x): {'met' if r >= TARGET_P50 else 'NOT met'}"
+            )
         for q in ("q225", "q25"):
             if q in rows and rows[q]["decode_ratio_vs_dense"] is not None:
                 r = rows[q]["decode_ratio_vs_dense"]
-                out.append(f"concurrency {c}: {VARIANTS[q][0]} decode {r:.2f}x dense "
-                           f"(target >= {TARGET_Q}x): {'met' if r >= TARGET_Q else 'NOT met'}")
+                out.append(
+                    f"concurrency {c}: {VARIANTS[q][0]} decode {r:.2f}x dense "
+                    f"(target >= {TARGET_Q}x): {'met' if r >= TARGET_Q else 'NOT met'}"
+                )
     return out
 
 
@@ -469,77 +626,113 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
-        loads = [x for q in result["raw"] if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
-                 for x in q["loadavg_1min"]]
+        loads = [
+            x
+            for q in result["raw"]
+            if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
+            for x in q["loadavg_1min"]
+        ]
         lines.append(
-            f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | {r['decode_ratio_vs_dense']:.2f} | "
-            f"{r['prefill_tok_s']:.0f} | {r['prefill_ratio_vs_dense']:.2f} | {r['expert_bytes'] / 2**20:.0f} MiB | "
+            f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_ratio_vs_dense']:.2f} | "
+            f"{r['prefill_tok_s']:.0f} | {r['prefill_ratio_vs_dense']:.2f} | "
+            f"{r['expert_bytes'] / 2**20:.0f} MiB | "
             f"{r['expert_bytes_ratio_vs_dense']:.3f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in result["verdicts"]]
-    lines += ["", "## What runs", "",
-              "- dense bf16: vLLM's `cpu_fused_moe` (one call per layer).",
-              "- CAMERA-P: the same kernel on width buckets (`camera_vllm/vllm_plugin/ragged_cpu.py`): "
-              "each layer's experts are cut into a few buckets padded to a multiple of 32, one call per "
-              "bucket that got tokens.",
-              "- CAMERA-Q: the compiled slab kernel (`kernels/csrc/slab_moe_cpu.cpp`) on the packed codes, "
-              "one call per layer; layer-level timings against dense are in `bench/results/cpu-kernel.json` "
-              "(`bench/cpu_kernel_bench.py`).",
-              "- vLLM's CPU worker runs on one core (the other is reserved for the API server), so both "
-              "the dense and the CAMERA rows compute on one thread. At eight requests a step reads many "
-              "experts once for several tokens, where the smaller weights pay off most."]
+    lines += [
+        "",
+        "## What runs",
+        "",
+        "- dense bf16: vLLM's `cpu_fused_moe` (one call per layer).",
+        "- CAMERA-P: the same kernel on width buckets (`camera_vllm/vllm_plugin/ragged_cpu.py`): "
+        "each layer's experts are cut into a few buckets padded to a multiple of 32, one call per "
+        "bucket that got tokens.",
+        "- CAMERA-Q: the compiled slab kernel (`kernels/csrc/slab_moe_cpu.cpp`) on the packed codes, "
+        "one call per layer; layer-level timings against dense are in `bench/results/cpu-kernel.json` "
+        "(`bench/cpu_kernel_bench.py`).",
+        "- vLLM's CPU worker runs on one core (the other is reserved for the API server), so both "
+        "the dense and the CAMERA rows compute on one thread. At eight requests a step reads many "
+        "experts once for several tokens, where the smaller weights pay off most.",
+    ]
     lines += _layer_bench_lines()
     profile_json = RESULTS / "decode-profile.json"
     if profile_json.is_file():  # bench/decode_profile.py: the expert op's share of a one-request step
         prof = json.loads(profile_json.read_text())
-        lines += ["", f"One request, profiled in-process (`bench/decode_profile.py`, `bench/results/{profile_json.name}`, "
-                  f"commit {str(prof['stamp']['commit'])[:10]}, {prof['tokens']} tokens):", "",
-                  "| model | ms/token | expert op ms/token | expert op share | step × dense | expert op × dense |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "One request, profiled in-process (`bench/decode_profile.py`, "
+            f"`bench/results/{profile_json.name}`, "
+            f"commit {str(prof['stamp']['commit'])[:10]}, {prof['tokens']} tokens):",
+            "",
+            "| model | ms/token | expert op ms/token | expert op share | step × dense | expert op × dense |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in prof["rows"]:
-            lines.append(f"| {VARIANTS.get(r['model'], (r['model'],))[0]} | {r['ms_per_token']:.2f} | "
-                         f"{r['expert_ms_per_token']:.2f} | {r['expert_share_of_profile']:.0%} | "
-                         f"{r.get('speedup_vs_dense', float('nan')):.2f} | "
-                         f"{r.get('expert_speedup_vs_dense', float('nan')):.2f} |")
-        lines += ["", "The expert op is most of a one-request step, so the step follows the op's own speed-up "
-                  "at one token. That is smaller than the bytes saved: tokens mostly hit the experts that "
-                  "calibration kept widest, a token's experts usually sit in different width buckets (several "
-                  "kernel calls on narrower matrices instead of one), and the op's routing bookkeeping (sort, "
-                  "gather, the loop over buckets) runs in Python. The profiler adds a little to every small "
-                  "call, and in-process numbers vary by 10-20 % between runs on this machine."]
+            lines.append(
+                f"| {VARIANTS.get(r['model'], (r['model'],))[0]} | {r['ms_per_token']:.2f} | "
+                f"{r['expert_ms_per_token']:.2f} | {r['expert_share_of_profile']:.0%} | "
+                f"{r.get('speedup_vs_dense', float('nan')):.2f} | "
+                f"{r.get('expert_speedup_vs_dense', float('nan')):.2f} |"
+            )
+        lines += [
+            "",
+            "The expert op is most of a one-request step, so the step follows the op's own speed-up "
+            "at one token. That is smaller than the bytes saved: tokens mostly hit the experts that "
+            "calibration kept widest, a token's experts usually sit in different width buckets (several "
+            "kernel calls on narrower matrices instead of one), and the op's routing bookkeeping (sort, "
+            "gather, the loop over buckets) runs in Python. The profiler adds a little to every small "
+            "call, and in-process numbers vary by 10-20 % between runs on this machine.",
+        ]
     loads = [x for r in result["raw"] for x in r["loadavg_1min"]]
-    lines += ["", f"1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f} "
-              f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "
-              "Rows measured under a higher load than the dense row are slowed by it, and the reverse: "
-              "read a ratio together with the load column.", ""]
+    lines += [
+        "",
+        f"1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f} "
+        f"(the machine has {result['stamp']['machine']['cpu_count']} CPUs and may be shared). "
+        "Rows measured under a higher load than the dense row are slowed by it, and the reverse: "
+        "read a ratio together with the load column.",
+        "",
+    ]
     # Other runs with --out bench/results/speed-cpu-*.json: --isa avx2, or a re-check of a few rows.
     for other in sorted(RESULTS.glob("speed-cpu-*.json")):
         o = json.loads(other.read_text())
-        head = (f"`bench/results/{other.name}` (commit {str(o['stamp']['commit'])[:10]}, "
-                f"{o['settings']['reps']} repetition(s), same model and lengths)")
+        head = (
+            f"`bench/results/{other.name}` (commit {str(o['stamp']['commit'])[:10]}, "
+            f"{o['settings']['reps']} repetition(s), same model and lengths)"
+        )
         if o["settings"].get("cpu_isa", "native") == "avx2":
             cpu = o["stamp"]["machine"].get("cpu", {})
-            lines += [f"## As on an AVX2-only CPU: {head}", "",
-                      f"`bench/speed_cpu.py --isa avx2`: vLLM loads its AVX2 library (`vllm._C_AVX2`, what it "
-                      "picks without AVX-512: fp32 FMA, no bf16 dot products) and the slab kernel runs its "
-                      "AVX2 build (8-lane vectors, 1-bit codes converted instead of used as masks, no "
-                      "VDPBF16PS path), on a CPU with "
-                      f"{', '.join(cpu.get('flags', [])) or 'unrecorded flags'} ({cpu.get('model') or 'model unrecorded'}).",
-                      ""]
+            lines += [
+                f"## As on an AVX2-only CPU: {head}",
+                "",
+                f"`bench/speed_cpu.py --isa avx2`: vLLM loads its AVX2 library (`vllm._C_AVX2`, what it "
+                "picks without AVX-512: fp32 FMA, no bf16 dot products) and the slab kernel runs its "
+                "AVX2 build (8-lane vectors, 1-bit codes converted instead of used as masks, no "
+                "VDPBF16PS path), on a CPU with "
+                f"{', '.join(cpu.get('flags', [])) or 'unrecorded flags'} "
+                f"({cpu.get('model') or 'model unrecorded'}).",
+                "",
+            ]
         else:
             lines += [f"## Re-check: {head}", ""]
         lines += [
-                  "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | 1-min load |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+            "| model | concurrency | decode tok/s | × dense | prefill tok/s | × dense | 1-min load |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in o["table"]:
-            ld = [x for q in o["raw"] if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
-                  for x in q["loadavg_1min"]]
-            lines.append(f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | "
-                         f"{r['decode_ratio_vs_dense']:.2f} | {r['prefill_tok_s']:.0f} | "
-                         f"{r['prefill_ratio_vs_dense']:.2f} | {min(ld):.1f}-{max(ld):.1f} |")
+            ld = [
+                x
+                for q in o["raw"]
+                if q["model"] == r["model"] and q["concurrency"] == r["concurrency"]
+                for x in q["loadavg_1min"]
+            ]
+            lines.append(
+                f"| {r['label']} | {r['concurrency']} | {r['decode_tok_s']:.1f} | "
+                f"{r['decode_ratio_vs_dense']:.2f} | {r['prefill_tok_s']:.0f} | "
+                f"{r['prefill_ratio_vs_dense']:.2f} | {min(ld):.1f}-{max(ld):.1f} |"
+            )
         lines += [""] + [f"- {v}" for v in o["verdicts"]] + [""]
-    lines += [
-              "![speed ratios](speed.png)", ""]
+    lines += ["![speed ratios](speed.png)", ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines))
 
@@ -552,8 +745,10 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
     concs = sorted({r["concurrency"] for r in table})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     width = 0.8 / max(1, len(concs))
-    for ax, key, title in ((axes[0], "decode_ratio_vs_dense", "decode tok/s vs dense"),
-                           (axes[1], "prefill_ratio_vs_dense", "prefill tok/s vs dense")):
+    for ax, key, title in (
+        (axes[0], "decode_ratio_vs_dense", "decode tok/s vs dense"),
+        (axes[1], "prefill_ratio_vs_dense", "prefill tok/s vs dense"),
+    ):
         for j, c in enumerate(concs):
             vals = [next(r[key] for r in table if r["model"] == m and r["concurrency"] == c) for m in models]
             xs = [i + (j - (len(concs) - 1) / 2) * width for i in range(len(models))]
@@ -574,20 +769,30 @@ def write_docs(result: dict[str, Any], md_path: Path, png_path: Path) -> None:
 
 def _layer_bench_lines() -> list[str]:
     """The slab kernel against vLLM's dense kernel on one layer, per ISA (bench/cpu_kernel_bench.py)."""
-    runs = [(isa, RESULTS / name) for isa, name in (("native", "cpu-kernel.json"), ("avx2", "cpu-kernel-avx2.json"))]
+    runs = [
+        (isa, RESULTS / name)
+        for isa, name in (("native", "cpu-kernel.json"), ("avx2", "cpu-kernel-avx2.json"))
+    ]
     runs = [(isa, json.loads(p.read_text()), p.name) for isa, p in runs if p.is_file()]
     if not runs:
         return []
-    lines = ["", "One layer of the speed model in-process (`bench/cpu_kernel_bench.py`, cold caches, "
-             "CAMERA-Q time against vLLM's dense bf16 `cpu_fused_moe`; `--isa avx2` runs the kernel's AVX2 "
-             "build against vLLM's AVX2 library):", "",
-             "| build / vLLM library | file | threads | tokens | dense ms | CAMERA-Q 2.25 × dense | "
-             "CAMERA-Q 2.5 × dense |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "One layer of the speed model in-process (`bench/cpu_kernel_bench.py`, cold caches, "
+        "CAMERA-Q time against vLLM's dense bf16 `cpu_fused_moe`; `--isa avx2` runs the kernel's AVX2 "
+        "build against vLLM's AVX2 library):",
+        "",
+        "| build / vLLM library | file | threads | tokens | dense ms | CAMERA-Q 2.25 × dense | "
+        "CAMERA-Q 2.5 × dense |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for isa, res, name in runs:
         label = "native / " + res["settings"]["dense_isa"] if isa == "native" else "avx2 / `_C_AVX2`"
         for r in res["rows"]:
-            lines.append(f"| {label} | `{name}` | {r['threads']} | {r['tokens']} | {r['dense_ms']:.2f} | "
-                         f"{r['q225_cpu_vs_dense']:.2f} | {r['q25_cpu_vs_dense']:.2f} |")
+            lines.append(
+                f"| {label} | `{name}` | {r['threads']} | {r['tokens']} | {r['dense_ms']:.2f} | "
+                f"{r['q225_cpu_vs_dense']:.2f} | {r['q25_cpu_vs_dense']:.2f} |"
+            )
     return lines
 
 
@@ -596,17 +801,39 @@ def _layer_bench_lines() -> list[str]:
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke setting: tiny model, short lengths, 1 repetition")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions of the whole sweep (default 2; quick 1)")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)} (dense is "
-                    "always included: the ratios need it)")
-    ap.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/speed-cpu.json; "
-                    "quick: bench/.cache/speed/speed-cpu-quick.json)")
-    ap.add_argument("--prepare-only", action="store_true", help="build and compress the checkpoints, measure nothing")
-    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
-                    help="avx2: serve as on a CPU without AVX-512 (vLLM's AVX2 library, the kernel's AVX2 "
-                    "build); default out bench/results/speed-cpu-avx2.json")
-    ap.add_argument("--docs", action="store_true", help="with --quick or --out: still write docs/speed.md and docs/speed.png")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke setting: tiny model, short lengths, 1 repetition"
+    )
+    ap.add_argument(
+        "--reps", type=int, default=None, help="repetitions of the whole sweep (default 2; quick 1)"
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(VARIANTS)} (dense is always included: the ratios need it)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result JSON (default bench/results/speed-cpu.json; "
+        "quick: bench/.cache/speed/speed-cpu-quick.json)",
+    )
+    ap.add_argument(
+        "--prepare-only", action="store_true", help="build and compress the checkpoints, measure nothing"
+    )
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: serve as on a CPU without AVX-512 (vLLM's AVX2 library, the kernel's AVX2 "
+        "build); default out bench/results/speed-cpu-avx2.json",
+    )
+    ap.add_argument(
+        "--docs",
+        action="store_true",
+        help="with --quick or --out: still write docs/speed.md and docs/speed.png",
+    )
     args = ap.parse_args(argv)
 
     shape, st = (QUICK_SHAPE, QUICK_SETTINGS) if args.quick else (ModelShape(), Settings())
@@ -623,8 +850,9 @@ def main(argv: list[str] | None = None) -> Path:
             ap.error(f"--only: unknown model(s) {bad}; choose from {list(VARIANTS)}")
         order = ["dense"] + [m for m in order if m in want and m != "dense"]
     suffix = "" if args.isa == "native" else f"-{args.isa}"
-    out_json = args.out or ((CACHE / f"speed-cpu-quick{suffix}.json") if args.quick
-                            else (RESULTS / f"speed-cpu{suffix}.json"))
+    out_json = args.out or (
+        (CACHE / f"speed-cpu-quick{suffix}.json") if args.quick else (RESULTS / f"speed-cpu{suffix}.json")
+    )
     # docs/ are rewritten by full runs (an AVX2 run is a section of them) unless asked.
     write_public_docs = (not args.quick and args.out is None) or args.docs
     docs_source = out_json if args.isa == "native" else RESULTS / "speed-cpu.json"
@@ -669,9 +897,18 @@ def main(argv: list[str] | None = None) -> Path:
     return out_json
 
 
-def write_result(out_json: Path, raw: list[dict[str, Any]], bytes_by_model: dict[str, int], order: list[str],
-                 shape: ModelShape, st: Settings, ckpts: dict[str, Path], work: Path, t_start: float,
-                 complete: bool) -> None:
+def write_result(
+    out_json: Path,
+    raw: list[dict[str, Any]],
+    bytes_by_model: dict[str, int],
+    order: list[str],
+    shape: ModelShape,
+    st: Settings,
+    ckpts: dict[str, Path],
+    work: Path,
+    t_start: float,
+    complete: bool,
+) -> None:
     """The stamped result JSON from the measurements so far."""
     measured = [m for m in order if any(r["model"] == m for r in raw)]
     table = summarize(raw, bytes_by_model, measured)
@@ -679,11 +916,19 @@ def write_result(out_json: Path, raw: list[dict[str, Any]], bytes_by_model: dict
         "benchmark": "speed-cpu",
         "results_file": out_json.name,
         "stamp": stamp(),
-        "model": {"tag": shape.tag, **asdict(shape), "dtype": "bfloat16", "weights": "random normal(0, 0.05)"},
-        "settings": {**asdict(st), "tool": "vllm bench serve (random dataset, --ignore-eos)",
-                     "decode_tok_s": "concurrency * 1000 / median TPOT ms",
-                     "prefill_tok_s": "total prompt tokens / duration, 1 output token",
-                     "compression": {m: VARIANTS[m][1] for m in order}},
+        "model": {
+            "tag": shape.tag,
+            **asdict(shape),
+            "dtype": "bfloat16",
+            "weights": "random normal(0, 0.05)",
+        },
+        "settings": {
+            **asdict(st),
+            "tool": "vllm bench serve (random dataset, --ignore-eos)",
+            "decode_tok_s": "concurrency * 1000 / median TPOT ms",
+            "prefill_tok_s": "total prompt tokens / duration, 1 output token",
+            "compression": {m: VARIANTS[m][1] for m in order},
+        },
         "complete": complete,
         "order": measured,
         "table": table,

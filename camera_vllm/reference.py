@@ -124,7 +124,10 @@ class _Tensors:
 def _dequantized_matrix(
     tensors: _Tensors, prefix: str, proj: int, slabs: list[int], bits: list[int], hidden: int, group_size: int
 ) -> torch.Tensor:
-    """Dense HF-oriented weight of one projection of a ``mixed`` expert: gate/up ``[n, H]``, down ``[H, n]``."""
+    """Dense HF-oriented weight of one projection of a ``mixed`` expert.
+
+    gate/up ``[n, H]``, down ``[H, n]``.
+    """
     from camera_kernels.packing import dequantize
 
     parts = []

@@ -153,7 +153,8 @@ def ensure_cpu_kernel() -> bool:
                 # A first build on a machine is silent for a minute or more: say what is happening.
                 logger.info(
                     "camera slab MoE: building the compiled CPU kernel (%s) with g++, or loading it from "
-                    "torch's extension cache; a first build takes 1-3 minutes", isa,
+                    "torch's extension cache; a first build takes 1-3 minutes",
+                    isa,
                 )
             _module = _variants.get(isa) or _build(isa, verbose)
             _variants[isa] = _module
@@ -162,8 +163,10 @@ def ensure_cpu_kernel() -> bool:
             logger.info("camera slab MoE: %s", _reason)
         except Exception as exc:  # no compiler, no ninja, build error: fall back, say why once
             _module = None
-            _reason = (f"the CPU kernel could not be built ({type(exc).__name__}: {_first_error(str(exc))}; "
-                       "CAMERA_VLLM_CPU_KERNEL_VERBOSE=1 shows the build log)")
+            _reason = (
+                f"the CPU kernel could not be built ({type(exc).__name__}: {_first_error(str(exc))}; "
+                "CAMERA_VLLM_CPU_KERNEL_VERBOSE=1 shows the build log)"
+            )
             logger.warning("camera slab MoE: %s; using the pure-torch reference", _reason)
         return _module is not None
 
@@ -208,10 +211,14 @@ def slab_moe_cpu(
         module = _module
     check_moe_inputs(x, topk_weights, topk_ids, weights.hidden_size)
     if x.device.type != "cpu" or weights.device.type != "cpu":
-        raise ValueError(f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}")
+        raise ValueError(
+            f"slab_moe_cpu needs CPU tensors, got x on {x.device} and weights on {weights.device}"
+        )
     lay = weights.layout
     if DENSE_BITS in lay.bits:
-        raise ValueError(f"slab_moe_cpu has no 16-bit (dense) slabs; layer bits {lay.bits} (use the reference)")
+        raise ValueError(
+            f"slab_moe_cpu has no 16-bit (dense) slabs; layer bits {lay.bits} (use the reference)"
+        )
     assert module is not None
     out = module.slab_moe_forward(
         x.to(torch.float32).contiguous(),

@@ -37,7 +37,9 @@ def _interpreting() -> bool:
 def choose_backend(
     x: torch.Tensor, backend: str = "auto", weights: SlabMoEWeights | None = None
 ) -> tuple[str, str]:
-    """``(backend, reason)`` for activations ``x``; ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``.
+    """``(backend, reason)`` for activations ``x``.
+
+    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"reference"``.
 
     ``auto`` picks ``cpu`` (the compiled kernel of :mod:`.cpu_slab`) for CPU tensors when it
     builds here, ``triton`` for CUDA tensors of a supported dtype when triton is installed,

@@ -260,7 +260,9 @@ def slab_moe_triton(
     return out_buf.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
-def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig | None = None) -> torch.Tensor:
+def slab_linear_triton(
+    x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig | None = None
+) -> torch.Tensor:
     """Triton ``y = sum_s x[:, k0_s : k0_s + K_s] @ W_s`` (:mod:`.linear`): the down kernels with one expert.
 
     One launch for all slabs (split-K over them inside the program), no host syncs:
@@ -300,8 +302,23 @@ def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig 
     if config.path == "gemv":
         out = torch.empty(num_tokens, n_out, dtype=torch.float32, device=x.device)
         moe_slab._w2_gemv_kernel[(num_tokens, _cdiv(n_out, c2.block_n))](
-            x, q, scales, zeros, act_cols, out, ids, ones, sizes, row_off, grp_off,
-            n_out, 1, nb, x.stride(0), out.stride(0), **kernel_args,
+            x,
+            q,
+            scales,
+            zeros,
+            act_cols,
+            out,
+            ids,
+            ones,
+            sizes,
+            row_off,
+            grp_off,
+            n_out,
+            1,
+            nb,
+            x.stride(0),
+            out.stride(0),
+            **kernel_args,
         )
     else:
         ieee = x.dtype == torch.float32 or (
@@ -310,9 +327,26 @@ def slab_linear_triton(x: torch.Tensor, w: SlabLinearWeights, config: MoEConfig 
         sorted_ids, block_expert = moe_align(ids, 1, c2.block_m)
         out = torch.zeros(num_tokens, n_out, dtype=torch.float32, device=x.device)
         moe_slab._w2_sorted_kernel[(block_expert.numel(), _cdiv(n_out, c2.block_n))](
-            x, q, scales, zeros, act_cols, out, sorted_ids, block_expert, ones, sizes, row_off, grp_off,
-            n_out, num_tokens, nb, x.stride(0), out.stride(0),
-            BLOCK_M=c2.block_m, IEEE=ieee, **kernel_args,
+            x,
+            q,
+            scales,
+            zeros,
+            act_cols,
+            out,
+            sorted_ids,
+            block_expert,
+            ones,
+            sizes,
+            row_off,
+            grp_off,
+            n_out,
+            num_tokens,
+            nb,
+            x.stride(0),
+            out.stride(0),
+            BLOCK_M=c2.block_m,
+            IEEE=ieee,
+            **kernel_args,
         )
     return out.to(x.dtype)
 

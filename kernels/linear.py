@@ -88,7 +88,9 @@ class SlabLinearWeights:
                 if t.device != self.meta.device:
                     raise ValueError(f"slab linear: {name}[{s}] is on {t.device}, meta on {self.meta.device}")
         if tuple(self.meta.shape) != (3, len(self.bits)) or self.meta.dtype != torch.int32:
-            raise ValueError(f"slab linear: meta must be int32 [3, {len(self.bits)}], got {tuple(self.meta.shape)}")
+            raise ValueError(
+                f"slab linear: meta must be int32 [3, {len(self.bits)}], got {tuple(self.meta.shape)}"
+            )
 
     @property
     def in_features(self) -> int:

@@ -4,8 +4,9 @@ A layer is ``len(B)`` uniform-bit problems with ragged per-expert sizes (see
 :mod:`.slab_weights`).  Each kernel covers all bit-widths in one launch: per-bit
 tensors come as tuples (one entry per *slot*, i.e. per bit-width that some expert
 uses), ``BITS`` is a constexpr tuple so every slot's unpacking is specialised at
-compile time (16 is the dense slab of raw bf16/fp16 weights, ``DENSE_FP16`` says which), and ``COLS`` gives each slot's column in the int32 ``[E, META_COLS]``
-metadata (``slab_sizes``, ``col_offsets``, ``down_row_offsets``, ``down_group_offsets``).
+compile time (16 is the dense slab of raw bf16/fp16 weights, ``DENSE_FP16`` says which),
+and ``COLS`` gives each slot's column in the int32 ``[E, META_COLS]`` metadata
+(``slab_sizes``, ``col_offsets``, ``down_row_offsets``, ``down_group_offsets``).
 
 * ``w13`` kernels: ``act[p, act_cols[s] + c] = SiLU(x[t] . gate_c) * (x[t] . up_c)`` for the
   columns ``c < n[e][s]`` of each slot ``s``, pair ``p = t * top_k + k`` routed to expert
@@ -142,8 +143,20 @@ def _w13_weight_tile(
 ):
     """Gate or up weights ``[BLOCK_K, BN]`` at K rows ``k0 + [0, BLOCK_K)`` of a slab's ``[K, 2R]`` matrix."""
     return _dequant_tile(
-        q_ptr, s_ptr, z_ptr, 0, k0 // GROUP_SIZE, k0, hidden, cols, col_ok, stride_w, stride_w,
-        BLOCK_K, BITS, DENSE_FP16,
+        q_ptr,
+        s_ptr,
+        z_ptr,
+        0,
+        k0 // GROUP_SIZE,
+        k0,
+        hidden,
+        cols,
+        col_ok,
+        stride_w,
+        stride_w,
+        BLOCK_K,
+        BITS,
+        DENSE_FP16,
     )
 
 
@@ -170,8 +183,20 @@ def _w2_weight_tile(
     slab's ``[sum n, H]`` matrix.
     """
     return _dequant_tile(
-        q_ptr, s_ptr, z_ptr, row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok, hidden, hidden,
-        BLOCK_K, BITS, DENSE_FP16,
+        q_ptr,
+        s_ptr,
+        z_ptr,
+        row0,
+        grp0 + k0 // GROUP_SIZE,
+        k0,
+        n,
+        cols,
+        col_ok,
+        hidden,
+        hidden,
+        BLOCK_K,
+        BITS,
+        DENSE_FP16,
     )
 
 
@@ -221,7 +246,18 @@ def _w13_gemv_tile(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
         wg = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
+            q_ptr,
+            s_ptr,
+            z_ptr,
+            k0,
+            hidden,
+            gate_cols,
+            col_ok,
+            stride_w,
+            GROUP_SIZE,
+            BLOCK_K,
+            BITS,
+            DENSE_FP16,
         )
         acc_g += tl.sum(a[:, None] * wg, axis=0)
         wu = _w13_weight_tile(
@@ -348,8 +384,20 @@ def _w2_gemv_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
             w = _w2_weight_tile(
-                q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
-                GROUP_SIZE, BLOCK_K, BITS[s], DENSE_FP16,
+                q_ptrs[s],
+                s_ptrs[s],
+                z_ptrs[s],
+                row0,
+                grp0,
+                k0,
+                n,
+                cols,
+                col_ok,
+                hidden,
+                GROUP_SIZE,
+                BLOCK_K,
+                BITS[s],
+                DENSE_FP16,
             )
             acc += tl.sum(a[:, None] * w, axis=0)
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
@@ -394,7 +442,18 @@ def _w13_sorted_tile(
             other=0.0,
         )
         wg = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, gate_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
+            q_ptr,
+            s_ptr,
+            z_ptr,
+            k0,
+            hidden,
+            gate_cols,
+            col_ok,
+            stride_w,
+            GROUP_SIZE,
+            BLOCK_K,
+            BITS,
+            DENSE_FP16,
         )
         acc_g = _dot(a, wg.to(a.dtype), acc_g, IEEE)
         wu = _w13_weight_tile(
@@ -539,8 +598,20 @@ def _w2_sorted_kernel(
                 other=0.0,
             )
             w = _w2_weight_tile(
-                q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0, k0, n, cols, col_ok, hidden,
-                GROUP_SIZE, BLOCK_K, BITS[s], DENSE_FP16,
+                q_ptrs[s],
+                s_ptrs[s],
+                z_ptrs[s],
+                row0,
+                grp0,
+                k0,
+                n,
+                cols,
+                col_ok,
+                hidden,
+                GROUP_SIZE,
+                BLOCK_K,
+                BITS[s],
+                DENSE_FP16,
             )
             acc = _dot(a, w.to(a.dtype), acc, IEEE)
     acc *= tl.load(topk_w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]

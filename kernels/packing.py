@@ -141,7 +141,7 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     row = 0
     for width, shift in bit_parts(bits):
         per_word = PACK_BLOCK // width
-        part_words = blocks[:, row:row + width, :].unsqueeze(2)  # [nb, width, 1, N]
+        part_words = blocks[:, row : row + width, :].unsqueeze(2)  # [nb, width, 1, N]
         shifts = (torch.arange(per_word, dtype=torch.int64, device=packed.device) * width).view(1, 1, -1, 1)
         vals = (part_words >> shifts) & ((1 << width) - 1)  # [nb, width, per_word, N]
         q |= vals.reshape(blocks.shape[0], PACK_BLOCK, n) << shift

@@ -125,7 +125,12 @@ def slab_moe_reference(
             act = F.silu(gu[:, :n]) * gu[:, n:]  # [c, n]
             rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
             w2 = dequantize_fast(
-                w.w2_qweight[i][rows], w.w2_scales[i][grps], w.w2_zeros[i][grps], b, n, lay.group_size,
+                w.w2_qweight[i][rows],
+                w.w2_scales[i][grps],
+                w.w2_zeros[i][grps],
+                b,
+                n,
+                lay.group_size,
                 lay.dense_dtype,
             )  # [n, H]
             ye.addmm_(act, w2)

@@ -139,8 +139,11 @@ class SlabLayout:
             rows.append(row_i)
             grps.append(grp_i)
             totals.append((c, r, g))
+
         # Stored [E][nb] like ``sizes``.
-        transpose = lambda per_bit: tuple(tuple(col_e) for col_e in zip(*per_bit))
+        def transpose(per_bit):
+            return tuple(tuple(col_e) for col_e in zip(*per_bit))
+
         object.__setattr__(self, "_col_off", transpose(col))
         object.__setattr__(self, "_row_off", transpose(rows))
         object.__setattr__(self, "_grp_off", transpose(grps))
@@ -311,7 +314,9 @@ def quantize_rtn(
     return pack(q, bits), scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
 
 
-def check_moe_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, hidden_size: int) -> None:
+def check_moe_inputs(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, hidden_size: int
+) -> None:
     """Raise ``ValueError`` unless ``x`` is ``[T, hidden_size]`` and both routing tensors are ``[T, K]``.
 
     The shape contract every slab MoE backend (reference, CPU kernel, Triton) shares.
@@ -576,7 +581,9 @@ class SlabMoEWeights:
                 row.append(SlabTensors(*gq, *uq, *dq))
             experts.append(row)
         device = gate[0].device
-        return cls.from_expert_tensors(experts, bits, hidden, group_size, device=device, dense_dtype=dense_dtype)
+        return cls.from_expert_tensors(
+            experts, bits, hidden, group_size, device=device, dense_dtype=dense_dtype
+        )
 
     @classmethod
     def from_ragged_dense(
@@ -613,7 +620,9 @@ class SlabMoEWeights:
         for e, n in enumerate(widths):
             if n == 0:
                 continue
-            w13_q[:, 2 * off : 2 * off + 2 * n] = pack_dense(w13[2 * off : 2 * off + 2 * n].to(dense_dtype).t())
+            w13_q[:, 2 * off : 2 * off + 2 * n] = pack_dense(
+                w13[2 * off : 2 * off + 2 * n].to(dense_dtype).t()
+            )
             w2_q[layout.down_rows(e, 0)] = pack_dense(w2t[off : off + n].to(dense_dtype))
             off += n
         empty13 = torch.empty(layout.w13_scales_shape(0), dtype=SCALE_DTYPE, device=device)
@@ -642,7 +651,12 @@ class SlabMoEWeights:
         )  # [H, 2n]
         rows, grps = lay.down_rows(e, i), lay.down_groups(e, i)
         w2 = dequantize(
-            self.w2_qweight[i][rows], self.w2_scales[i][grps], self.w2_zeros[i][grps], b, n, g,
+            self.w2_qweight[i][rows],
+            self.w2_scales[i][grps],
+            self.w2_zeros[i][grps],
+            b,
+            n,
+            g,
             dense_dtype=lay.dense_dtype,
         )  # [n, H]
         return w13[:, :n].t(), w13[:, n:].t(), w2.t()

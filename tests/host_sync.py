@@ -24,20 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = (str(ROOT / "camera_vllm") + "/", str(ROOT / "kernels") + "/")
 
 # Ops whose result size or value the host must read from the device (schema names).
-SYNCING_OPS = frozenset({
-    "aten::_local_scalar_dense",  # .item(), int(t), bool(t), .tolist()
-    "aten::nonzero",
-    "aten::bincount",
-    "aten::masked_select",
-    "aten::unique_consecutive",
-    "aten::_unique",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::repeat_interleave",  # tensor repeats: the output size is device data
-    # torch.tensor(...) and `t[i] = scalar`: a host tensor is created and copied to the
-    # device (in torch 2.13 that copy synchronises, and graph capture refuses it).
-    "aten::lift_fresh",
-})
+SYNCING_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",  # .item(), int(t), bool(t), .tolist()
+        "aten::nonzero",
+        "aten::bincount",
+        "aten::masked_select",
+        "aten::unique_consecutive",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::repeat_interleave",  # tensor repeats: the output size is device data
+        # torch.tensor(...) and `t[i] = scalar`: a host tensor is created and copied to the
+        # device (in torch 2.13 that copy synchronises, and graph capture refuses it).
+        "aten::lift_fresh",
+    }
+)
 INDEX_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_"})
 COPY_OPS = frozenset({"aten::_to_copy", "aten::copy_"})
 

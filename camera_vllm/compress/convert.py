@@ -85,7 +85,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refused or a corrupt file
         raise ValueError(
-            f"{path}: could not be read as a plain tensor state dict with torch.load(weights_only=True): {err}"
+            f"{path}: could not be read as a plain tensor state dict with "
+            f"torch.load(weights_only=True): {err}"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

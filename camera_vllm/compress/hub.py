@@ -49,7 +49,9 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        cached = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        cached = Path(
+            snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        )
     except LocalEntryNotFoundError as err:
         # Incomplete per the cached tree listing (it names files we do not read, e.g. README
         # images): usable when what a compression reads is all there.
@@ -59,7 +61,8 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
         return cached
     if constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(
-            f"{model}{'@' + revision if revision else ''} is not (completely) in the local Hugging Face cache "
+            f"{model}{'@' + revision if revision else ''} is not (completely) in the local "
+            "Hugging Face cache "
             f"and HF_HUB_OFFLINE is set: fetch it first (hf download {model}) or unset HF_HUB_OFFLINE"
         )
     log.info("downloading %s from the Hugging Face hub (config, tokenizer, safetensors weights)", model)

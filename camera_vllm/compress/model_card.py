@@ -52,8 +52,10 @@ def render_model_card(
         + [f"- {t}" for t in tags]
         + ["---", ""]
     )
-    scheme = "CAMERA-P (structured pruning of micro-experts)" if prune else (
-        "CAMERA-Q (mixed-precision micro-experts, packed per bit-width)"
+    scheme = (
+        "CAMERA-P (structured pruning of micro-experts)"
+        if prune
+        else ("CAMERA-Q (mixed-precision micro-experts, packed per bit-width)")
     )
     lines = [
         f"# {out_name}",
@@ -110,5 +112,7 @@ def _size_lines(report: dict[str, Any] | None) -> list[str]:
             f"{report.get('dense_dtype', '')} ({ratio:.2f}x smaller)"
         )
     if report.get("avg_bits_achieved"):
-        out.append(f"- stored bits per expert weight (scales and zeros included): {report['avg_bits_achieved']:.3f}")
+        out.append(
+            f"- stored bits per expert weight (scales and zeros included): {report['avg_bits_achieved']:.3f}"
+        )
     return out or ["(the report has no size figures)"]

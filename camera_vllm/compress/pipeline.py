@@ -46,10 +46,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(
+            f"--device {device!r} is not a device ({err}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+            raise ValueError(
+                f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type != "cpu":
@@ -79,7 +83,9 @@ def check_run_setup(out: Path, *, overwrite: bool, batch_size: int) -> None:
     try:
         probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
     except OSError as err:
-        raise PermissionError(f"--out {out}: cannot create the checkpoint under {ancestor} ({err.strerror})") from None
+        raise PermissionError(
+            f"--out {out}: cannot create the checkpoint under {ancestor} ({err.strerror})"
+        ) from None
     probe.rmdir()
 
 

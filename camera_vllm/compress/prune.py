@@ -79,7 +79,9 @@ def prune_expert(
     return gate.index_select(0, keep), up.index_select(0, keep), down.index_select(1, keep)
 
 
-def prune_quant_config(source: SourceCheckpoint, keeps: dict[int, LayerKeep], compression: dict[str, Any]) -> CameraQuantConfig:
+def prune_quant_config(
+    source: SourceCheckpoint, keeps: dict[int, LayerKeep], compression: dict[str, Any]
+) -> CameraQuantConfig:
     """The ``quantization_config`` describing a CAMERA-P checkpoint."""
     arch = source.arch
     layers = {
@@ -145,5 +147,9 @@ def write_pruned_checkpoint(
             if name not in handled:
                 writer.add(name, source.get(name))
         return writer.commit(
-            source_dir=source.path, config=source.config, quant_config=qcfg, report=report, extra_files=extra_files
+            source_dir=source.path,
+            config=source.config,
+            quant_config=qcfg,
+            report=report,
+            extra_files=extra_files,
         )

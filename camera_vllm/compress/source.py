@@ -69,8 +69,9 @@ class FusedExperts:
 def fused_orientation(
     arch: MoEArch, gate_up: str, gate_up_shape: tuple[int, ...], down: str, down_shape: tuple[int, ...]
 ) -> bool:
-    """True if the fused expert tensors are stored transposed; raises naming both tensors if neither layout fits.
+    """True if the fused expert tensors are stored transposed.
 
+    Raises, naming both tensors, if neither layout fits.
     Both shapes are checked together: a lone ``[E, 2I, H]`` with ``2I == H`` could be
     either layout, but its ``down_proj`` (``[E, H, I]`` or ``[E, I, H]``) then is not.
     """
@@ -168,7 +169,10 @@ class SourceCheckpoint:
         return self.get(name).dtype
 
     def fused_experts(self, layer: int) -> FusedExperts | None:
-        """The fused routed-expert tensors of ``layer`` and their orientation, or None if stored per expert."""
+        """The fused routed-expert tensors of ``layer`` and their orientation.
+
+        None if the experts are stored per expert.
+        """
         prefix = names.moe_prefix(self.arch.architecture, layer) + ".experts"
         gate_up, down = f"{prefix}.{FUSED_GATE_UP}", f"{prefix}.{FUSED_DOWN}"
         if not self.has(gate_up) and not self.has(down):

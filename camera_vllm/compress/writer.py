@@ -109,7 +109,7 @@ class CheckpointWriter:
         self.total_bytes = 0
 
     # -- context manager ---------------------------------------------------------------------------
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         remove_stale_temp_dirs(self.out_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)

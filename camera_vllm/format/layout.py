@@ -80,7 +80,9 @@ def expert_tensors(
     }
 
 
-def stored_bytes(slabs: list[int], bits: list[int], hidden: int, group_size: int | None, model_bytes: int = 2) -> int:
+def stored_bytes(
+    slabs: list[int], bits: list[int], hidden: int, group_size: int | None, model_bytes: int = 2
+) -> int:
     """Bytes one expert occupies on disk (packed weights, scales and zeros all counted)."""
     total = 0
     for specs in expert_tensors(slabs, bits, hidden, group_size).values():

@@ -97,10 +97,12 @@ class CameraQuantConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CameraQuantConfig":
+    def _consistent(self) -> CameraQuantConfig:
         if self.scheme == "prune":
             if self.bits != [UNQUANTIZED_BITS]:
-                raise ValueError(f"scheme 'prune' stores unquantized experts: bits must be [16], got {self.bits}")
+                raise ValueError(
+                    f"scheme 'prune' stores unquantized experts: bits must be [16], got {self.bits}"
+                )
         else:
             bad = [b for b in self.bits if b not in QUANT_BITS]
             if bad:
@@ -108,15 +110,20 @@ class CameraQuantConfig(BaseModel):
             if not self.bits or self.bits != sorted(set(self.bits), reverse=True):
                 raise ValueError(f"bits must be distinct and in descending order, got {self.bits}")
             if self.group_size is None or self.group_size <= 0 or self.group_size % 32:
-                raise ValueError(f"group_size must be a positive multiple of 32 for scheme 'mixed', got {self.group_size}")
+                raise ValueError(
+                    f"group_size must be a positive multiple of 32 for scheme 'mixed', got {self.group_size}"
+                )
         for layer, spec in self.layers.items():
             if len(spec.expert_slabs) != self.num_experts:
                 raise ValueError(
-                    f"layer {layer}: expert_slabs lists {len(spec.expert_slabs)} experts, num_experts is {self.num_experts}"
+                    f"layer {layer}: expert_slabs lists {len(spec.expert_slabs)} experts, "
+                    f"num_experts is {self.num_experts}"
                 )
             for e, slabs in enumerate(spec.expert_slabs):
                 if len(slabs) != len(self.bits):
-                    raise ValueError(f"layer {layer} expert {e}: {len(slabs)} slab sizes for bits {self.bits}")
+                    raise ValueError(
+                        f"layer {layer} expert {e}: {len(slabs)} slab sizes for bits {self.bits}"
+                    )
                 if sum(slabs) > self.original_intermediate_size:
                     raise ValueError(
                         f"layer {layer} expert {e}: width {sum(slabs)} exceeds original_intermediate_size "
@@ -124,10 +131,17 @@ class CameraQuantConfig(BaseModel):
                     )
             if spec.shared_slabs is not None:
                 if self.original_shared_intermediate_size is None:
-                    raise ValueError(f"layer {layer}: shared_slabs given but original_shared_intermediate_size is not")
+                    raise ValueError(
+                        f"layer {layer}: shared_slabs given but original_shared_intermediate_size is not"
+                    )
                 if len(spec.shared_slabs) != len(self.bits):
-                    raise ValueError(f"layer {layer}: {len(spec.shared_slabs)} shared slab sizes for bits {self.bits}")
-                if any(n < 0 for n in spec.shared_slabs) or sum(spec.shared_slabs) > self.original_shared_intermediate_size:
+                    raise ValueError(
+                        f"layer {layer}: {len(spec.shared_slabs)} shared slab sizes for bits {self.bits}"
+                    )
+                if (
+                    any(n < 0 for n in spec.shared_slabs)
+                    or sum(spec.shared_slabs) > self.original_shared_intermediate_size
+                ):
                     raise ValueError(f"layer {layer}: shared_slabs {spec.shared_slabs} out of range")
         return self
 
@@ -151,7 +165,7 @@ class CameraQuantConfig(BaseModel):
         return data
 
     @classmethod
-    def from_json_dict(cls, data: Any, *, source: str = "quantization_config") -> "CameraQuantConfig":
+    def from_json_dict(cls, data: Any, *, source: str = "quantization_config") -> CameraQuantConfig:
         """Parse and validate; raises :class:`CameraFormatError` naming ``source`` and the field."""
         if not isinstance(data, dict):
             raise CameraFormatError(f"{source}: expected a JSON object, got {type(data).__name__}")

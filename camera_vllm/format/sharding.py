@@ -91,7 +91,10 @@ def prune_shares(widths: Sequence[int], tp_size: int, tp_rank: int) -> list[tupl
 def mixed_shares(
     expert_slabs: Sequence[Sequence[int]], group_size: int, tp_size: int, tp_rank: int
 ) -> list[list[tuple[int, int]]]:
-    """CAMERA-Q: micro-experts ``[lo, hi)`` of every slab of every expert held by ``tp_rank`` (whole groups)."""
+    """CAMERA-Q: micro-experts ``[lo, hi)`` of every slab of every expert held by ``tp_rank``.
+
+    Shares are whole groups.
+    """
     if group_size <= 0 or group_size % PACK_BLOCK:
         raise ValueError(f"group_size must be a positive multiple of {PACK_BLOCK}, got {group_size}")
     return layer_shares(expert_slabs, group_size, tp_size, tp_rank)
@@ -114,8 +117,13 @@ def down_packed_rows(lo: int, hi: int, bits: int) -> tuple[int, int]:
 
 
 def down_group_rows(lo: int, hi: int, group_size: int) -> tuple[int, int]:
-    """Rows of a down-projection ``scales_bB`` / ``zeros_bB [ceil(n / G), H]`` for micro-experts ``[lo, hi)``."""
+    """Rows of a down-projection's scales / zeros for micro-experts ``[lo, hi)``.
+
+    The tensors are ``scales_bB`` / ``zeros_bB [ceil(n / G), H]``.
+    """
     if lo % group_size and hi > lo:
-        raise ValueError(f"a share of a quantized slab must start on a group boundary, got {lo} (G={group_size})")
+        raise ValueError(
+            f"a share of a quantized slab must start on a group boundary, got {lo} (G={group_size})"
+        )
     start = num_groups(lo, group_size)
     return start, start + num_groups(hi - lo, group_size)

@@ -20,10 +20,16 @@ __all__ = ["NotACameraCheckpoint", "checkpoint_dtype", "summarize_camera_config"
 
 # Bytes per element of the checkpoint dtype, as config.json spells it.
 _DTYPE_BYTES = {
-    "float32": 4, "float": 4, "fp32": 4,
-    "float16": 2, "half": 2, "fp16": 2,
-    "bfloat16": 2, "bf16": 2,
-    "float64": 8, "double": 8,
+    "float32": 4,
+    "float": 4,
+    "fp32": 4,
+    "float16": 2,
+    "half": 2,
+    "fp16": 2,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float64": 8,
+    "double": 8,
 }
 
 
@@ -95,8 +101,14 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
     sized = hidden is not None and model_bytes is not None
 
     layers: list[dict[str, Any]] = []
-    tot = {"original_bytes": 0, "stored_bytes": 0, "kept_micro_experts": 0, "original_micro_experts": 0,
-           "kept_shared_micro_experts": 0, "original_shared_micro_experts": 0}
+    tot = {
+        "original_bytes": 0,
+        "stored_bytes": 0,
+        "kept_micro_experts": 0,
+        "original_micro_experts": 0,
+        "kept_shared_micro_experts": 0,
+        "original_shared_micro_experts": 0,
+    }
     by_bits_total = {str(b): 0 for b in q.bits}
     for index in sorted(q.layers):
         spec = q.layers[index]
@@ -112,8 +124,7 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
             "micro_experts_by_bits": by_bits,
             "shared_width": spec.shared_width,
             "shared_micro_experts_by_bits": (
-                None if spec.shared_slabs is None
-                else {str(b): n for b, n in zip(q.bits, spec.shared_slabs)}
+                None if spec.shared_slabs is None else {str(b): n for b, n in zip(q.bits, spec.shared_slabs)}
             ),
         }
         tot["kept_micro_experts"] += sum(widths)
@@ -143,8 +154,9 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
             tot["original_bytes"] += original
             tot["stored_bytes"] += stored
         else:
-            entry.update(original_bytes=None, stored_bytes=None, bytes_saved=None,
-                         effective_bits_per_kept_weight=None)
+            entry.update(
+                original_bytes=None, stored_bytes=None, bytes_saved=None, effective_bits_per_kept_weight=None
+            )
         if experts:
             entry["expert_widths"] = widths
             entry["expert_slabs"] = [list(s) for s in spec.expert_slabs]
@@ -154,7 +166,7 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
 
     totals: dict[str, Any] = {
         "scope": "routed and shared expert weights of the MoE layers (attention, embeddings and dense "
-                 "layers are not counted)",
+        "layers are not counted)",
         "kept_micro_experts": tot["kept_micro_experts"],
         "original_micro_experts": tot["original_micro_experts"],
         "kept_fraction": _ratio(tot["kept_micro_experts"], tot["original_micro_experts"]),
@@ -174,8 +186,13 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
             bits_per_original_weight=_ratio(8 * tot["stored_bytes"], tot["original_bytes"] / model_bytes),
         )
     else:
-        totals.update(original_bytes=None, stored_bytes=None, bytes_saved=None, compression_ratio=None,
-                      bits_per_original_weight=None)
+        totals.update(
+            original_bytes=None,
+            stored_bytes=None,
+            bytes_saved=None,
+            compression_ratio=None,
+            bits_per_original_weight=None,
+        )
 
     return {
         "quant_method": q.quant_method,

@@ -442,7 +442,9 @@ def _check_values(root: Path, tensors: dict[str, TensorInfo], report: Validation
             report.errors.append(f"{fname}: unreadable by safetensors ({type(err).__name__}: {err})")
 
 
-def validate(checkpoint_dir: str | Path, *, check_values: bool = True, weights: bool = True) -> ValidationReport:
+def validate(
+    checkpoint_dir: str | Path, *, check_values: bool = True, weights: bool = True
+) -> ValidationReport:
     """Check a CAMERA checkpoint directory; see the module docstring for what is checked.
 
     ``weights=False`` checks only what config.json holds (the quantization_config against the
@@ -570,7 +572,8 @@ def validate_for_serving(
     weights = Path(model).is_dir() or weights_present(root)
     if not weights:
         log.info(
-            "camera-vllm: %s: weights not downloaded yet; config checked now, tensors as vLLM loads them", model
+            "camera-vllm: %s: weights not downloaded yet; config checked now, tensors as vLLM loads them",
+            model,
         )
     report = validate(root, check_values=check_values and weights, weights=weights)
     for warning in report.warnings:
@@ -625,9 +628,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  {s['num_tensors']} tensors in {len(s['files'])} file(s), {s['total_bytes'] / 2**20:.2f} MiB",
         f"  experts {mib(t['stored_bytes'])} MiB of {mib(t['original_bytes'])} MiB dense"
         + (f" ({t['compression_ratio']:.2f}x smaller" if t.get("compression_ratio") else " (")
-        + (f", {t['bits_per_original_weight']:.3f} bits per original expert weight)"
-           if t.get("bits_per_original_weight") else ")"),
-        f"  routed micro-experts kept: {t['kept_fraction']:.1%}" if t.get("kept_fraction") is not None else "",
+        + (
+            f", {t['bits_per_original_weight']:.3f} bits per original expert weight)"
+            if t.get("bits_per_original_weight")
+            else ")"
+        ),
+        f"  routed micro-experts kept: {t['kept_fraction']:.1%}"
+        if t.get("kept_fraction") is not None
+        else "",
         "",
         f"  {'layer':>5} {'kept':>6} {'min':>5} {'max':>5} {'zero':>5} {'shared':>6} {'bits/w':>7}"
         f" {'MiB':>8}  micro-experts by bits",

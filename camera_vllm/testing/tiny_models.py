@@ -8,8 +8,8 @@ OpenAI server can serve it.  Weights are random: good for exactness, never for q
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -76,8 +76,14 @@ def _qwen3_moe(vocab: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        **_common(vocab), head_dim=32, intermediate_size=128, moe_intermediate_size=64,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+        **_common(vocab),
+        head_dim=32,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
     )
     return Qwen3MoeForCausalLM(cfg)
 
@@ -86,9 +92,14 @@ def _qwen2_moe(vocab: int):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
-        **_common(vocab), intermediate_size=128, moe_intermediate_size=64,
-        shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=False, decoder_sparse_step=1,
+        **_common(vocab),
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
     )
     return Qwen2MoeForCausalLM(cfg)
 
@@ -100,14 +111,26 @@ def _deepseek_v2(vocab: int):
     common["num_key_value_heads"] = common["num_attention_heads"]  # required by transformers' DeepseekV2
     cfg = DeepseekV2Config(
         **common,
-        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=2,
         # transformers' DeepseekV2 gate never renormalises while vLLM honours the flag:
         # False keeps the two in agreement.
-        num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False, topk_method="greedy",
-        routed_scaling_factor=1.5, n_group=1, topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        topk_method="greedy",
+        routed_scaling_factor=1.5,
+        n_group=1,
+        topk_group=1,
         # vLLM's MLA accepts kv_lora_rank + qk_rope_head_dim in {320, 512, 576}; serve with
         # VLLM_MLA_DISABLE=1 on CPU (head size 16 + 64).
-        kv_lora_rank=256, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=32,
+        kv_lora_rank=256,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=64,
+        v_head_dim=32,
     )
     cfg.num_hidden_layers = 3  # one dense layer, then two MoE layers
     return DeepseekV2ForCausalLM(cfg)
@@ -116,7 +139,9 @@ def _deepseek_v2(vocab: int):
 def _mixtral(vocab: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(**_common(vocab), head_dim=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
+    cfg = MixtralConfig(
+        **_common(vocab), head_dim=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2
+    )
     return MixtralForCausalLM(cfg)
 
 
@@ -125,7 +150,9 @@ def _olmoe(vocab: int):
 
     common = _common(vocab)
     common["num_key_value_heads"] = common["num_attention_heads"]
-    cfg = OlmoeConfig(**common, intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
+    cfg = OlmoeConfig(
+        **common, intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False
+    )
     return OlmoeForCausalLM(cfg)
 
 
@@ -138,7 +165,9 @@ _BUILDERS: dict[str, Callable[[int], torch.nn.Module]] = {
 }
 
 
-def build_tiny_moe(arch: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def build_tiny_moe(
+    arch: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write a random tiny ``arch`` MoE (weights, config, tokenizer) to ``out_dir``.
 
     Weights are drawn with a larger std than HF's default so that routing and the
@@ -153,7 +182,7 @@ def build_tiny_moe(arch: str, out_dir: str | Path, *, seed: int = 0, dtype: torc
     torch.manual_seed(seed)
     model = _BUILDERS[arch](len(tok))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model = model.to(dtype)

@@ -41,5 +41,7 @@ def prune_on_slabs(device_type: str) -> bool:
     """
     setting = expert_backend()
     if setting == "cpu" and device_type != "cpu":
-        raise ValueError(f"{BACKEND_ENV}=cpu: the CPU expert paths need CPU tensors, the model is on {device_type}")
+        raise ValueError(
+            f"{BACKEND_ENV}=cpu: the CPU expert paths need CPU tensors, the model is on {device_type}"
+        )
     return setting in ("triton", "reference") or (setting == "auto" and device_type != "cpu")

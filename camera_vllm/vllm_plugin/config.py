@@ -55,7 +55,10 @@ class CameraConfig(QuantizationConfig):
         self.camera = camera
 
     def __repr__(self) -> str:
-        return f"CameraConfig(scheme={self.camera.scheme!r}, bits={self.camera.bits}, layers={len(self.camera.layers)})"
+        return (
+            f"CameraConfig(scheme={self.camera.scheme!r}, bits={self.camera.bits}, "
+            f"layers={len(self.camera.layers)})"
+        )
 
     # -- QuantizationConfig interface ------------------------------------------------------------
     def get_name(self) -> str:
@@ -79,7 +82,9 @@ class CameraConfig(QuantizationConfig):
         return cls(CameraQuantConfig.from_json_dict(config, source="config.json quantization_config"))
 
     @classmethod
-    def override_quantization_method(cls, hf_quant_cfg: Any, user_quant: str | None, hf_config: Any = None) -> None:
+    def override_quantization_method(
+        cls, hf_quant_cfg: Any, user_quant: str | None, hf_config: Any = None
+    ) -> None:
         # vLLM asks custom methods first: refuse a CAMERA config filed under another
         # quant_method, which would otherwise reach e.g. GPTQ and fail with an unrelated message.
         from ..format.validate import refuse_foreign_quant_method
@@ -179,7 +184,8 @@ def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
         parts.append(f"{100 * t['kept_fraction']:.1f} % of micro-experts kept")
     if t.get("stored_bytes"):
         parts.append(
-            f"expert bytes {t['stored_bytes'] / 2**20:.1f} MiB vs {t['original_bytes'] / 2**20:.1f} MiB dense "
+            f"expert bytes {t['stored_bytes'] / 2**20:.1f} MiB vs "
+            f"{t['original_bytes'] / 2**20:.1f} MiB dense "
             f"({t['compression_ratio']:.2f}x)"
         )
     backends = expert_backends()

@@ -252,9 +252,15 @@ class CameraSlabLinearMethod(LinearMethodBase):
                 continue  # empty slabs are not stored
             # m: this rank's share of the n micro-experts
             if self.gate_up:
-                shapes = {"qweight": (packed_rows(hidden, b), 2 * m), "scales": (num_groups(hidden, self.group_size), 2 * m)}
+                shapes = {
+                    "qweight": (packed_rows(hidden, b), 2 * m),
+                    "scales": (num_groups(hidden, self.group_size), 2 * m),
+                }
             else:
-                shapes = {"qweight": (packed_rows(m, b), hidden), "scales": (num_groups(m, self.group_size), hidden)}
+                shapes = {
+                    "qweight": (packed_rows(m, b), hidden),
+                    "scales": (num_groups(m, self.group_size), hidden),
+                }
             shapes["zeros"] = shapes["scales"]
             for kind, shape in shapes.items():
                 dtype = QWEIGHT_DTYPE if kind == "qweight" else SCALE_DTYPE
@@ -283,7 +289,8 @@ class CameraSlabLinearMethod(LinearMethodBase):
         if self.gate_up:
             if loaded_shard_id not in (0, 1):
                 raise CameraFormatError(
-                    f"{self.prefix}.{name}: expected gate_proj or up_proj (shard 0/1), got shard {loaded_shard_id!r}"
+                    f"{self.prefix}.{name}: expected gate_proj or up_proj (shard 0/1), "
+                    f"got shard {loaded_shard_id!r}"
                 )
             what = f"{self.prefix} ({('gate_proj', 'up_proj')[loaded_shard_id]}).{name}"
             expected = (param.shape[0], n)
@@ -310,7 +317,9 @@ class CameraSlabLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self._loaded and self._loaded != self._expected:
             missing = sorted(f"{n} (shard {s})" for n, s in self._expected - self._loaded)
-            raise CameraFormatError(f"{self.prefix}: shared expert tensor(s) missing from the checkpoint: {missing}")
+            raise CameraFormatError(
+                f"{self.prefix}: shared expert tensor(s) missing from the checkpoint: {missing}"
+            )
         self._loaded = set()
 
     def op_weights(self, layer: torch.nn.Module) -> list[torch.Tensor]:
@@ -321,7 +330,9 @@ class CameraSlabLinearMethod(LinearMethodBase):
             for kind in ("qweight", "scales", "zeros")
         ] + [getattr(layer, META)]
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from . import ops
 
         out = ops.slab_linear(

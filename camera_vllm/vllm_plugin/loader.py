@@ -96,9 +96,10 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         hf_qc = getattr(model_config.hf_config, "quantization_config", None)
         if not hf_qc and vllm_config.quant_config is not None:
             raise ValueError(
-                f"--load-format {LOAD_FORMAT} cannot be combined with --quantization {model_config.quantization}: "
-                f"it serves the zero-masked model {model_config.model} with the CAMERA method, which it sets up "
-                "itself; drop --quantization"
+                f"--load-format {LOAD_FORMAT} cannot be combined with "
+                f"--quantization {model_config.quantization}: "
+                f"it serves the zero-masked model {model_config.model} with the CAMERA method, "
+                "which it sets up itself; drop --quantization"
             )
         if hf_qc or vllm_config.quant_config is not None:
             if model_config.quantization not in (None, names.QUANT_METHOD):
@@ -126,7 +127,8 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         model_dir = Path(model_config.model)
         if not model_dir.is_dir():
             raise ValueError(
-                f"--load-format {LOAD_FORMAT} reads a local model directory; {model_config.model!r} is not one "
+                f"--load-format {LOAD_FORMAT} reads a local model directory; "
+                f"{model_config.model!r} is not one "
                 "(download it first, e.g. with `hf download`)"
             )
         vllm_config.quant_config = CameraConfig(self.plan(model_dir))
@@ -278,7 +280,8 @@ def register_loader() -> None:
         return
     if existing is not None:
         raise RuntimeError(
-            f"load format {LOAD_FORMAT!r} is already registered by {existing.__module__}.{existing.__qualname__}; "
+            f"load format {LOAD_FORMAT!r} is already registered by "
+            f"{existing.__module__}.{existing.__qualname__}; "
             "camera-vllm cannot register its own"
         )
     register_model_loader(LOAD_FORMAT)(CameraZeroMaskLoader)

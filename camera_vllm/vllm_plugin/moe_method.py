@@ -76,13 +76,17 @@ def dense_slab_dtype(w13: torch.Tensor, w2t: torch.Tensor, prefix: str) -> torch
         "%s: CAMERA-P weights in %s are not exact in 16 bits, so they stay on the torch ragged path, "
         "which syncs with the host (CUDA graphs need --enforce-eager); serve with --dtype bfloat16 "
         "to use the fused slab kernels",
-        prefix, w13.dtype,
+        prefix,
+        w13.dtype,
     )
     return None
 
 
 def check_parallel_support(parallel: FusedMoEParallelConfig, prefix: str) -> None:
-    """CAMERA layers support tensor and expert parallelism, not data parallelism (raises NotImplementedError)."""
+    """CAMERA layers support tensor and expert parallelism, not data parallelism.
+
+    Raises NotImplementedError for data parallelism.
+    """
     if parallel.dp_size > 1:
         raise NotImplementedError(
             f"{prefix}: CAMERA MoE layers are not served with data parallelism (got dp={parallel.dp_size}); "
@@ -190,7 +194,9 @@ def local_to_global_ids(layer: RoutedExperts, num_local: int) -> list[int]:
         if local >= 0:
             local_to_global[local] = g
     if -1 in local_to_global:
-        raise RuntimeError(f"expert map of {layer.layer_name} leaves local slots unassigned: {local_to_global}")
+        raise RuntimeError(
+            f"expert map of {layer.layer_name} leaves local slots unassigned: {local_to_global}"
+        )
     return local_to_global
 
 
@@ -276,7 +282,11 @@ class CameraPruneMoEMethod(CameraMoEMethod):
             )
             expected, source = (width, hidden), loaded_weight[lo:hi]
         elif shard_id == "w2":
-            rows, expected, source = self.layout.down_rows(layer_local), (hidden, width), loaded_weight[:, lo:hi].t()
+            rows, expected, source = (
+                self.layout.down_rows(layer_local),
+                (hidden, width),
+                loaded_weight[:, lo:hi].t(),
+            )
         else:
             raise CameraFormatError(f"{weight_name}: unexpected expert shard id {shard_id!r}")
         if tuple(loaded_weight.shape) != expected:
@@ -348,7 +358,9 @@ class CameraPruneMoEMethod(CameraMoEMethod):
 
     def _use_cpu_buckets(self, layer: RoutedExperts, buckets: ops.CpuBuckets) -> None:
         """Serve ``layer`` from its bucketed copy and free the ragged tensors it replaces."""
-        names = [CPU_ROUTE] + [f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(buckets.weights) - 1)]
+        names = [CPU_ROUTE] + [
+            f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(buckets.weights) - 1)
+        ]
         for name, tensor in zip(names, buckets.weights):
             layer.register_buffer(name, tensor, persistent=False)
         self._free_ragged(layer)
@@ -395,7 +407,10 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         return [tuple(slabs) for slabs in spec.expert_slabs]
 
     def rank_shares(self) -> list[list[tuple[int, int]]]:
-        """Micro-experts ``[lo, hi)`` of every slab of every global expert held by this rank (sharding rule)."""
+        """Micro-experts ``[lo, hi)`` of every slab of every global expert held by this rank.
+
+        By the sharding rule (:func:`camera_vllm.format.sharding.mixed_shares`).
+        """
         group = self.config.camera.group_size
         assert group is not None
         return sharding.mixed_shares(self.global_slabs(), group, self.tp_size, self.tp_rank)
@@ -544,7 +559,8 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         if slabs.device.type == "cpu":
             from camera_kernels.cpu_slab import ensure_cpu_kernel
 
-            # Build (first time on this machine) or load the compiled CPU kernel now, not on the first request.
+            # Build (first time on this machine) or load the compiled CPU kernel now, not on the
+            # first request.
             ensure_cpu_kernel()
 
     def _groups(self, layer: RoutedExperts) -> list[tuple[torch.Tensor, ...]]:
@@ -571,7 +587,9 @@ class CameraMixedMoEMethod(CameraMoEMethod):
         shared_experts_input: torch.Tensor | None,
     ) -> torch.Tensor:
         # The layout rides in the scheme string (a graph constant): no host reads at run time.
-        return ops.camera_moe(x, topk_weights, topk_ids, self.op_weights(layer), layer.expert_map, self.op_scheme)
+        return ops.camera_moe(
+            x, topk_weights, topk_ids, self.op_weights(layer), layer.expert_map, self.op_scheme
+        )
 
     def expert_nbytes(self, layer: RoutedExperts) -> int:
         """Bytes of this layer's packed expert tensors (metadata excluded)."""

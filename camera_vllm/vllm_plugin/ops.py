@@ -26,7 +26,14 @@ import torch
 
 from .backend import expert_backend
 from .ragged import ragged_moe_forward
-from .ragged_cpu import CPU_KERNEL_ALIGN, BucketPlan, bucketed_moe_forward, cpu_kernel_isa, pack_buckets, plan_buckets
+from .ragged_cpu import (
+    CPU_KERNEL_ALIGN,
+    BucketPlan,
+    bucketed_moe_forward,
+    cpu_kernel_isa,
+    pack_buckets,
+    plan_buckets,
+)
 
 OP_NAMESPACE = "camera_vllm"
 OP_NAME = "moe"
@@ -63,7 +70,9 @@ def _prune_cpu_impl(
     if arg is None:
         raise NotImplementedError("camera_vllm.moe: scheme 'prune_cpu' needs its ISA ('prune_cpu:<isa>')")
     if len(weights) % 2 != 1:
-        raise ValueError(f"camera_vllm.moe: scheme 'prune_cpu' takes a route and bucket pairs, got {len(weights)} tensors")
+        raise ValueError(
+            f"camera_vllm.moe: scheme 'prune_cpu' takes a route and bucket pairs, got {len(weights)} tensors"
+        )
     return bucketed_moe_forward(x, topk_weights, topk_ids, weights[0], weights[1:], arg, expert_map)
 
 
@@ -130,7 +139,9 @@ def _parse_layout(arg: str) -> "object":
 
     spec = json.loads(arg)
     dense = getattr(torch, spec.get("dense", "bfloat16"))
-    return SlabLayout(int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])), dense)
+    return SlabLayout(
+        int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])), dense
+    )
 
 
 def _mixed_impl(
@@ -152,7 +163,9 @@ def _mixed_impl(
     nb = layout.num_bits  # type: ignore[attr-defined]
     want = len(MIXED_TENSOR_GROUPS) * nb + len(MIXED_METADATA)
     if len(weights) != want:
-        raise ValueError(f"camera_vllm.moe: scheme 'mixed' with {nb} bit-widths takes {want} tensors, got {len(weights)}")
+        raise ValueError(
+            f"camera_vllm.moe: scheme 'mixed' with {nb} bit-widths takes {want} tensors, got {len(weights)}"
+        )
     groups = [tuple(weights[j * nb : (j + 1) * nb]) for j in range(len(MIXED_TENSOR_GROUPS))]
     meta = dict(zip(MIXED_METADATA, weights[len(MIXED_TENSOR_GROUPS) * nb :]))
     # Wraps the tensors (shape/dtype/device checks only: no copy, no host sync).
@@ -336,4 +349,6 @@ def slab_linear(
     out_features: int,
 ) -> torch.Tensor:
     """Call the registered ``camera_vllm.slab_linear`` op (``out_features``: 2S for gate_up, H for down)."""
-    return getattr(torch.ops, OP_NAMESPACE).slab_linear(x, weights, bits, sizes, group_size, gate_up, out_features)
+    return getattr(torch.ops, OP_NAMESPACE).slab_linear(
+        x, weights, bits, sizes, group_size, gate_up, out_features
+    )

@@ -107,9 +107,7 @@ def plan_buckets(
         groups.append(tuple(order[i:j]))
         j = i
     groups = [g for g in reversed(groups) if g]
-    return BucketPlan(
-        tuple(_align(max(widths[e] for e in g)) for g in groups), tuple(groups), len(widths)
-    )
+    return BucketPlan(tuple(_align(max(widths[e] for e in g)) for g in groups), tuple(groups), len(widths))
 
 
 def cpu_kernel_isa(dtype: torch.dtype) -> str | None:
@@ -133,7 +131,7 @@ ROUND_NEAREST = "nearest"
 ROUND_TOWARD_ZERO = "toward_zero"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_kernel_rounding(isa: str) -> str:
     """How vLLM's loaded ``cpu_fused_moe`` rounds its bf16 results: ``nearest`` or ``toward_zero``.
 
@@ -153,8 +151,17 @@ def cpu_kernel_rounding(isa: str) -> str:
     want = (F.silu(gate) * up) @ w2[0].float().t()
     got = torch.empty_like(x)
     torch.ops._C.cpu_fused_moe(
-        got, x, _prepack(w13, isa), _prepack(w2, isa), None, None,
-        torch.ones(tokens, 1), torch.zeros(tokens, 1, dtype=torch.int32), False, "silu", isa,
+        got,
+        x,
+        _prepack(w13, isa),
+        _prepack(w2, isa),
+        None,
+        None,
+        torch.ones(tokens, 1),
+        torch.zeros(tokens, 1, dtype=torch.int32),
+        False,
+        "silu",
+        isa,
     )
     shrunk = ((got.float() - want) * want.sign() < 0).float().mean().item()
     return ROUND_TOWARD_ZERO if shrunk > 0.75 else ROUND_NEAREST
@@ -249,8 +256,17 @@ def bucketed_moe_forward(
     for j, stop in enumerate(ends):
         if stop > start:
             torch.ops._C.cpu_fused_moe(
-                ys[start:stop], xs[start:stop], buckets[2 * j], buckets[2 * j + 1],
-                None, None, weights[start:stop], local[start:stop], False, "silu", isa,
+                ys[start:stop],
+                xs[start:stop],
+                buckets[2 * j],
+                buckets[2 * j + 1],
+                None,
+                None,
+                weights[start:stop],
+                local[start:stop],
+                False,
+                "silu",
+                isa,
             )
         start = stop
     ys = ys.to(torch.float32)

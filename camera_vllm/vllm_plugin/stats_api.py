@@ -45,6 +45,7 @@ STATS_PATH = "/camera/stats"
 PLUGIN_NAME = "camera_stats"  # the entry-point name to list in VLLM_PLUGINS
 PUBLIC_ENV = "CAMERA_STATS_PUBLIC"
 
+
 def read_config_json(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json of a local checkpoint directory."""
     path = Path(model_dir) / CONFIG_FILE
@@ -79,7 +80,9 @@ def _served_names(model_config: Any, args: Any, model: str | None) -> list[str]:
 
 
 def _has_no_quant_block(config: dict[str, Any]) -> bool:
-    return config.get("quantization_config") is None and text_config(config).get("quantization_config") is None
+    return (
+        config.get("quantization_config") is None and text_config(config).get("quantization_config") is None
+    )
 
 
 def _load_format(model_config: Any, engine_client: Any, args: Any) -> str | None:
@@ -115,8 +118,11 @@ def expert_backends(device_type: str | None = None) -> dict[str, Any]:
         on_slabs = prune_on_slabs(device_type or "")
     except ValueError as err:  # CAMERA_VLLM_BACKEND=cpu off CPU: the model would not load
         return {"setting": setting, "device": device_type, "camera_q": camera_q, "camera_p": str(err)}
-    camera_p = (f"{camera_q} on a 16-bit dense slab" if on_slabs
-                else "cpu_fused_moe on width buckets (bf16), torch (fp32)")
+    camera_p = (
+        f"{camera_q} on a 16-bit dense slab"
+        if on_slabs
+        else "cpu_fused_moe on width buckets (bf16), torch (fp32)"
+    )
     return {"setting": setting, "device": device_type, "camera_q": camera_q, "camera_p": camera_p}
 
 
@@ -150,8 +156,11 @@ def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> di
         config = hf_config.to_dict()
         source = "vllm ModelConfig.hf_config"
     stats = summarize_camera_config(config, experts=experts)
-    stats["model"] = {"path": model, "served_model_name": _served_names(model_config, args, model),
-                      "config_source": source}
+    stats["model"] = {
+        "path": model,
+        "served_model_name": _served_names(model_config, args, model),
+        "config_source": source,
+    }
     stats["expert_backend"] = expert_backends()
     try:
         from .. import __version__
@@ -211,7 +220,7 @@ class CameraStatsPlugin:
     # still readable from the args there).
     required_tasks = None
 
-    def attach_router(self, app: "FastAPI") -> None:
+    def attach_router(self, app: FastAPI) -> None:
         router = APIRouter()
 
         @router.get(STATS_PATH, tags=["camera"], summary="CAMERA checkpoint statistics")
@@ -288,7 +297,7 @@ def publish_metrics(stats: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None}
 
 
-def _handle(request: "Request", experts: bool):
+def _handle(request: Request, experts: bool):
     state = request.app.state
     if not hasattr(state, "camera_stats_auth"):  # init_state did not run (a custom app builder)
         _init_state(state, getattr(state, "engine_client", None), getattr(state, "args", None))

@@ -92,8 +92,9 @@ class HubEmulator:
             srv.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._hub.server_address[1]}"
         self.cdn = f"http://127.0.0.1:{self._cdn.server_address[1]}"
-        self._threads = [threading.Thread(target=srv.serve_forever, daemon=True)
-                         for srv in (self._hub, self._cdn)]
+        self._threads = [
+            threading.Thread(target=srv.serve_forever, daemon=True) for srv in (self._hub, self._cdn)
+        ]
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> HubEmulator:
@@ -129,10 +130,19 @@ class HubEmulator:
             siblings.append(s)
         author = self.repo_id.split("/")[0]
         return {
-            "_id": self.commit[:24], "id": self.repo_id, "modelId": self.repo_id, "author": author,
-            "sha": self.commit, "lastModified": "2025-01-01T00:00:00.000Z",
-            "createdAt": "2025-01-01T00:00:00.000Z", "private": False, "disabled": False, "gated": False,
-            "downloads": 0, "likes": 0, "library_name": "transformers",
+            "_id": self.commit[:24],
+            "id": self.repo_id,
+            "modelId": self.repo_id,
+            "author": author,
+            "sha": self.commit,
+            "lastModified": "2025-01-01T00:00:00.000Z",
+            "createdAt": "2025-01-01T00:00:00.000Z",
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "library_name": "transformers",
             "tags": ["transformers", "safetensors"],
             "siblings": siblings,
         }
@@ -146,7 +156,7 @@ class HubEmulator:
         for path, e in self.files.items():
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest:
                 parts = rest.split("/")
                 for i in range(1, len(parts) if recursive else 2):
@@ -156,8 +166,10 @@ class HubEmulator:
             out.append(e.tree_json())
         if not out and not folders:
             return None
-        dirs = [{"type": "directory", "oid": _git_blob_id(d.encode()), "size": 0, "path": d}
-                for d in sorted(folders)]
+        dirs = [
+            {"type": "directory", "oid": _git_blob_id(d.encode()), "size": 0, "path": d}
+            for d in sorted(folders)
+        ]
         return dirs + out
 
     def _handler(self, origin: str):
@@ -241,11 +253,13 @@ class HubEmulator:
                         return self._error("EntryNotFound", head=head, commit=True)
                     hdrs = {"X-Repo-Commit": emu.commit, "ETag": f'"{entry.blob_id}"'}
                     if entry.lfs_sha256 is not None:
-                        hdrs.update({
-                            "X-Linked-Etag": f'"{entry.lfs_sha256}"',
-                            "X-Linked-Size": str(entry.size),
-                            "Location": f"{emu.cdn}/lfs/{entry.lfs_sha256}?filename={quote(entry.path)}",
-                        })
+                        hdrs.update(
+                            {
+                                "X-Linked-Etag": f'"{entry.lfs_sha256}"',
+                                "X-Linked-Size": str(entry.size),
+                                "Location": f"{emu.cdn}/lfs/{entry.lfs_sha256}?filename={quote(entry.path)}",
+                            }
+                        )
                         return self._send(302, b"", hdrs, head)
                     return self._file(entry.data, hdrs, head)
                 if re.match(r"/api/models/[^/]+/[^/]+", path) or re.match(r"/[^/]+/[^/]+/resolve/", path):
@@ -263,7 +277,7 @@ class HubEmulator:
                         return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, head)
                     end = min(end, len(data) - 1)
                     hdrs["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-                    return self._send(206, data[start:end + 1], hdrs, head)
+                    return self._send(206, data[start : end + 1], hdrs, head)
                 return self._send(200, data, hdrs, head)
 
         return Handler

@@ -23,7 +23,12 @@ import pytest
 import requests
 from hub_emulator import HubEmulator
 from test_deploy_server import (
-    API_KEY, ENTRYPOINT, START_TIMEOUT_S, Server, _free_port, build_camera_checkpoint,
+    API_KEY,
+    ENTRYPOINT,
+    START_TIMEOUT_S,
+    Server,
+    _free_port,
+    build_camera_checkpoint,
 )
 
 pytestmark = pytest.mark.vllm
@@ -47,8 +52,11 @@ def hub_server(tmp_path_factory):
     key_file.write_text(f"{API_KEY}\n")
     port = _free_port()
     with HubEmulator(REPO_ID, ckpt) as hub:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("VLLM_", "CAMERA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("VLLM_", "CAMERA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
+        }
         env.update(
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             VLLM_API_KEY_FILE=str(key_file),
@@ -66,9 +74,23 @@ def hub_server(tmp_path_factory):
         log = work / "server.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                ["bash", str(ENTRYPOINT), REPO_ID,
-                 "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "4", "--enforce-eager"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
+                [
+                    "bash",
+                    str(ENTRYPOINT),
+                    REPO_ID,
+                    "--max-model-len",
+                    "256",
+                    "--dtype",
+                    "float32",
+                    "--max-num-seqs",
+                    "4",
+                    "--enforce-eager",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=work,
+                start_new_session=True,
             )
         srv = Server(proc, port, log, ckpt)
         try:
@@ -100,14 +122,20 @@ def _sha256(path: Path) -> str:
 
 def _file_requests(log: list[tuple[str, str, str]]) -> list[str]:
     """Every request for a file's metadata or bytes (resolve on the hub, LFS blobs on the CDN), in order."""
-    return [f"{origin} {method} {path}" for origin, method, path in log
-            if "/resolve/" in path or origin == "cdn"]
+    return [
+        f"{origin} {method} {path}" for origin, method, path in log if "/resolve/" in path or origin == "cdn"
+    ]
 
 
 def test_deploy_hub_first_start_serves_the_hub_id(hub_server):
     srv = hub_server.server
-    body = {"model": SERVED_NAME, "prompt": "The quick brown fox", "max_tokens": 8,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": SERVED_NAME,
+        "prompt": "The quick brown fox",
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     r = requests.post(srv.url + "/v1/completions", json=body, headers=srv.auth, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 8

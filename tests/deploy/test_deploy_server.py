@@ -51,13 +51,28 @@ def _tiny_source(out_dir: Path) -> Path:
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=MIN_CPU_HEAD_DIM, intermediate_size=128, moe_intermediate_size=64,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    ))
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=MIN_CPU_HEAD_DIM,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -84,11 +99,14 @@ def build_camera_checkpoint(out_dir: Path) -> Path:
     keeps = {}
     for layer in source.arch.moe_layers:
         gates, ups, downs = source.expert_weights(layer)
-        scores = [g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0)
-                  for g, u, d in zip(gates, ups, downs)]
+        scores = [
+            g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0)
+            for g, u, d in zip(gates, ups, downs)
+        ]
         keeps[layer] = select_keep(scores, 0.25, scope="layer")
-    return write_pruned_checkpoint(source, out_dir, keeps,
-                                   compression={"method": "deploy-test weight-norm", "ratio": 0.25})
+    return write_pruned_checkpoint(
+        source, out_dir, keeps, compression={"method": "deploy-test weight-norm", "ratio": 0.25}
+    )
 
 
 def _free_port() -> int:
@@ -167,9 +185,23 @@ def server(checkpoint, tmp_path_factory):
     log = work / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["bash", str(ENTRYPOINT), str(checkpoint),
-             "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "4", "--enforce-eager"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True,
+            [
+                "bash",
+                str(ENTRYPOINT),
+                str(checkpoint),
+                "--max-model-len",
+                "256",
+                "--dtype",
+                "float32",
+                "--max-num-seqs",
+                "4",
+                "--enforce-eager",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
+            start_new_session=True,
         )
     srv = Server(proc, port, log, checkpoint)
     try:
@@ -193,8 +225,13 @@ def server(checkpoint, tmp_path_factory):
 
 def test_deploy_server_health_and_healthcheck_script(server):
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
-    r = subprocess.run(["bash", str(HEALTHCHECK)], env={**os.environ, "CAMERA_PORT": str(server.port)},
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", str(HEALTHCHECK)],
+        env={**os.environ, "CAMERA_PORT": str(server.port)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -205,8 +242,13 @@ def test_deploy_server_runs_vllm_without_the_key_on_its_command_line(server):
 
 
 def test_deploy_server_completions_require_the_key(server):
-    body = {"model": SERVED_NAME, "prompt": "The quick brown fox", "max_tokens": 8,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": SERVED_NAME,
+        "prompt": "The quick brown fox",
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     assert requests.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 401
     r = requests.post(server.url + "/v1/completions", json=body, headers=server.auth, timeout=120)
     assert r.status_code == 200, r.text
@@ -250,8 +292,12 @@ def test_deploy_server_metrics_show_camera_gauges(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(server.url + "/metrics", headers=server.auth, timeout=30).text
-    samples = {s.name: s for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name.startswith("camera_")}
+    samples = {
+        s.name: s
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name.startswith("camera_")
+    }
     totals = requests.get(server.url + "/camera/stats", headers=server.auth, timeout=30).json()["totals"]
     assert samples["camera_expert_bytes_stored"].value == totals["stored_bytes"] == _expert_bytes(server.ckpt)
     assert samples["camera_expert_bytes_dense"].value == totals["original_bytes"]

@@ -158,8 +158,10 @@ def test_deploy_dockerfile_copies_are_in_the_build_context(dockerfile):
         srcs = [a for a in args.split() if not a.startswith("--")][:-1]
         for src in srcs:
             assert (ROOT / src).exists(), f"{dockerfile.name}: COPY source {src} does not exist"
-            probe = src if (ROOT / src).is_file() else next(
-                str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py")
+            probe = (
+                src
+                if (ROOT / src).is_file()
+                else next(str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py"))
             )
             assert not _dockerignore_excludes(patterns, probe), f"{ignore.name} excludes {probe} (COPY {src})"
 
@@ -233,8 +235,13 @@ def test_deploy_entrypoint_builds_the_serve_command(tmp_path):
     assert "k" not in argv and "API_KEY_SET=1" in lines
 
     # Model from CAMERA_MODEL, options only, custom port/name, caller's VLLM_PLUGINS kept.
-    env = {"VLLM_API_KEY": "k", "CAMERA_MODEL": str(model), "CAMERA_PORT": "9001",
-           "CAMERA_SERVED_MODEL_NAME": "m", "VLLM_PLUGINS": "camera_vllm"}
+    env = {
+        "VLLM_API_KEY": "k",
+        "CAMERA_MODEL": str(model),
+        "CAMERA_PORT": "9001",
+        "CAMERA_SERVED_MODEL_NAME": "m",
+        "VLLM_PLUGINS": "camera_vllm",
+    }
     r = _entry(["--dtype", "float32"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     argv = r.stdout.splitlines()
@@ -269,8 +276,10 @@ def test_deploy_entrypoint_refuses_bad_setups(tmp_path):
     assert r.returncode == 2 and "not readable" in r.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv to run the entrypoint as another user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the entrypoint as another user",
+)
 def test_deploy_entrypoint_refuses_weights_its_user_cannot_read():
     """As in the image (uid 10001, read-only mount): a 0600 root-owned weight file is named at start,
     not found by the engine minutes later; 0644 passes."""
@@ -293,8 +302,15 @@ def _entrypoint_as_uid_10001(model: Path) -> None:
     weights.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAMERA_"))}
     env.update({"CAMERA_ENTRYPOINT_DRY_RUN": "1", "VLLM_API_KEY": "k"})
-    as_user = ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
-               "bash", str(DOCKER / "entrypoint.sh"), str(model)]
+    as_user = [
+        "setpriv",
+        "--reuid=10001",
+        "--regid=10001",
+        "--clear-groups",
+        "bash",
+        str(DOCKER / "entrypoint.sh"),
+        str(model),
+    ]
     r = _run(as_user, env=env, cwd="/")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "uid 10001 cannot read model-00001-of-00002.safetensors" in r.stderr, r.stderr
@@ -311,8 +327,16 @@ def test_deploy_fetch_model_downloads_hub_ids_only(tmp_path):
     script = ["bash", str(DOCKER / "fetch-model.sh")]
     r = _run(script, env={**env, "CAMERA_MODEL": str(tmp_path)}, cwd=tmp_path)
     assert r.returncode == 0 and "nothing to download" in r.stdout, r.stderr
-    r = _run(script, env={**env, "CAMERA_MODEL": "org/tiny-camera", "CAMERA_MODEL_REVISION": "v2",
-                          "HF_HOME": str(tmp_path / "hf")}, cwd=tmp_path)
+    r = _run(
+        script,
+        env={
+            **env,
+            "CAMERA_MODEL": "org/tiny-camera",
+            "CAMERA_MODEL_REVISION": "v2",
+            "HF_HOME": str(tmp_path / "hf"),
+        },
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     argv = r.stdout.splitlines()[1:]
     assert argv[:3] == ["hf", "download", "org/tiny-camera"]
@@ -372,10 +396,19 @@ def test_deploy_k8s_manifests_match_kubernetes_schemas():
                 try:
                     kv.validate(doc, version, strict=True)
                 except kv.ValidationError as err:
-                    pytest.fail(f"{path.relative_to(ROOT)} {doc['kind']}/{doc['metadata']['name']} "
-                                f"(Kubernetes {version}): {err.message} at {list(err.path)}")
-    assert kinds >= {"Deployment", "Service", "PersistentVolumeClaim", "Secret",
-                     "HorizontalPodAutoscaler", "StatefulSet", "PodDisruptionBudget"}
+                    pytest.fail(
+                        f"{path.relative_to(ROOT)} {doc['kind']}/{doc['metadata']['name']} "
+                        f"(Kubernetes {version}): {err.message} at {list(err.path)}"
+                    )
+    assert kinds >= {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Secret",
+        "HorizontalPodAutoscaler",
+        "StatefulSet",
+        "PodDisruptionBudget",
+    }
 
 
 def _import_kv():
@@ -516,7 +549,9 @@ def test_deploy_k8s_kubectl_kustomize_renders():
     r = _run([kubectl, "kustomize", str(K8S)])
     assert r.returncode == 0, r.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(r.stdout) if d]
-    assert sorted(kinds) == sorted(["PersistentVolumeClaim"] * 2 + ["Deployment", "Service", "PodDisruptionBudget"])
+    assert sorted(kinds) == sorted(
+        ["PersistentVolumeClaim"] * 2 + ["Deployment", "Service", "PodDisruptionBudget"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,7 +653,9 @@ def test_deploy_cuda_files_keep_vllm_default_graph_mode():
     turn graphs off: --enforce-eager (or a compilation mode that disables them) would cost every
     decode step its graph replay."""
     cuda_files = [p for p in DEPLOY.rglob("*") if p.is_file() and "cpu" not in p.name.lower()]
-    assert any(p.name == "deployment.yaml" for p in cuda_files) and any(p.name == "Dockerfile" for p in cuda_files)
+    assert any(p.name == "deployment.yaml" for p in cuda_files) and any(
+        p.name == "Dockerfile" for p in cuda_files
+    )
     for path in cuda_files:
         text = path.read_text(errors="replace")
         for flag in ("enforce-eager", "enforce_eager", "ENFORCE_EAGER", "cudagraph_mode"):

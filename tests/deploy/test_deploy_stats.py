@@ -71,6 +71,7 @@ def test_deploy_stats_mixed_bytes_match_hand_count():
     assert s["format_version"] == 1 and s["scheme"] == "mixed" and s["bits"] == [4, 2]
     assert s["checkpoint_dtype"] == "bfloat16" and s["hidden_size"] == H
     (layer,) = s["layers"]
+
     # Expert 0: 8 micro-experts at 4 bits + 16 at 2 bits; expert 1 pruned away entirely.
     # gate/up slab (K=H=64, G=32): qweight 2*b rows x n int32 + scales/zeros 2 x n fp16 each;
     # down slab (K=n): ceil(n/32)*b rows x 64 int32 + 2 x ceil(n/32) x 64 fp16.
@@ -204,19 +205,29 @@ def test_deploy_stats_endpoint_uses_engine_model_config_for_hub_ids(monkeypatch)
         def to_dict(self):
             return _prune_config([[32, 64]])
 
-    engine = Namespace(model_config=Namespace(model="org/tiny-camera", hf_config=HFConfig(),
-                                              served_model_name="tiny-camera"))
+    engine = Namespace(
+        model_config=Namespace(model="org/tiny-camera", hf_config=HFConfig(), served_model_name="tiny-camera")
+    )
     s = stats_api.collect_stats(engine, Namespace(model="org/tiny-camera"))
-    assert s["model"] == {"path": "org/tiny-camera", "served_model_name": ["tiny-camera"],
-                          "config_source": "vllm ModelConfig.hf_config"}
+    assert s["model"] == {
+        "path": "org/tiny-camera",
+        "served_model_name": ["tiny-camera"],
+        "config_source": "vllm ModelConfig.hf_config",
+    }
     assert s["layers"][0]["expert_width"]["total"] == 96
     assert s["expert_backend"]["camera_q"] in ("triton", "cpu", "reference")
 
 
-@pytest.mark.parametrize(("setting", "device", "want"), [
-    ("", "cuda", "triton"), ("", "cpu", "cpu"), ("", "xpu", "reference"),
-    ("reference", "cuda", "reference"), ("triton", "cpu", "triton"),
-])
+@pytest.mark.parametrize(
+    ("setting", "device", "want"),
+    [
+        ("", "cuda", "triton"),
+        ("", "cpu", "cpu"),
+        ("", "xpu", "reference"),
+        ("reference", "cuda", "reference"),
+        ("triton", "cpu", "triton"),
+    ],
+)
 def test_deploy_stats_names_the_expert_backend(monkeypatch, setting, device, want):
     monkeypatch.setenv("CAMERA_VLLM_BACKEND", setting)
     got = stats_api.expert_backends(device)
@@ -230,8 +241,8 @@ def test_deploy_stats_endpoint_plugin_entry_point_declared():
     """The installed camera-vllm must declare the endpoint plugin (pyproject.toml)."""
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.endpoint_plugins")}
     assert eps.get("camera_stats") == "camera_vllm.vllm_plugin.stats_api:CameraStatsPlugin", (
-        "pyproject.toml lacks [project.entry-points.\"vllm.endpoint_plugins\"] "
-        "camera_stats = \"camera_vllm.vllm_plugin.stats_api:CameraStatsPlugin\" (then reinstall)"
+        'pyproject.toml lacks [project.entry-points."vllm.endpoint_plugins"] '
+        'camera_stats = "camera_vllm.vllm_plugin.stats_api:CameraStatsPlugin" (then reinstall)'
     )
 
 
@@ -259,15 +270,21 @@ def test_deploy_stats_for_a_zero_masked_model_under_load_format_camera(tmp_path)
     save_file(sd, str(masked / "model.safetensors"), metadata={"format": "pt"})
 
     def engine(load_format):
-        return Namespace(model_config=Namespace(model=str(masked), served_model_name=None),
-                         vllm_config=Namespace(load_config=Namespace(load_format=load_format)))
+        return Namespace(
+            model_config=Namespace(model=str(masked), served_model_name=None),
+            vllm_config=Namespace(load_config=Namespace(load_format=load_format)),
+        )
 
     s = stats_api.collect_stats(engine("camera"), Namespace(model=str(masked)))
     width = 64  # tiny qwen2_moe moe_intermediate_size
     by_layer = {entry["layer"]: entry for entry in s["layers"]}
     assert by_layer[0]["expert_width"]["total"] == 8 * width
-    assert by_layer[1]["expert_width"] == {"min": 0, "max": width, "mean": (7 * width - 10) / 8,
-                                           "total": 7 * width - 10}
+    assert by_layer[1]["expert_width"] == {
+        "min": 0,
+        "max": width,
+        "mean": (7 * width - 10) / 8,
+        "total": 7 * width - 10,
+    }
     assert "zero-mask scan" in s["model"]["config_source"]
     with pytest.raises(stats_api.NotACameraCheckpoint):
         stats_api.collect_stats(engine("auto"), Namespace(model=str(masked)))

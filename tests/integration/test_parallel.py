@@ -11,7 +11,8 @@ Qwen2-MoE exercises both the routed experts (the MoE methods) and the shared exp
 All four engines (P and Q, ``--tensor-parallel-size 2`` without and with
 ``--enable-expert-parallel``, ``--enforce-eager``) run one after another in ONE
 subprocess (``vllm_parallel.py``).  Eager because a torch.compile start with two workers
-costs minutes on a small CPU machine; the compiled op path is covered single-process.  Greedy tokens (fp32) must equal the transformers oracle
+costs minutes on a small CPU machine; the compiled op path is covered single-process.
+Greedy tokens (fp32) must equal the transformers oracle
 (:func:`camera_vllm.reference.load`), which the single-process tests
 (test_vllm_greedy.py, test_vllm_mixed.py) hold equal to single-process serving.  Each
 rank also reports its share of every CAMERA layer, checked against the split rule of
@@ -49,7 +50,10 @@ ENGINES = {
 
 
 def build_odd_pruned(original: Path, out: Path) -> Path:
-    """CAMERA-P of ``original`` keeping :data:`ODD_WIDTHS` / :data:`SHARED_WIDTH` micro-experts (by weight norm)."""
+    """CAMERA-P of ``original`` keeping :data:`ODD_WIDTHS` / :data:`SHARED_WIDTH` micro-experts.
+
+    Micro-experts are kept by weight norm.
+    """
     if (out / "config.json").exists():
         return out
     source = SourceCheckpoint(original)
@@ -66,7 +70,9 @@ def build_odd_pruned(original: Path, out: Path) -> Path:
         shared_score = sg.double().norm(dim=1) * su.double().norm(dim=1) * sd.double().norm(dim=0)
         shared = torch.sort(torch.argsort(shared_score, descending=True)[:SHARED_WIDTH]).values
         keeps[layer] = LayerKeep(tuple(experts), shared)
-    return write_pruned_checkpoint(source, out, keeps, compression={"method": "camera-p", "score": "weight-norm (test)"})
+    return write_pruned_checkpoint(
+        source, out, keeps, compression={"method": "camera-p", "score": "weight-norm (test)"}
+    )
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:
@@ -132,7 +138,9 @@ def test_checkpoints_split_unevenly(parallel_ckpts: dict[str, Path]) -> None:
         assert sorted(widths) == sorted(ODD_WIDTHS) and sum(spec["shared_slabs"]) == SHARED_WIDTH
     qc, q_layers = _layer_specs(parallel_ckpts["q"])
     g = qc["group_size"]
-    sizes = [n for spec in q_layers.values() for s in [*spec["expert_slabs"], spec["shared_slabs"]] for n in s]
+    sizes = [
+        n for spec in q_layers.values() for s in [*spec["expert_slabs"], spec["shared_slabs"]] for n in s
+    ]
     # Slabs of 2+ groups with a short last group: the ranks hold unequal, non-empty shares.
     uneven = [n for n in sizes if n > g and n % g]
     assert len(uneven) >= 4, sizes
@@ -170,7 +178,9 @@ def test_ranks_hold_their_share(engine: str, parallel_runs: dict[str, Any]) -> N
             # Experts whole on one rank each (MoE tp size 1), every expert on exactly one rank.
             assert all(info["tp"] == [0, 1] for info in per_rank)
             held = [e for info in per_rank for e in info["experts"]]
-            assert sorted(held) == list(range(num_experts)) and len(per_rank[0]["experts"]) == num_experts // 2
+            assert (
+                sorted(held) == list(range(num_experts)) and len(per_rank[0]["experts"]) == num_experts // 2
+            )
             for info in per_rank:
                 for local, e in enumerate(info["experts"]):
                     if ckpt == "p":
@@ -214,5 +224,7 @@ def test_data_parallel_is_refused_clearly() -> None:
     from camera_vllm.vllm_plugin.moe_method import check_parallel_support
 
     check_parallel_support(SimpleNamespace(dp_size=1, tp_size=2, ep_size=1), "model.layers.0.mlp.experts")
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.experts: .*data parallelism \(got dp=2\)"):
+    with pytest.raises(
+        NotImplementedError, match=r"model\.layers\.0\.mlp\.experts: .*data parallelism \(got dp=2\)"
+    ):
         check_parallel_support(SimpleNamespace(dp_size=2, tp_size=1, ep_size=2), "model.layers.0.mlp.experts")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from camera_kernels.packing import pack
 from integration_helpers import prune_checkpoint, quant_config, write_zero_padded
 
+from camera_kernels.packing import pack
 from camera_vllm import reference
 from camera_vllm.arch import moe_arch_from_config
 from camera_vllm.compress.writer import CheckpointWriter

@@ -35,7 +35,9 @@ def test_vllm_mixed_greedy_equals_oracle(case: str, mixed_runs: dict[str, dict])
     qc = json.loads((info["dir"] / "config.json").read_text())["quantization_config"]
     assert qc["scheme"] == "mixed" and qc["bits"] == [4, 2, 1]
     # Every bit-width is really used, and the shared expert is quantized where there is one.
-    used = {b for spec in qc["layers"].values() for s in spec["expert_slabs"] for b, n in zip(qc["bits"], s) if n}
+    used = {
+        b for spec in qc["layers"].values() for s in spec["expert_slabs"] for b, n in zip(qc["bits"], s) if n
+    }
     assert used == {4, 2, 1}
     if arch in ("qwen2_moe", "deepseek_v2"):
         assert all(spec.get("shared_slabs") for spec in qc["layers"].values())
@@ -66,7 +68,9 @@ def test_quantization_changes_the_model(arch: str, mixed_runs: dict[str, dict]) 
 
 
 @pytest.mark.vllm
-def test_vllm_mixed_through_the_triton_backend_equals_oracle(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_vllm_mixed_through_the_triton_backend_equals_oracle(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """CAMERA_VLLM_BACKEND=triton: the Triton launcher and kernels (interpreted on CPU) serve
     inside a vLLM engine, and greedy tokens equal the oracle."""
     info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")["q"]
@@ -78,15 +82,20 @@ def test_vllm_mixed_through_the_triton_backend_equals_oracle(tmp_path_factory: p
 
 
 @pytest.mark.vllm
-def test_vllm_prune_through_the_triton_backend_equals_oracle(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_vllm_prune_through_the_triton_backend_equals_oracle(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """CAMERA_VLLM_BACKEND=triton: a CAMERA-P checkpoint (bf16 weights, served in fp32) runs as one
     16-bit dense slab per layer on the Triton slab kernels inside a vLLM engine (the CUDA path),
     and greedy tokens equal the fp32 oracle."""
     info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")["p"]
     got = info["result"]
     schemes = got["memory"]["prune_schemes"]
-    assert schemes and all(s.startswith("mixed:") and '"bits":[16]' in s and '"dense":"bfloat16"' in s
-                           for s in schemes), schemes
+    assert schemes and all(
+        s.startswith("mixed:") and '"bits":[16]' in s and '"dense":"bfloat16"' in s for s in schemes
+    ), schemes
     want = reference_greedy(info["dir"])
     for prompt, g, w in zip(PROMPTS, got["tokens"], want):
-        assert g == w, f"CAMERA-P on triton: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"
+        assert g == w, (
+            f"CAMERA-P on triton: vLLM and the oracle diverge on {prompt!r}:\n vllm   {g}\n oracle {w}"
+        )

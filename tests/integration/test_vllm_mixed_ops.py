@@ -1,4 +1,7 @@
-"""The CAMERA-Q custom ops on their own: ``camera_vllm.moe`` with scheme "mixed:<layout>" and ``camera_vllm.slab_linear``."""
+"""The CAMERA-Q custom ops on their own.
+
+``camera_vllm.moe`` with scheme "mixed:<layout>" and ``camera_vllm.slab_linear``.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ def test_mixed_op_equals_naive(num_tokens: int) -> None:
     # An expert map sending expert 0 to "another rank" drops exactly its contribution.
     emap = torch.tensor([-1, 1, 2, 3], dtype=torch.int32)
     masked = ops.camera_moe_impl(x, tw, ti, _op_weights(w), emap, scheme)
-    torch.testing.assert_close(masked.double(), _naive(x, tw, torch.where(ti == 0, -1, ti), w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        masked.double(), _naive(x, tw, torch.where(ti == 0, -1, ti), w), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mixed_op_errors() -> None:
@@ -71,7 +76,9 @@ def _shared(slabs: tuple[int, ...], seed: int = 0):
     """Dense shared expert (gate/up [S, H], down [H, S], rows in slab order) and its slab tensors."""
     g = torch.Generator().manual_seed(seed)
     s = sum(slabs)
-    gate, up, down = (torch.randn(*shape, generator=g) * 0.3 for shape in ((s, HIDDEN), (s, HIDDEN), (HIDDEN, s)))
+    gate, up, down = (
+        torch.randn(*shape, generator=g) * 0.3 for shape in ((s, HIDDEN), (s, HIDDEN), (HIDDEN, s))
+    )
     gu_w, down_w, deq = [], [], {"gate": [], "up": [], "down": []}
     start = 0
     for n, b in zip(slabs, BITS):
@@ -79,7 +86,11 @@ def _shared(slabs: tuple[int, ...], seed: int = 0):
             continue
         sl = slice(start, start + n)
         start += n
-        gq, uq, dq = quantize_rtn(gate[sl].t(), b, GROUP), quantize_rtn(up[sl].t(), b, GROUP), quantize_rtn(down[:, sl].t(), b, GROUP)
+        gq, uq, dq = (
+            quantize_rtn(gate[sl].t(), b, GROUP),
+            quantize_rtn(up[sl].t(), b, GROUP),
+            quantize_rtn(down[:, sl].t(), b, GROUP),
+        )
         gu_w += [torch.cat([gq[j], uq[j]], dim=1) for j in range(3)]
         down_w += list(dq)
 
@@ -117,7 +128,9 @@ def test_slab_linear_has_no_host_sync() -> None:
         x = torch.randn(tokens, HIDDEN)
         with HostSyncRecorder() as rec:
             gu = ops.slab_linear_impl(x, gu_w, list(BITS), list(slabs), GROUP, True, 2 * s)
-            ops.slab_linear_impl(F.silu(gu[:, :s]) * gu[:, s:], down_w, list(BITS), list(slabs), GROUP, False, HIDDEN)
+            ops.slab_linear_impl(
+                F.silu(gu[:, :s]) * gu[:, s:], down_w, list(BITS), list(slabs), GROUP, False, HIDDEN
+            )
         assert rec.calls == [], "\n".join(map(str, rec.calls))
 
 

@@ -60,9 +60,7 @@ def run(model: str, kernel: str, dtype: str = "bfloat16") -> dict[str, Any]:
     )
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    logprobs = [
-        [next(iter(pos.values())).logprob for pos in o.prompt_logprobs[1:]] for o in outputs
-    ]
+    logprobs = [[next(iter(pos.values())).logprob for pos in o.prompt_logprobs[1:]] for o in outputs]
     result = {
         "packed_layers": llm.collective_rpc(packed_layers)[0],
         "rounding": llm.collective_rpc(kernel_rounding)[0],

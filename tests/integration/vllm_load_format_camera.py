@@ -33,7 +33,10 @@ from integration_helpers import MAX_TOKENS, PROMPTS
 
 
 def moe_memory(worker: Any) -> dict[str, Any]:
-    """Runs in the worker: bytes of the routed-expert layers' own parameters, their methods, the worker's quantization."""
+    """Runs in the worker: bytes of the routed-expert layers' own parameters.
+
+    Also their methods and the worker's quantization.
+    """
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     model = worker.model_runner.get_model()

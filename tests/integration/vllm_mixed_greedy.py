@@ -42,7 +42,10 @@ def expert_memory(worker: Any) -> dict[str, Any]:
         if isinstance(method, CameraPruneMoEMethod):
             prune_schemes.add(method.scheme)
         if isinstance(method, (CameraMixedMoEMethod, CameraSlabLinearMethod)):
-            n = sum(t.numel() * t.element_size() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+            n = sum(
+                t.numel() * t.element_size()
+                for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+            )
             if isinstance(method, CameraMixedMoEMethod):
                 routed += n
             else:
@@ -57,8 +60,14 @@ def expert_memory(worker: Any) -> dict[str, Any]:
     # The backend the routed experts' op picks for this model's activations (CPU: the compiled
     # kernel unless CAMERA_VLLM_BACKEND forces another).
     backend = choose_backend(torch.empty(1, 1, dtype=next(model.parameters()).dtype), expert_backend())[0]
-    return {"routed_bytes": routed, "shared_bytes": shared, "methods": methods, "mlp_tensors": tensors,
-            "slab_backend": backend, "prune_schemes": sorted(prune_schemes)}
+    return {
+        "routed_bytes": routed,
+        "shared_bytes": shared,
+        "methods": methods,
+        "mlp_tensors": tensors,
+        "slab_backend": backend,
+        "prune_schemes": sorted(prune_schemes),
+    }
 
 
 def run_one(model: str, mode: str, seqs: int) -> dict[str, Any]:

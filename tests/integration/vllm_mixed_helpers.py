@@ -193,6 +193,12 @@ def run_forced_backend(root: Path, backend: str) -> dict[str, Any]:
     env["CAMERA_VLLM_BACKEND"] = backend
     if backend == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    raw = run_vllm_driver([str(SCRIPT), str(out), f"{qdir}:eager:4", f"{pdir}:eager:4"], out, log, env,
-                          TIMEOUT_S, f"vLLM CAMERA-Q and CAMERA-P with CAMERA_VLLM_BACKEND={backend}")
+    raw = run_vllm_driver(
+        [str(SCRIPT), str(out), f"{qdir}:eager:4", f"{pdir}:eager:4"],
+        out,
+        log,
+        env,
+        TIMEOUT_S,
+        f"vLLM CAMERA-Q and CAMERA-P with CAMERA_VLLM_BACKEND={backend}",
+    )
     return {"q": {"dir": qdir, "result": raw[0]}, "p": {"dir": pdir, "result": raw[1]}}

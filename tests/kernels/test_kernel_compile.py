@@ -100,8 +100,12 @@ def _kernel_tiles() -> dict[tuple, list[str]]:
                     sizes = (("BLOCK_M", int(tile["BLOCK_M"])),) if path_kind == "sorted" else ()
                     sizes += (("BLOCK_N", int(tile["BLOCK_N"])), ("BLOCK_K", int(tile["BLOCK_K"])))
                     # Defaults as in tuning.TileConfig.from_dict.
-                    key = (f"_{part}_{path_kind}_kernel", sizes, int(tile.get("num_warps", 4)),
-                           int(tile.get("num_stages", 2)))
+                    key = (
+                        f"_{part}_{path_kind}_kernel",
+                        sizes,
+                        int(tile.get("num_warps", 4)),
+                        int(tile.get("num_stages", 2)),
+                    )
                     found.setdefault(key, []).append(f"{where}:{label}.{part}")
     return found
 
@@ -123,10 +127,22 @@ def _variants() -> list[dict]:
                 + (["dense_fp16"] if dense_fp16 else [])
                 + ([f"ids{ids[1:]}"] if ids else [])
             )
-            variants.setdefault(name, dict(
-                id=name, kernel=kernel, act=act, bits=list(bits), dense_fp16=dense_fp16, ids=ids,
-                tiles=tiles, group_size=group, warps=warps, stages=stages, sources=sources,
-            ))
+            variants.setdefault(
+                name,
+                dict(
+                    id=name,
+                    kernel=kernel,
+                    act=act,
+                    bits=list(bits),
+                    dense_fp16=dense_fp16,
+                    ids=ids,
+                    tiles=tiles,
+                    group_size=group,
+                    warps=warps,
+                    stages=stages,
+                    sources=sources,
+                ),
+            )
     return list(variants.values())
 
 
@@ -208,8 +224,15 @@ def compiled(tmp_path_factory) -> list[dict]:
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILER, str(KERNELS), str(out_dir), json.dumps(VARIANTS),
-         json.dumps(ALIGNED_INTS)],
+        [
+            sys.executable,
+            "-c",
+            COMPILER,
+            str(KERNELS),
+            str(out_dir),
+            json.dumps(VARIANTS),
+            json.dumps(ALIGNED_INTS),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -273,8 +296,10 @@ def resources(compiled, request) -> dict[str, dict | None]:
             continue
         p = r["ptxas"]
         spill = f"{p['spill_stores']}/{p['spill_loads']}" if p else "n/a"
-        rows.append(f"{v['id']:<58} REG {u['REG']:3d}  STACK {u['STACK']:5d}  LOCAL {u['LOCAL']}"
-                    f"  spill st/ld {spill:>11}  shared {r['shared']}")
+        rows.append(
+            f"{v['id']:<58} REG {u['REG']:3d}  STACK {u['STACK']:5d}  LOCAL {u['LOCAL']}"
+            f"  spill st/ld {spill:>11}  shared {r['shared']}"
+        )
     if not request.config.pluginmanager.has_plugin("kernel-compile-usage"):
         request.config.pluginmanager.register(_UsageTable(rows), "kernel-compile-usage")
     return usage

@@ -14,15 +14,17 @@ import shutil
 
 import pytest
 import torch
+
 from camera_kernels import (
     choose_backend,
     cpu_kernel_available,
     cpu_kernel_reason,
+    cpu_slab,
+    dispatch,
     slab_moe,
     slab_moe_cpu,
     slab_moe_reference,
 )
-from camera_kernels import cpu_slab, dispatch
 from camera_kernels.slab_weights import random_slab_weights
 
 HAVE_TOOLCHAIN = shutil.which("c++") is not None and importlib.util.find_spec("ninja") is not None
@@ -33,7 +35,9 @@ def kernel() -> None:
     """Build (or load) the extension once; with a compiler present a failed build is a failure."""
     if not cpu_kernel_available():
         if HAVE_TOOLCHAIN:
-            pytest.fail(f"a C++ compiler and ninja are here but the CPU kernel did not build: {cpu_kernel_reason()}")
+            pytest.fail(
+                f"a C++ compiler and ninja are here but the CPU kernel did not build: {cpu_kernel_reason()}"
+            )
         pytest.skip(f"no C++ toolchain: {cpu_kernel_reason()}")
 
 
@@ -85,7 +89,9 @@ LAYERS = [
     pytest.param((3,), [[31], [64], [130], [0]], 160, 128, id="b3-g128"),
     pytest.param((4,), [[16], [47], [0], [200]], 200, 64, id="b4-g64"),
     pytest.param((8,), [[9], [0], [65], [128]], 130, 32, id="b8-g32"),
-    pytest.param((3, 2, 1), [[40, 0, 7], [0, 0, 0], [33, 64, 1], [5, 150, 29], [0, 3, 0]], 100, 32, id="b321-g32"),
+    pytest.param(
+        (3, 2, 1), [[40, 0, 7], [0, 0, 0], [33, 64, 1], [5, 150, 29], [0, 3, 0]], 100, 32, id="b321-g32"
+    ),
     pytest.param((8, 4, 2), [[0, 12, 70], [129, 0, 3], [1, 1, 1]], 192, 128, id="b842-g128"),
     pytest.param((4, 3, 1), [[50, 20, 0], [0, 0, 100], [33, 0, 33]], 64, 64, id="b431-g64"),
 ]
@@ -147,15 +153,19 @@ def test_cpu_kernel_half_inputs(isa, dtype) -> None:
     ref32 = slab_moe_reference(x.float(), tw.to(dtype).float(), ids, w)
     # Both round the same fp32 result to dtype: at most one ulp of dtype apart.
     torch.testing.assert_close(got.float(), ref32, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
-    torch.testing.assert_close(got, slab_moe_reference(x, tw.to(dtype), ids, w),
-                               rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    torch.testing.assert_close(
+        got, slab_moe_reference(x, tw.to(dtype), ids, w), rtol=2 * torch.finfo(dtype).eps, atol=1e-6
+    )
 
 
 def test_cpu_kernel_edge_cases(isa) -> None:
     w = random_slab_weights([[33, 0], [0, 0]], (2, 1), 64, 32, seed=1)
     # No tokens.
     x = torch.zeros(0, 64)
-    assert slab_moe_cpu(x, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), w, isa=isa).shape == (0, 64)
+    assert slab_moe_cpu(x, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), w, isa=isa).shape == (
+        0,
+        64,
+    )
     # Only skipped ids, or only the width-0 expert: exact zeros.
     x = torch.randn(4, 64)
     ids = torch.tensor([[-1, 2], [1, 1], [-5, 1], [9, -1]])
@@ -190,10 +200,16 @@ def test_fallback_when_kernel_unavailable(kernel, monkeypatch, caplog) -> None:
     with pytest.raises(ValueError, match="backend='cpu' cannot run: the CPU kernel could not be built"):
         choose_backend(x, "cpu")
     with pytest.raises(RuntimeError, match="could not be built"):
-        slab_moe_cpu(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
-                     random_slab_weights([[32]], (2,), 64, 32))
+        slab_moe_cpu(
+            x,
+            torch.ones(2, 1),
+            torch.zeros(2, 1, dtype=torch.long),
+            random_slab_weights([[32]], (2,), 64, 32),
+        )
     w = random_slab_weights([[32]], (2,), 64, 32)
     with caplog.at_level(logging.INFO, logger="camera_kernels.dispatch"):
         out = slab_moe(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), w)
     assert torch.equal(out, slab_moe_reference(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), w))
-    assert any("reference" in r.getMessage() and "could not be built" in r.getMessage() for r in caplog.records)
+    assert any(
+        "reference" in r.getMessage() and "could not be built" in r.getMessage() for r in caplog.records
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from camera_kernels import (
     SlabLayout,
     SlabMoEWeights,
@@ -184,13 +185,22 @@ def test_kernel_slab_linear_reference_is_the_dequantized_matmul():
     gen = torch.Generator().manual_seed(13)
     bits, ks, n_out = (16, 4, 1), (33, 40, 7), 24
     parts = [quantize_rtn(torch.randn(k, n_out, generator=gen), b, 32) for b, k in zip(bits, ks)]
-    w = SlabLinearWeights(bits, ks, n_out, 32, *(tuple(t[j] for t in parts) for j in range(3)), slab_linear_meta(ks))
+    w = SlabLinearWeights(
+        bits, ks, n_out, 32, *(tuple(t[j] for t in parts) for j in range(3)), slab_linear_meta(ks)
+    )
     x = torch.randn(5, sum(ks), generator=gen)
     dense = torch.cat([dequantize(*t, b, k, 32) for t, b, k in zip(parts, bits, ks)])  # [sum K, N]
     torch.testing.assert_close(slab_linear_reference(x, w), x @ dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"qweight\[1\]"):
-        SlabLinearWeights(bits, ks, n_out, 32, (parts[0][0], parts[0][0], parts[2][0]),
-                          *(tuple(t[j] for t in parts) for j in (1, 2)), slab_linear_meta(ks))
+        SlabLinearWeights(
+            bits,
+            ks,
+            n_out,
+            32,
+            (parts[0][0], parts[0][0], parts[2][0]),
+            *(tuple(t[j] for t in parts) for j in (1, 2)),
+            slab_linear_meta(ks),
+        )
     with pytest.raises(ValueError, match="x must be"):
         slab_linear_reference(x[:, 1:], w)
 
@@ -356,8 +366,11 @@ def test_kernel_backend_choice_is_explained():
     # with the build failure as the reason (both cases in tests/kernels/test_kernel_cpu.py).
     from camera_kernels.cpu_slab import cpu_kernel_available, cpu_kernel_reason
 
-    want = ("cpu", "CPU tensors and the compiled CPU kernel available") if cpu_kernel_available() else (
-        "reference", cpu_kernel_reason())
+    want = (
+        ("cpu", "CPU tensors and the compiled CPU kernel available")
+        if cpu_kernel_available()
+        else ("reference", cpu_kernel_reason())
+    )
     assert choose_backend(x) == want
     assert choose_backend(x, "reference")[0] == "reference"
     with pytest.raises(ValueError, match="unknown backend"):
@@ -367,6 +380,9 @@ def test_kernel_backend_choice_is_explained():
     assert out.shape == x.shape
     # The compiled CPU kernel has no dense slabs: auto takes the reference for them, an explicit cpu refuses.
     dense = random_slab_weights(((8,),), (16,), H, 32)
-    assert choose_backend(x, "auto", dense) == ("reference", "the compiled CPU kernel has no 16-bit (dense) slabs")
+    assert choose_backend(x, "auto", dense) == (
+        "reference",
+        "the compiled CPU kernel has no 16-bit (dense) slabs",
+    )
     with pytest.raises(ValueError, match="16-bit"):
         choose_backend(x, "cpu", dense)

@@ -32,6 +32,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from camera_kernels import SlabMoEWeights, slab_moe, slab_moe_reference
+from camera_kernels.launch import slab_moe_triton
+from camera_kernels.slab_weights import random_slab_weights
+from camera_kernels.tuning import MoEConfig, TileConfig, get_config
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[2]
 # False when this process already imported triton in compiled mode (e.g. through vLLM in
@@ -73,11 +78,6 @@ def _runs_here(request):
             "test_kernel_triton_in_fresh_interpreter runs this module in a fresh interpreter"
         )
 
-
-from camera_kernels import SlabMoEWeights, slab_moe, slab_moe_reference
-from camera_kernels.launch import slab_moe_triton
-from camera_kernels.slab_weights import random_slab_weights
-from camera_kernels.tuning import MoEConfig, TileConfig, get_config
 
 H = 64
 
@@ -307,7 +307,8 @@ def scatter_count(t):
 def test_host_sync_recorder_flags_project_syncs():
     """The recorder sees what patching Tensor methods cannot (the setitem, a boolean mask), from
     project files only; the shape-only form of a count passes."""
-    from host_sync import ROOT as PROJECT, HostSyncRecorder
+    from host_sync import ROOT as PROJECT
+    from host_sync import HostSyncRecorder
 
     probe: dict = {}
     exec(compile(_PROBE, str(PROJECT / "kernels" / "sync_probe.py"), "exec"), probe)
@@ -353,12 +354,18 @@ def random_slab_linear(bits, in_sizes, n_out, seed, dense_dtype=torch.bfloat16):
     from camera_kernels.slab_weights import quantize_rtn
 
     gen = torch.Generator().manual_seed(seed)
-    parts = [quantize_rtn(torch.randn(k, n_out, generator=gen) * 0.1, b, 32, dense_dtype)
-             for b, k in zip(bits, in_sizes)]
+    parts = [
+        quantize_rtn(torch.randn(k, n_out, generator=gen) * 0.1, b, 32, dense_dtype)
+        for b, k in zip(bits, in_sizes)
+    ]
     return SlabLinearWeights(
-        tuple(bits), tuple(in_sizes), n_out, 32,
+        tuple(bits),
+        tuple(in_sizes),
+        n_out,
+        32,
         *(tuple(t[j].to(DEVICE) for t in parts) for j in range(3)),
-        slab_linear_meta(in_sizes, DEVICE), dense_dtype,
+        slab_linear_meta(in_sizes, DEVICE),
+        dense_dtype,
     )
 
 

@@ -16,5 +16,16 @@ def write_calib_jsonl(path: Path) -> Path:
 
 def calib_args(calib: Path) -> list[str]:
     """CLI flags for a small, seeded, CPU calibration run."""
-    return ["--calib", str(calib), "--num-seqs", "4", "--seq-len", "32", "--seed", "3", "--device", "cpu",
-            "--no-progress"]
+    return [
+        "--calib",
+        str(calib),
+        "--num-seqs",
+        "4",
+        "--seq-len",
+        "32",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]

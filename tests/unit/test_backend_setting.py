@@ -26,10 +26,17 @@ def test_a_bad_value_names_the_variable_and_the_choices(monkeypatch: pytest.Monk
         expert_backend()
 
 
-@pytest.mark.parametrize(("setting", "device", "want"), [
-    ("", "cuda", True), ("", "cpu", False), ("cpu", "cpu", False),
-    ("triton", "cpu", True), ("reference", "cpu", True), ("triton", "cuda", True),
-])
+@pytest.mark.parametrize(
+    ("setting", "device", "want"),
+    [
+        ("", "cuda", True),
+        ("", "cpu", False),
+        ("cpu", "cpu", False),
+        ("triton", "cpu", True),
+        ("reference", "cpu", True),
+        ("triton", "cuda", True),
+    ],
+)
 def test_prune_layers_run_on_the_slab_kernels_off_cpu_or_when_forced(monkeypatch, setting, device, want):
     monkeypatch.setenv(BACKEND_ENV, setting)
     assert prune_on_slabs(device) is want

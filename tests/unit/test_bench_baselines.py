@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from camera_kernels.packing import dequantize
 from safetensors import safe_open
+
+from camera_kernels.packing import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import baselines  # noqa: E402
@@ -43,7 +44,7 @@ def test_solver_matches_brute_force_and_meets_budget():
         n = rng.randint(1, 6)
         widths = [rng.choice([32, 64, 96]) for _ in range(n)]
         costs = [[stored_bytes([w], [b], 64, 32) for b in bits] for w in widths]
-        errors = [sorted((rng.random() for _ in bits)) for _ in range(n)]  # more bits -> less error
+        errors = [sorted(rng.random() for _ in bits) for _ in range(n)]  # more bits -> less error
         importance = [rng.random() ** 3 for _ in range(n)]
         lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
         budget = rng.randint(lo, hi)
@@ -81,8 +82,15 @@ def test_mc_like_checkpoint(tmp_path):
     model = build_tiny_moe("qwen3_moe", tmp_path / "m", seed=5)
     calib = tmp_path / "calib.txt"
     calib.write_text(_CORPUS * 4)
-    out = baselines.run_mc_like_q(model, tmp_path / "mc", 3.0, [calib], method="rtn", group_size=32,
-                                  calib=CalibSpec(num_seqs=4, seq_len=32, seed=1))
+    out = baselines.run_mc_like_q(
+        model,
+        tmp_path / "mc",
+        3.0,
+        [calib],
+        method="rtn",
+        group_size=32,
+        calib=CalibSpec(num_seqs=4, seq_len=32, seed=1),
+    )
     assert validate(out, check_values=True).ok
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     report = json.loads((out / names.REPORT_FILE).read_text())
@@ -104,7 +112,9 @@ def test_mc_like_checkpoint(tmp_path):
     want = quantize_rtn(gate.float().T, b, 32, clip_search=True).dequantize()
     name = names.expert_tensor(src.arch.architecture, layer, e, 0, names.slab_suffix(names.QWEIGHT, b))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        t = [f.get_tensor(name.replace(names.slab_suffix(names.QWEIGHT, b), names.slab_suffix(k, b)))
-             for k in names.QUANT_SUFFIXES]
+        t = [
+            f.get_tensor(name.replace(names.slab_suffix(names.QWEIGHT, b), names.slab_suffix(k, b)))
+            for k in names.QUANT_SUFFIXES
+        ]
     got = dequantize(*t, b, hidden, 32)
     torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-3)

@@ -10,8 +10,10 @@ import compressor_cost  # noqa: E402
 
 MIB = 2**20
 BENCH = str(Path(compressor_cost.__file__).parent)
-CHILD = (f"import sys; sys.path.insert(0, {BENCH!r}); import compressor_cost as c; "
-         "b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); print(c.peak_rss_self())")
+CHILD = (
+    f"import sys; sys.path.insert(0, {BENCH!r}); import compressor_cost as c; "
+    "b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); print(c.peak_rss_self())"
+)
 
 
 def test_peak_rss_is_the_childs_own():

@@ -8,17 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from calib_helpers import calib_args, write_calib_jsonl
 from safetensors import safe_open
 
 from camera_vllm.cli import main
 from camera_vllm.format import names
 from camera_vllm.testing.tiny_models import build_tiny_moe
 
-from calib_helpers import calib_args, write_calib_jsonl
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +24,6 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     model = build_tiny_moe("deepseek_v2", root / "model", seed=2)
     calib = write_calib_jsonl(root / "calib.jsonl")
     return root, model, calib
-
-
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +155,40 @@ def test_prune_a_cached_hub_id(setup, tmp_path: Path, monkeypatch, capsys) -> No
     card = (out / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["base_model"] == "org/tiny-moe"
     capsys.readouterr()
-    assert main(["prune", "org/absent", "--ratio", "0.3", "--out", str(tmp_path / "q"), *calib_args(calib)]) == 2
+    assert (
+        main(["prune", "org/absent", "--ratio", "0.3", "--out", str(tmp_path / "q"), *calib_args(calib)]) == 2
+    )
     err = capsys.readouterr().err
     assert "org/absent is not (completely) in the local Hugging Face cache" in err and "hf download" in err
-    assert main(["prune", str(tmp_path / "nothing"), "--ratio", "0.3", "--out", str(tmp_path / "q"),
-                 *calib_args(calib)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "nothing"),
+                "--ratio",
+                "0.3",
+                "--out",
+                str(tmp_path / "q"),
+                *calib_args(calib),
+            ]
+        )
+        == 2
+    )
     assert "not a model directory, and not a hub id" in capsys.readouterr().err
-    assert main(["prune", str(model), "--revision", "v1", "--ratio", "0.3", "--out", str(tmp_path / "q"),
-                 *calib_args(calib)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(model),
+                "--revision",
+                "v1",
+                "--ratio",
+                "0.3",
+                "--out",
+                str(tmp_path / "q"),
+                *calib_args(calib),
+            ]
+        )
+        == 2
+    )
     assert "--revision v1 applies to hub ids" in capsys.readouterr().err

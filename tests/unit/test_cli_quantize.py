@@ -6,16 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from calib_helpers import calib_args, write_calib_jsonl
 
 from camera_vllm.cli import main
 from camera_vllm.format import names
 from camera_vllm.testing.tiny_models import build_tiny_moe
 
-from calib_helpers import calib_args, write_calib_jsonl
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +21,6 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     model = build_tiny_moe("qwen2_moe", root / "model", seed=4)
     calib = write_calib_jsonl(root / "calib.jsonl")
     return root, model, calib
-
-
 
 
 def test_quantize_writes_checkpoint_report_and_plots(setup, capsys) -> None:

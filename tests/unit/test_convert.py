@@ -70,7 +70,9 @@ def test_convert_state_dict_file(masked, tmp_path: Path) -> None:
     # The kept channels carry the masked model's values, in order.
     conv = load_file(str(out / "model.safetensors"))
     kept = conv["model.layers.1.mlp.experts.1.down_proj.weight"]
-    torch.testing.assert_close(kept, sd["model.layers.1.mlp.experts.1.down_proj.weight"][:, 10:], rtol=0, atol=0)
+    torch.testing.assert_close(
+        kept, sd["model.layers.1.mlp.experts.1.down_proj.weight"][:, 10:], rtol=0, atol=0
+    )
     assert "model.layers.1.mlp.experts.3.gate_proj.weight" not in conv
 
 

@@ -31,7 +31,10 @@ EMPTY = 3  # expert zeroed entirely
 
 
 def _masked_model(original: Path):
-    """The transformers model of ``original`` with micro-experts zeroed; returns (model, widths, shared widths)."""
+    """The transformers model of ``original`` with micro-experts zeroed.
+
+    Returns (model, widths, shared widths).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)

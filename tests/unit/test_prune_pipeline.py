@@ -19,8 +19,6 @@ from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prune")
@@ -179,8 +177,11 @@ def test_run_camera_p_report_and_scores(tiny, calib: Path, tmp_path: Path) -> No
 
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front == {"base_model": tiny["qwen2_moe"].name, "library_name": "vllm",
-                     "tags": ["camera", "moe", "mixture-of-experts", "pruned"]}
+    assert front == {
+        "base_model": tiny["qwen2_moe"].name,
+        "library_name": "vllm",
+        "tags": ["camera", "moe", "mixture-of-experts", "pruned"],
+    }
     assert "- ratio: 0.25" in card and "vllm serve out" in card
     assert f"{p['experts_after']:,} of {p['experts_before']:,}" in card
     # The saved energies reproduce the report's thresholds.

@@ -30,8 +30,6 @@ G = 32  # hidden 64: two groups along H; experts of width 64 (32 for deepseek_v2
 SPEC = CalibSpec(num_seqs=4, seq_len=32, seed=1)
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("q")
@@ -263,7 +261,11 @@ def test_bad_settings_fail_before_calibrating(tiny, calib, tmp_path: Path) -> No
             run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="cuda")
     with pytest.raises(ValueError, match="--device 'gpu0' is not a device"):
         run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="gpu0")
-    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.*")) and not list(Path("/proc").glob(".camera-out*"))
+    assert (
+        not (tmp_path / "c").exists()
+        and not list(tmp_path.glob(".c.*"))
+        and not list(Path("/proc").glob(".camera-out*"))
+    )
 
 
 # -- the streamer path, layer by layer -------------------------------------------------------------

@@ -21,10 +21,10 @@ from camera_vllm.compress.quantize import (
 )
 from camera_vllm.format.layout import expert_tensors
 
-H, I, G = 128, 80, 32
+H, INTER, G = 128, 80, 32
 
 
-def _expert(seed: int = 0, width: int = I) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _expert(seed: int = 0, width: int = INTER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return (
         torch.randn(width, H, generator=gen) * 0.1,
@@ -43,7 +43,7 @@ def _inputs(t: int = 256, seed: int = 1) -> torch.Tensor:
     return torch.randn(t, H, generator=gen) @ mix
 
 
-def _allocation(width: int = I, **kw):
+def _allocation(width: int = INTER, **kw):
     gen = torch.Generator().manual_seed(5)
     energies = [torch.rand(width, generator=gen) for _ in range(2)]
     kw.setdefault("bits", [4, 2, 1])
@@ -70,7 +70,7 @@ def test_tensors_match_layout(method: str) -> None:
     hess = None
     if method == "gptq":
         x = _inputs()
-        hg, hd = HessianAccumulator(H), HessianAccumulator(I)
+        hg, hd = HessianAccumulator(H), HessianAccumulator(INTER)
         hg.add(x)
         hd.add(F.silu(x @ gate.T) * (x @ up.T))
         hess = ExpertHessians(hg.hessian(), hd.hessian())
@@ -80,12 +80,12 @@ def test_tensors_match_layout(method: str) -> None:
 
 def test_empty_slabs_and_zero_width_expert() -> None:
     alloc = _allocation(bits=[8, 3, 2], fractions=[0.0, 1.0, 0.0])
-    assert alloc.slabs == (0, I, 0)
+    assert alloc.slabs == (0, INTER, 0)
     gate, up, down = _expert()
     tensors = build_expert_slabs(gate, up, down, alloc, G)
     _assert_layout(tensors, alloc)
     assert all(k.endswith("_b3") for p in (0, 1, 2) for k in tensors[p])
-    gone = ExpertAllocation((4,), (0,), torch.zeros(0, dtype=torch.long), torch.arange(I), I)
+    gone = ExpertAllocation((4,), (0,), torch.zeros(0, dtype=torch.long), torch.arange(INTER), INTER)
     empty = build_expert_slabs(gate, up, down, gone, G)
     assert empty == {0: {}, 1: {}, 2: {}}
     g, u, d = dequantize_expert_slabs(empty, [0], [4], H, G)
@@ -101,7 +101,7 @@ def test_permutation_is_exact_in_fp32() -> None:
     torch.testing.assert_close(_mlp(x, pg, pu, pd), _mlp(x, gate, up, down), rtol=1e-5, atol=1e-5)
     # With pruning, the permuted kept part equals the original with pruned channels zeroed.
     pruned = _allocation(prune_ratio=0.3)
-    mask = torch.ones(I)
+    mask = torch.ones(INTER)
     mask[pruned.pruned] = 0
     kg, ku, kd = permute_expert(gate, up, down, pruned.perm)
     torch.testing.assert_close(_mlp(x, kg, ku, kd), _mlp(x, gate, up, down * mask), rtol=1e-5, atol=1e-5)
@@ -136,14 +136,14 @@ def test_slabs_are_rtn_of_the_permuted_rows() -> None:
         assert torch.equal(tensors[2][f"zeros_b{b}"], qd.zeros)
         assert torch.equal(tensors[2][f"qweight_b{b}"], qd.packed())
     g, u, d = dequantize_expert_slabs(tensors, alloc.slabs, alloc.bits, H, G)
-    assert g.shape == (I, H) and u.shape == (I, H) and d.shape == (H, I)
+    assert g.shape == (INTER, H) and u.shape == (INTER, H) and d.shape == (H, INTER)
 
 
 def test_gptq_slabs_lower_calibration_error() -> None:
     alloc = _allocation(bits=[3, 2], fractions=[0.5, 0.5])
     gate, up, down = _expert(6)
     x = _inputs(512, seed=7)
-    hg, hd = HessianAccumulator(H), HessianAccumulator(I)
+    hg, hd = HessianAccumulator(H), HessianAccumulator(INTER)
     hg.add(x)
     hd.add(F.silu(x @ gate.T) * (x @ up.T))
     hess = ExpertHessians(hg.hessian(), hd.hessian())
@@ -182,7 +182,9 @@ def test_gate_up_accepts_prepared_hessian_and_validates() -> None:
     with pytest.raises(ValueError):
         build_gate_up_slabs(gate, up, alloc, G, "gptq", None)
     with pytest.raises(ValueError):
-        build_expert_slabs(gate, up, down, alloc, G, "gptq", ExpertHessians(h.hessian(), torch.eye(I - 1)))
+        build_expert_slabs(
+            gate, up, down, alloc, G, "gptq", ExpertHessians(h.hessian(), torch.eye(INTER - 1))
+        )
     with pytest.raises(ValueError):
         build_expert_slabs(gate[:-1], up[:-1], down, alloc, G)
     with pytest.raises(ValueError):
@@ -191,10 +193,10 @@ def test_gate_up_accepts_prepared_hessian_and_validates() -> None:
 
 def test_shared_expert_allocation_builds() -> None:
     gen = torch.Generator().manual_seed(9)
-    routed = [torch.rand(I, generator=gen) for _ in range(3)]
-    shared_e = torch.rand(2 * I, generator=gen) + 1
+    routed = [torch.rand(INTER, generator=gen) for _ in range(3)]
+    shared_e = torch.rand(2 * INTER, generator=gen) + 1
     alloc = allocate_layer(routed, H, G, shared_energies=shared_e, avg_bits=3.0)
-    gate, up, down = _expert(10, width=2 * I)
+    gate, up, down = _expert(10, width=2 * INTER)
     tensors = build_expert_slabs(gate, up, down, alloc.shared, G)
     _assert_layout(tensors, alloc.shared)
 

@@ -107,7 +107,9 @@ def test_bucketed_path_matches_fp32_reference(tokens: int) -> None:
     before = (w13.clone(), w2t.clone())
     prepared = prepare_cpu_buckets(w13, w2t, list(WIDTHS))
     assert prepared is not None, "a bf16 CPU layer must take the kernel path"
-    assert torch.equal(w13, before[0]) and torch.equal(w2t, before[1]), "the ragged inputs are left as they are"
+    assert torch.equal(w13, before[0]) and torch.equal(w2t, before[1]), (
+        "the ragged inputs are left as they are"
+    )
     assert len(prepared.weights) == 1 + 2 * len(prepared.plan.widths)
     got = camera_moe_impl(x, tw, ids, prepared.weights, None, prepared.scheme)
     # The bf16 pure-torch path sets the scale of acceptable rounding error.
@@ -132,9 +134,17 @@ def test_slots_of_empty_experts_and_other_ranks_contribute_nothing() -> None:
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02 * want.abs().max().item())
     # One token: all of its slots elsewhere, then some local (the single-token shortcut).
     for row in (0, 2):
-        one = camera_moe_impl(x[row : row + 1], tw[row : row + 1], ids[row : row + 1], prepared.weights,
-                              expert_map, prepared.scheme)
-        torch.testing.assert_close(one.float(), want[row : row + 1], rtol=0.05, atol=0.02 * want.abs().max().item())
+        one = camera_moe_impl(
+            x[row : row + 1],
+            tw[row : row + 1],
+            ids[row : row + 1],
+            prepared.weights,
+            expert_map,
+            prepared.scheme,
+        )
+        torch.testing.assert_close(
+            one.float(), want[row : row + 1], rtol=0.05, atol=0.02 * want.abs().max().item()
+        )
 
 
 def test_fp32_layers_and_the_opt_out_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,6 @@ from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
 
-
-
 def _patch_config(model_dir: Path, **changes) -> Path:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg.update(changes)

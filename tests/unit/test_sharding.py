@@ -44,7 +44,10 @@ def _random_layer(seed: int, experts: int, slabs: int, top: int) -> list[list[in
 
 @pytest.mark.parametrize("tp", [2, 3, 4, 8])
 def test_layer_shares_partition_and_balance(tp: int) -> None:
-    """Every item is split completely and contiguously; experts and the layer are balanced within one unit per item."""
+    """Every item is split completely and contiguously.
+
+    Experts and the layer are balanced within one unit per item.
+    """
     for unit, seed in ((1, 0), (32, 1), (64, 2)):
         items = _random_layer(seed, experts=16, slabs=1 if unit == 1 else 3, top=5 * max(unit, 8))
         shares = [sharding.layer_shares(items, unit, tp, r) for r in range(tp)]
@@ -119,7 +122,9 @@ def test_down_shard_dequantizes_to_the_matching_rows(bits: int) -> None:
             assert torch.equal(part, full[lo:hi])
 
 
-def _routing(tokens: int, experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing(
+    tokens: int, experts: int, top_k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 32, generator=g, dtype=torch.float64)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
@@ -151,8 +156,7 @@ def test_ragged_shards_sum_to_the_full_layer() -> None:
     assert full.abs().max() > 0
     for tp in (2, 3):
         total = sum(
-            ragged_moe_forward(x, tw, ids, *layer(sharding.prune_shares(widths, tp, r)))
-            for r in range(tp)
+            ragged_moe_forward(x, tw, ids, *layer(sharding.prune_shares(widths, tp, r))) for r in range(tp)
         )
         torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-4)  # the op accumulates in fp32
         # Every rank really computes something different (the split is not degenerate).
@@ -173,7 +177,11 @@ def test_slab_shards_sum_to_the_full_layer() -> None:
                 row.append(None)
                 continue
             g_t, u_t, d_t = torch.randn(hidden, n), torch.randn(hidden, n), torch.randn(n, hidden)
-            row.append(SlabTensors(*quantize_rtn(g_t, b, group), *quantize_rtn(u_t, b, group), *quantize_rtn(d_t, b, group)))
+            row.append(
+                SlabTensors(
+                    *quantize_rtn(g_t, b, group), *quantize_rtn(u_t, b, group), *quantize_rtn(d_t, b, group)
+                )
+            )
         experts.append(row)
 
     def shard(tp: int, r: int) -> SlabMoEWeights:

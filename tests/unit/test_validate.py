@@ -267,7 +267,9 @@ def _cache_snapshot(cache: Path, repo: str, files: list[Path]) -> Path:
     return snap
 
 
-def test_first_start_from_a_hub_checks_the_config_then_the_weights(pruned: Path, tmp_path: Path, monkeypatch) -> None:
+def test_first_start_from_a_hub_checks_the_config_then_the_weights(
+    pruned: Path, tmp_path: Path, monkeypatch
+) -> None:
     """vLLM builds its config (and calls the plugin's check) after fetching config.json, before the
     weights: that state passes; a config that contradicts the model still fails; once the weights are
     there, the full check runs (a damaged tensor is refused)."""

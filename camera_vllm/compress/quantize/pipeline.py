@@ -459,7 +459,9 @@ def _dry_allocation(source: SourceCheckpoint, spec: QuantSpec) -> None:
                 "camera-vllm quantize: these settings put %.0f %% of the kept micro-experts at 1 bit "
                 "(group size %d costs %.2f bits per weight in fp16 scales and zeros); a larger "
                 "--group-size or --avg-bits keeps more of them at 2+ bits",
-                100 * ones / kept, spec.group_size, 32 / spec.group_size,
+                100 * ones / kept,
+                spec.group_size,
+                32 / spec.group_size,
             )
 
 
