@@ -9,23 +9,23 @@ that merely has a zero row somewhere is kept.
 
 Under transformers >= 5 the state dict (and a directory written with
 ``save_pretrained(save_original_format=False)``) holds each layer's routed experts as
-two fused tensors; :class:`~camera_vllm.compress.source.SourceCheckpoint` reads those
+two fused tensors; :class:`~camera_vllm.checkpoint.source.SourceCheckpoint` reads those
 too, and the CAMERA-P checkpoint always stores its experts per expert under the
-checkpoint names.
+checkpoint names.  Which channels are zero is decided in :mod:`camera_vllm.checkpoint.zero_mask`
+(shared with ``--load-format camera``); this module reads ``.pt`` state dicts and writes.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..checkpoint.source import FUSED_DOWN, FUSED_GATE_UP, SourceCheckpoint
+from ..checkpoint.zero_mask import detect_keeps, zero_mask_compression
 from ..format import names
-from ..format.schema import CameraQuantConfig
-from .prune import LayerKeep, prune_quant_config, write_pruned_checkpoint
-from .source import FUSED_DOWN, FUSED_GATE_UP, SourceCheckpoint
+from .prune import write_pruned_checkpoint
 
 
 class StateDictSource(SourceCheckpoint):
@@ -97,23 +97,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def zero_channel_keep(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Indices of micro-experts that are not entirely zero (gate row, up row and down column)."""
-    alive = gate.ne(0).any(dim=1) | up.ne(0).any(dim=1) | down.ne(0).any(dim=0)
-    return torch.nonzero(alive, as_tuple=False).flatten()
-
-
-def detect_keeps(source: SourceCheckpoint) -> dict[int, LayerKeep]:
-    """Kept micro-experts of every MoE layer of a zero-masked model."""
-    keeps: dict[int, LayerKeep] = {}
-    for layer in source.arch.moe_layers:
-        gates, ups, downs = source.expert_weights(layer)
-        experts = tuple(zero_channel_keep(g, u, d) for g, u, d in zip(gates, ups, downs))
-        shared = source.shared_weights(layer)
-        keeps[layer] = LayerKeep(experts, None if shared is None else zero_channel_keep(*shared))
-    return keeps
-
-
 def convert_zero_masked(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -136,27 +119,3 @@ def convert_zero_masked(
     keeps = detect_keeps(source)
     compression = zero_mask_compression(source, keeps, "zero-masked", str(state_dict_path or model_dir))
     return write_pruned_checkpoint(source, out_dir, keeps, compression=compression, overwrite=overwrite)
-
-
-def zero_mask_compression(
-    source: SourceCheckpoint, keeps: dict[int, LayerKeep], origin: str, where: str
-) -> dict[str, Any]:
-    """The ``compression`` record of a CAMERA-P config derived from a zero-masked model."""
-    total = len(source.arch.moe_layers) * source.arch.num_experts * source.arch.intermediate_size
-    return {
-        "method": "camera-p",
-        "origin": origin,
-        "source": where,
-        "routed_channels_kept": sum(sum(k.widths) for k in keeps.values()),
-        "routed_channels_total": total,
-    }
-
-
-def zero_masked_quant_config(model_dir: str | Path, origin: str = "zero-masked") -> CameraQuantConfig:
-    """The CAMERA-P ``quantization_config`` that a zero-masked HF directory amounts to.
-
-    This is what ``--load-format camera`` installs; it reads every expert tensor once.
-    """
-    source = SourceCheckpoint(model_dir)
-    keeps = detect_keeps(source)
-    return prune_quant_config(source, keeps, zero_mask_compression(source, keeps, origin, str(model_dir)))

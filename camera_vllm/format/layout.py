@@ -3,7 +3,8 @@
 Routed expert ``e`` of layer ``L`` and the shared expert hold their micro-experts in
 slabs, widest bit-width first (``CameraQuantConfig.bits``).  For a slab of ``n``
 micro-experts at ``b`` bits, hidden size ``H`` and group size ``G`` (bit layout:
-:mod:`camera_kernels.packing`):
+:mod:`camera_kernels.packing`; the shape arithmetic, torch-free, is
+:mod:`camera_kernels.geometry`):
 
 =====================  ===========================  ==========================
 tensor                 shape                         dtype
@@ -27,9 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camera_kernels.packing import num_groups, packed_rows
+from camera_kernels.geometry import num_groups, packed_rows
 
 from .names import QWEIGHT, SCALES, ZEROS, slab_suffix
+from .projection import PROJECTIONS, Projection
 
 SCALE_DTYPE_NAME = "float16"
 QWEIGHT_DTYPE_NAME = "int32"
@@ -45,10 +47,10 @@ class TensorSpec:
 
 
 def slab_tensors(proj: int, n: int, bits: int, hidden: int, group_size: int) -> list[TensorSpec]:
-    """Tensors of one quantized slab of projection ``proj`` (0 gate, 1 up, 2 down)."""
+    """Tensors of one quantized slab of projection ``proj`` (a :class:`Projection`, or 0/1/2)."""
     if n == 0:
         return []
-    if proj in (0, 1):
+    if Projection(proj).reads_hidden:
         k, cols = hidden, n
     else:
         k, cols = n, hidden
@@ -63,20 +65,20 @@ def slab_tensors(proj: int, n: int, bits: int, hidden: int, group_size: int) -> 
 def expert_tensors(
     slabs: list[int], bits: list[int], hidden: int, group_size: int | None
 ) -> dict[int, list[TensorSpec]]:
-    """All tensors of one expert keyed by projection (0 gate, 1 up, 2 down)."""
+    """All tensors of one expert keyed by :class:`Projection` (equal to 0 gate, 1 up, 2 down)."""
     width = sum(slabs)
     if bits == [16]:
         if width == 0:
-            return {0: [], 1: [], 2: []}
+            return {p: [] for p in PROJECTIONS}
         return {
-            0: [TensorSpec("weight", (width, hidden), "model")],
-            1: [TensorSpec("weight", (width, hidden), "model")],
-            2: [TensorSpec("weight", (hidden, width), "model")],
+            p: [TensorSpec("weight", (width, hidden) if p.reads_hidden else (hidden, width), "model")]
+            for p in PROJECTIONS
         }
-    assert group_size is not None
+    if group_size is None:
+        raise ValueError(f"a quantized expert (bits {bits}) needs a group size, got None")
     return {
         proj: [t for n, b in zip(slabs, bits) for t in slab_tensors(proj, n, b, hidden, group_size)]
-        for proj in (0, 1, 2)
+        for proj in PROJECTIONS
     }
 
 

@@ -6,6 +6,8 @@ substrings, so the on-disk naming lives in exactly one place.
 
 from __future__ import annotations
 
+from .projection import PROJECTIONS, Projection
+
 QUANT_METHOD = "camera"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -28,12 +30,18 @@ SCALES = "scales"
 ZEROS = "zeros"
 QUANT_SUFFIXES = (QWEIGHT, SCALES, ZEROS)
 
-# Per-architecture names of the three expert projections in HF checkpoints.
-# Mixtral calls them w1 (gate), w3 (up), w2 (down).
+
+def _vocabulary(mixtral: bool) -> tuple[str, str, str]:
+    gate, up, down = (p.mixtral_name if mixtral else p.hf_name for p in PROJECTIONS)
+    return gate, up, down
+
+
+# Per-architecture names of the three expert projections in HF checkpoints: Mixtral's
+# w1/w3/w2, everyone else's gate_proj/up_proj/down_proj (see :class:`Projection`).
 _PROJ_NAMES: dict[str, tuple[str, str, str]] = {
-    "MixtralForCausalLM": ("w1", "w3", "w2"),
+    "MixtralForCausalLM": _vocabulary(mixtral=True),
 }
-_DEFAULT_PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
+_DEFAULT_PROJ_NAMES = _vocabulary(mixtral=False)
 
 # Name of the MoE block inside a decoder layer, as written in checkpoints.
 _MOE_MODULE: dict[str, str] = {
@@ -83,10 +91,11 @@ def slab_suffix(kind: str, bits: int) -> str:
 
 
 def expert_tensor(architecture: str, layer: int, expert: int, proj: int, suffix: str) -> str:
-    """Full name of one routed-expert tensor; ``proj`` is 0 (gate), 1 (up) or 2 (down)."""
-    return f"{expert_prefix(architecture, layer, expert)}.{proj_names(architecture)[proj]}.{suffix}"
+    """Full name of one routed-expert tensor; ``proj`` is a :class:`Projection` (or 0/1/2)."""
+    name = proj_names(architecture)[Projection(proj)]
+    return f"{expert_prefix(architecture, layer, expert)}.{name}.{suffix}"
 
 
 def shared_tensor(architecture: str, layer: int, proj: int, suffix: str) -> str:
-    """Full name of one shared-expert tensor (HF names gate_proj/up_proj/down_proj)."""
-    return f"{shared_prefix(architecture, layer)}.{_DEFAULT_PROJ_NAMES[proj]}.{suffix}"
+    """Full name of one shared-expert tensor (always the HF names gate_proj/up_proj/down_proj)."""
+    return f"{shared_prefix(architecture, layer)}.{Projection(proj).hf_name}.{suffix}"

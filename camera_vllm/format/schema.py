@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .names import FORMAT_VERSION, QUANT_BITS, QUANT_METHOD, SUPPORTED_FORMAT_VERSIONS, UNQUANTIZED_BITS
+from .names import FORMAT_VERSION, QUANT_METHOD, SUPPORTED_FORMAT_VERSIONS, UNQUANTIZED_BITS
+from .quant_params import check_bits, check_group_size
 
 
 class CameraFormatError(ValueError):
@@ -104,15 +105,8 @@ class CameraQuantConfig(BaseModel):
                     f"scheme 'prune' stores unquantized experts: bits must be [16], got {self.bits}"
                 )
         else:
-            bad = [b for b in self.bits if b not in QUANT_BITS]
-            if bad:
-                raise ValueError(f"unsupported bit-width(s) {bad}; supported: {list(QUANT_BITS)}")
-            if not self.bits or self.bits != sorted(set(self.bits), reverse=True):
-                raise ValueError(f"bits must be distinct and in descending order, got {self.bits}")
-            if self.group_size is None or self.group_size <= 0 or self.group_size % 32:
-                raise ValueError(
-                    f"group_size must be a positive multiple of 32 for scheme 'mixed', got {self.group_size}"
-                )
+            check_bits(self.bits, descending=True)
+            check_group_size(self.group_size)
         for layer, spec in self.layers.items():
             if len(spec.expert_slabs) != self.num_experts:
                 raise ValueError(

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from camera_kernels.packing import PACK_BLOCK, num_groups, packed_rows
+from camera_kernels.geometry import PACK_BLOCK, num_groups, packed_rows
+
+from .quant_params import check_group_size
 
 
 def _check_rank(tp_size: int, tp_rank: int) -> None:
@@ -95,8 +97,7 @@ def mixed_shares(
 
     Shares are whole groups.
     """
-    if group_size <= 0 or group_size % PACK_BLOCK:
-        raise ValueError(f"group_size must be a positive multiple of {PACK_BLOCK}, got {group_size}")
+    check_group_size(group_size)
     return layer_shares(expert_slabs, group_size, tp_size, tp_rank)
 
 

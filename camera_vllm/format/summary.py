@@ -98,7 +98,6 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
     hidden = _hidden_size(config)
     dtype = checkpoint_dtype(config)
     model_bytes = _DTYPE_BYTES.get(dtype) if dtype else None
-    sized = hidden is not None and model_bytes is not None
 
     layers: list[dict[str, Any]] = []
     tot = {
@@ -134,8 +133,7 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
         if spec.shared_width is not None and q.original_shared_intermediate_size:
             tot["kept_shared_micro_experts"] += spec.shared_width
             tot["original_shared_micro_experts"] += q.original_shared_intermediate_size
-        if sized:
-            assert hidden is not None and model_bytes is not None
+        if hidden is not None and model_bytes is not None:
             original = q.num_experts * 3 * hidden * q.original_intermediate_size * model_bytes
             stored = sum(
                 stored_bytes(s, q.bits, hidden, q.group_size, model_bytes) for s in spec.expert_slabs
@@ -175,8 +173,7 @@ def summarize_camera_config(config: dict[str, Any], *, experts: bool = False) ->
     if tot["original_shared_micro_experts"]:
         totals["kept_shared_micro_experts"] = tot["kept_shared_micro_experts"]
         totals["original_shared_micro_experts"] = tot["original_shared_micro_experts"]
-    if sized:
-        assert model_bytes is not None
+    if hidden is not None and model_bytes is not None:
         totals.update(
             original_bytes=tot["original_bytes"],
             stored_bytes=tot["stored_bytes"],

@@ -1,4 +1,4 @@
-"""Check a CAMERA checkpoint directory against the format spec; summarise it.
+"""Check a CAMERA checkpoint directory against the format spec.
 
 :func:`validate` collects every problem it finds (it does not stop at the first) and
 each message names the file and, where there is one, the tensor:
@@ -20,67 +20,36 @@ each message names the file and, where there is one, the tensor:
   (``check_values=False`` skips this read);
 * warnings (not errors): a width in ``bits`` that no slab uses, stray shards.
 
-:func:`validate_for_serving` is the same check as the vLLM plugin runs it before the
-engine is built: it raises :class:`CameraFormatError` listing every problem.
-
-Headers are parsed here directly (8-byte length + JSON) so that truncation is caught
-before any tensor is read.
+Headers are read by :mod:`.safetensors_header` (truncation is caught before any tensor is
+read).  The serving guard that runs this check before vLLM builds an engine is
+:mod:`camera_vllm.vllm_plugin.serving_guard`; ``inspect`` is :mod:`.inspect`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import names
 from .layout import QWEIGHT_DTYPE_NAME, SCALE_DTYPE_NAME, expert_tensors
+from .safetensors_header import FLOAT_TAGS, TensorInfo, read_safetensors_header
 from .schema import CameraFormatError, CameraQuantConfig
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "ValidationReport",
+    "foreign_quant_method_message",
+    "load_tensors",
+    "validate",
+    "weights_present",
+]
 
-# Environment switch of :func:`validate_for_serving`: "0" skips the NaN/inf/scale scan
-# (which reads every tensor once) for very large checkpoints already validated offline.
-VALUES_ENV = "CAMERA_VALIDATE_VALUES"
 _SCALES_RE = re.compile(rf"\.{names.SCALES}_b\d+$")
 
-# safetensors dtype tags
-_FLOAT_TAGS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 _LAYOUT_TAG = {SCALE_DTYPE_NAME: "F16", QWEIGHT_DTYPE_NAME: "I32"}
 _MODEL_DTYPE_TAG = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-_TAG_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "U16": 2,
-    "I64": 8,
-    "U64": 8,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as its safetensors header describes it."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
 
 
 @dataclass
@@ -130,72 +99,6 @@ class ValidationReport:
             raise CameraFormatError(str(self))
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> :class:`TensorInfo` from a safetensors file's header.
-
-    Raises :class:`CameraFormatError` naming the file when the header is unreadable or
-    the file is shorter than the header declares (truncated).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CameraFormatError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CameraFormatError(
-                f"{path.name}: truncated safetensors file (header of {n} bytes, file {size} bytes)"
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CameraFormatError(f"{path.name}: unreadable safetensors header ({err})") from None
-    if not isinstance(header, dict):
-        raise CameraFormatError(f"{path.name}: safetensors header is not a JSON object")
-    out: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, stop = (int(v) for v in meta["data_offsets"])
-            dtype, shape = str(meta["dtype"]), tuple(int(d) for d in meta["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CameraFormatError(f"{path.name}: malformed header entry for tensor {name!r}") from None
-        if dtype not in _TAG_BYTES:
-            raise CameraFormatError(f"{path.name}: tensor {name} has unknown dtype {dtype!r}")
-        if any(d < 0 for d in shape) or start < 0 or stop < start:
-            raise CameraFormatError(
-                f"{path.name}: tensor {name} has a malformed header entry (shape {list(shape)},"
-                f" data_offsets [{start}, {stop}])"
-            )
-        want = math.prod(shape) * _TAG_BYTES[dtype]
-        if stop - start != want:
-            raise CameraFormatError(
-                f"{path.name}: tensor {name} spans {stop - start} bytes but shape {list(shape)} {dtype}"
-                f" needs {want}"
-            )
-        out[name] = TensorInfo(path.name, dtype, shape, stop - start)
-        spans.append((start, stop, name))
-    end = 0
-    for start, stop, name in sorted(spans):
-        if start != end:
-            what = "overlaps the tensor before it" if start < end else f"leaves a gap at byte {end}"
-            raise CameraFormatError(f"{path.name}: tensor {name} data ({start}..{stop}) {what}")
-        end = stop
-    if 8 + n + end > size:
-        raise CameraFormatError(
-            f"{path.name}: truncated safetensors file: data ends at byte {8 + n + end}, file has {size} bytes"
-        )
-    if 8 + n + end < size:
-        raise CameraFormatError(
-            f"{path.name}: {size - 8 - n - end} trailing bytes after the last tensor (data ends at byte"
-            f" {8 + n + end}, file has {size}); the file is corrupt or was overwritten in place"
-        )
-    return out
-
-
 def _load_config(root: Path, report: ValidationReport) -> dict[str, Any] | None:
     cfg_path = root / names.CONFIG_FILE
     if not cfg_path.is_file():
@@ -212,7 +115,7 @@ def _load_config(root: Path, report: ValidationReport) -> dict[str, Any] | None:
     return cfg
 
 
-def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]:
+def load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint, with index consistency checks."""
     tensors: dict[str, TensorInfo] = {}
     index_path = root / names.INDEX_FILE
@@ -220,8 +123,10 @@ def _load_tensors(root: Path, report: ValidationReport) -> dict[str, TensorInfo]
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            weight_map = None
+        # An explicit check, not an assert: under ``python -O`` an assert would let a bad index through.
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             report.errors.append(f"{names.INDEX_FILE}: unreadable or has no 'weight_map'")
             report.unreadable.append(names.INDEX_FILE)
             return tensors
@@ -420,7 +325,7 @@ def _check_values(root: Path, tensors: dict[str, TensorInfo], report: Validation
 
     by_file: dict[str, list[str]] = {}
     for name, info in tensors.items():
-        if info.dtype in _FLOAT_TAGS and not info.dtype.startswith("F8"):
+        if info.dtype in FLOAT_TAGS and not info.dtype.startswith("F8"):
             by_file.setdefault(info.file, []).append(name)
     for fname, tensor_names in sorted(by_file.items()):
         try:
@@ -467,7 +372,7 @@ def validate(
             report.errors.append(f"{names.CONFIG_FILE}: no quantization_config (not a CAMERA checkpoint)")
         else:
             if isinstance(raw, dict) and str(raw.get("quant_method")).lower() != names.QUANT_METHOD:
-                report.errors.append(_foreign_method_message(raw.get("quant_method")))
+                report.errors.append(foreign_quant_method_message(raw.get("quant_method")))
             try:
                 qc = CameraQuantConfig.from_json_dict(raw, source=f"{names.CONFIG_FILE}: quantization_config")
             except CameraFormatError as err:
@@ -477,7 +382,7 @@ def validate(
             _check_arch_facts(cfg, qc, report)
         report.finish()
         return report
-    tensors = _load_tensors(root, report)
+    tensors = load_tensors(root, report)
     if cfg is not None and qc is not None:
         _check_layout(cfg, qc, tensors, report)
     if check_values and tensors:
@@ -487,46 +392,12 @@ def validate(
     return report
 
 
-def _foreign_method_message(method: Any) -> str:
+def foreign_quant_method_message(method: Any) -> str:
+    """The error for a CAMERA quantization_config filed under another ``quant_method``."""
     return (
         f"{names.CONFIG_FILE}: quantization_config.quant_method is {method!r}, not {names.QUANT_METHOD!r}:"
         " this is not a CAMERA checkpoint (or its config.json was replaced)"
     )
-
-
-# Keys only a CAMERA quantization_config has together (format_version, scheme, per-layer slabs).
-_CAMERA_KEYS = {"format_version", "scheme", "layers", "original_intermediate_size"}
-
-
-def refuse_foreign_quant_method(quant_cfg: Any) -> None:
-    """Raise :class:`CameraFormatError` for a CAMERA quantization_config under another quant_method.
-
-    For vLLM's ``QuantizationConfig.override_quantization_method`` hook, which vLLM calls on
-    every registered method (custom ones first) before it picks one by ``quant_method``:
-    without it such a checkpoint reaches e.g. GPTQ and fails with an unrelated message.
-    Anything else (a real GPTQ/AWQ/... config, or a CAMERA one) passes.
-    """
-    if not isinstance(quant_cfg, dict) or not _CAMERA_KEYS <= quant_cfg.keys():
-        return
-    if str(quant_cfg.get("quant_method", "")).lower() != names.QUANT_METHOD:
-        raise CameraFormatError(_foreign_method_message(quant_cfg.get("quant_method")))
-
-
-def _resolve_local(model: str | Path, revision: str | None) -> Path | None:
-    """The local directory of ``model``: itself, or its Hugging Face cache snapshot (no download)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), revision=revision, local_files_only=True))
-    except Exception as err:  # noqa: BLE001 - not cached (yet) or not a hub id
-        # A cached tree listing naming files this cache lacks (README, images, .bin copies, or the
-        # weights not yet fetched) makes huggingface_hub refuse the snapshot as incomplete; what
-        # is there is still what vLLM will read, so check it (weights_present decides how far).
-        partial = getattr(err, "snapshot_path", None)
-        return Path(partial) if partial else None
 
 
 def weights_present(root: Path) -> bool:
@@ -541,113 +412,3 @@ def weights_present(root: Path) -> bool:
     except (ValueError, KeyError, TypeError, AttributeError):
         return True  # a broken index is validate()'s to report
     return all((root / shard).is_file() for shard in shards)
-
-
-def validate_for_serving(
-    model: str | Path, *, revision: str | None = None, check_values: bool | None = None
-) -> ValidationReport | None:
-    """Validate a CAMERA checkpoint before vLLM builds an engine for it; raise on any error.
-
-    This is the hook the vLLM plugin calls (``CameraConfig.maybe_update_config``, run
-    while vLLM builds its config, before any engine process starts).  ``model`` is
-    vLLM's model argument: a local directory or a Hugging Face id already in the local
-    cache; for an id whose files are not cached yet nothing can be checked here and
-    ``None`` is returned after a warning.  On the first start from a hub vLLM has fetched
-    config.json but not yet the weights (it downloads them when it loads the model): then
-    only the config is checked here, and every tensor is checked against it by the plugin's
-    weight loaders as it arrives (shape, dtype, completeness; no value scan).
-
-    :param check_values: scan tensor values (NaN/inf, scales > 0; reads every tensor once).
-        Default: on, unless the environment sets ``CAMERA_VALIDATE_VALUES=0``.
-    :raises CameraFormatError: listing every problem, each naming its file/tensor/field.
-    """
-    root = _resolve_local(model, revision)
-    if root is None:
-        log.warning(
-            "camera-vllm: %s is not a local directory or cached snapshot; not validated before loading", model
-        )
-        return None
-    if check_values is None:
-        check_values = os.environ.get(VALUES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    weights = Path(model).is_dir() or weights_present(root)
-    if not weights:
-        log.info(
-            "camera-vllm: %s: weights not downloaded yet; config checked now, tensors as vLLM loads them",
-            model,
-        )
-    report = validate(root, check_values=check_values and weights, weights=weights)
-    for warning in report.warnings:
-        log.warning("camera-vllm: %s: %s", root, warning)
-    if not report.ok:
-        raise CameraFormatError(
-            f"refusing to serve {root}: the CAMERA checkpoint is invalid ({len(report.errors)} error(s);"
-            " run `camera-vllm validate` on it for the full report):\n"
-            + "\n".join(f"  error: {e}" for e in report.errors)
-        )
-    return report
-
-
-# -- inspect ---------------------------------------------------------------------------------------
-def summarize(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """``inspect``: the checkpoint's summary plus its files.
-
-    The summary is :func:`camera_vllm.format.summary.summarize_camera_config` with per-expert
-    widths and slabs, exactly what ``/camera/stats?experts=true`` serves for the same
-    config.json; added here: ``path``, ``num_tensors``, ``files`` and ``total_bytes`` (every
-    tensor of the directory).
-    """
-    from .summary import summarize_camera_config
-
-    root = Path(checkpoint_dir)
-    cfg = json.loads((root / names.CONFIG_FILE).read_text())
-    summary = summarize_camera_config(cfg, experts=True)
-    tensors = _load_tensors(root, ValidationReport(root))
-    summary.update(
-        path=str(root),
-        total_bytes=sum(i.nbytes for i in tensors.values()),
-        num_tensors=len(tensors),
-        files=sorted({i.file for i in tensors.values()}),
-    )
-    return summary
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """Human-readable table of :func:`summarize` output."""
-    s, t = summary, summary["totals"]
-    mib = lambda n: "?" if n is None else f"{n / 2**20:.2f}"  # noqa: E731 - unknown dtype: no bytes
-    lines = [
-        f"{s['path']}",
-        f"  architecture {s['architecture']}, CAMERA format v{s['format_version']}, scheme {s['scheme']},"
-        f" bits {s['bits']}" + (f", group size {s['group_size']}" if s["group_size"] else ""),
-        f"  {s['num_experts']} experts of original width {s['original_intermediate_size']}"
-        + (
-            f", shared width {s['original_shared_intermediate_size']}"
-            if s["original_shared_intermediate_size"]
-            else ""
-        ),
-        f"  {s['num_tensors']} tensors in {len(s['files'])} file(s), {s['total_bytes'] / 2**20:.2f} MiB",
-        f"  experts {mib(t['stored_bytes'])} MiB of {mib(t['original_bytes'])} MiB dense"
-        + (f" ({t['compression_ratio']:.2f}x smaller" if t.get("compression_ratio") else " (")
-        + (
-            f", {t['bits_per_original_weight']:.3f} bits per original expert weight)"
-            if t.get("bits_per_original_weight")
-            else ")"
-        ),
-        f"  routed micro-experts kept: {t['kept_fraction']:.1%}"
-        if t.get("kept_fraction") is not None
-        else "",
-        "",
-        f"  {'layer':>5} {'kept':>6} {'min':>5} {'max':>5} {'zero':>5} {'shared':>6} {'bits/w':>7}"
-        f" {'MiB':>8}  micro-experts by bits",
-    ]
-    for info in s["layers"]:
-        shared = "-" if info["shared_width"] is None else str(info["shared_width"])
-        by_bits = " ".join(f"b{b}:{n}" for b, n in info["micro_experts_by_bits"].items())
-        width = info["expert_width"]
-        bits = info["effective_bits_per_kept_weight"]
-        lines.append(
-            f"  {info['layer']:>5} {info['kept_fraction'] or 0:>6.1%} {width['min']:>5} {width['max']:>5}"
-            f" {info['empty_experts']:>5} {shared:>6} {'?' if bits is None else f'{bits:.2f}':>7}"
-            f" {mib(info['stored_bytes']):>8}  {by_bits}"
-        )
-    return "\n".join(lines)

@@ -87,7 +87,7 @@ class CameraConfig(QuantizationConfig):
     ) -> None:
         # vLLM asks custom methods first: refuse a CAMERA config filed under another
         # quant_method, which would otherwise reach e.g. GPTQ and fail with an unrelated message.
-        from ..format.validate import refuse_foreign_quant_method
+        from .serving_guard import refuse_foreign_quant_method
 
         refuse_foreign_quant_method(hf_quant_cfg)
         return None
@@ -97,11 +97,11 @@ class CameraConfig(QuantizationConfig):
     ) -> None:
         """Refuse a checkpoint that does not match its quantization_config, before any engine starts.
 
-        Runs :func:`camera_vllm.format.validate.validate_for_serving` (every tensor's name,
+        Runs :func:`.serving_guard.validate_for_serving` (every tensor's name,
         shape and dtype against the config; values unless ``CAMERA_VALIDATE_VALUES=0``)
         and checks that the config describes this very model.
         """
-        from ..format.validate import validate_for_serving
+        from .serving_guard import validate_for_serving
 
         validate_for_serving(model_name, revision=revision)
         if hf_config is None:
@@ -172,7 +172,8 @@ class CameraConfig(QuantizationConfig):
 
 def load_summary(model_name: str, cfg: dict[str, Any]) -> str:
     """The one line a served CAMERA model logs at start: scheme, layers, bits, bytes vs dense, backend."""
-    from .stats_api import expert_backends, summarize_camera_config
+    from ..format.summary import summarize_camera_config
+    from .stats_api import expert_backends
 
     s = summarize_camera_config(cfg)
     t = s["totals"]

@@ -4,7 +4,7 @@ The reference implementation prunes by zero-masking: every tensor keeps its shap
 the pruned micro-experts' gate rows, up rows and down columns are zero.  Served as is,
 the zeros cost memory and compute.  This loader, run in the worker that builds the
 model, scans the checkpoint for micro-experts whose gate row, up row and down column
-are *all exactly* zero (:func:`camera_vllm.compress.convert.detect_keeps`, one layer at
+are *all exactly* zero (:func:`camera_vllm.checkpoint.zero_mask.detect_keeps`, one layer at
 a time), builds the CAMERA-P ``quantization_config`` those keep sets describe, installs
 it as the model's quantization config *before* the model is constructed (the CAMERA
 MoE method sizes its parameters from it), and then feeds the checkpoint through
@@ -19,7 +19,7 @@ Use it on a plain HF directory (single-file or sharded safetensors) without
 
 The routed experts may be stored per expert or fused, as transformers >= 5 keeps them
 (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``, or transposed;
-see :mod:`camera_vllm.compress.source`); fused tensors are split into per-expert ones
+see :mod:`camera_vllm.checkpoint.source`); fused tensors are split into per-expert ones
 here, and transformers' in-memory names (Mixtral's ``mlp``) are mapped to the names
 vLLM's model classes load.
 
@@ -140,9 +140,9 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         Afterwards :meth:`get_all_weights` yields the checkpoint with only the kept
         micro-experts, per expert and under the names vLLM's model classes load.
         """
-        from ..compress.convert import detect_keeps, zero_mask_compression
-        from ..compress.prune import prune_quant_config
-        from ..compress.source import SourceCheckpoint
+        from ..checkpoint.keeps import prune_quant_config
+        from ..checkpoint.source import SourceCheckpoint
+        from ..checkpoint.zero_mask import detect_keeps, zero_mask_compression
 
         source = SourceCheckpoint(model_dir)
         keeps = detect_keeps(source)
@@ -198,8 +198,10 @@ class CameraZeroMaskLoader(DefaultModelLoader):
     def _compact(
         self, weights: Iterable[tuple[str, torch.Tensor]]
     ) -> Generator[tuple[str, torch.Tensor], None, None]:
-        assert self._plan is not None and self._arch is not None
-        from ..compress.source import canonical_name
+        from ..checkpoint.source import canonical_name
+
+        if self._plan is None or self._arch is None:
+            raise RuntimeError("CameraZeroMaskLoader: plan() must run before the weights are compacted")
 
         for stored, tensor in weights:
             name = canonical_name(self._arch, stored)
@@ -220,7 +222,8 @@ class CameraZeroMaskLoader(DefaultModelLoader):
         self, tensor: torch.Tensor, layer: int, keep: Any, kind: str, transposed: bool
     ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Per-expert, pruned tensors (checkpoint names vLLM maps) from one fused 3-D expert tensor."""
-        assert self._arch is not None
+        if self._arch is None:
+            raise RuntimeError("CameraZeroMaskLoader: plan() must run before fused experts are split")
         if transposed:  # [E, H, 2I] / [E, I, H] -> [E, 2I, H] / [E, H, I]
             tensor = tensor.transpose(1, 2)
         inter = tensor.shape[1] // 2

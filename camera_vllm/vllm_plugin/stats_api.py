@@ -142,7 +142,7 @@ def collect_stats(engine_client: Any, args: Any, *, experts: bool = False) -> di
         if _has_no_quant_block(config) and _load_format(model_config, engine_client, args) == "camera":
             # A zero-masked model: the workers serve the CAMERA-P config derived from its zeros,
             # so derive the same one here (one read of every expert tensor, at server start).
-            from ..compress.convert import zero_masked_quant_config
+            from ..checkpoint.zero_mask import zero_masked_quant_config
             from .loader import LOAD_FORMAT, ZERO_MASK_ORIGIN
 
             config["quantization_config"] = zero_masked_quant_config(model, ZERO_MASK_ORIGIN).to_json_dict()

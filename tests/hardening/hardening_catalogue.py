@@ -4,7 +4,7 @@ Every case is a function ``corrupt(dir) -> fragments``: it damages the checkpoin
 ``dir`` (a copy of the good CAMERA-P or CAMERA-Q checkpoint named by ``Case.base``) and
 returns the message fragments that must appear in the refusal (file, tensor or field
 names).  The same catalogue is run through ``camera-vllm validate`` and through vLLM's
-config building with the plugin loaded (``vllm_refuse.py``).  ``vllm_fragments``, where
+config building with the plugin loaded (``tests/integration/vllm_driver.py``).  ``vllm_fragments``, where
 given, replaces the fragments for vLLM; ``before_plugin`` marks the cases that vLLM or
 transformers refuse before the plugin can run, in their own words.
 

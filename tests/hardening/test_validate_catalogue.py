@@ -13,7 +13,8 @@ from hardening_catalogue import CASE_IDS, CASES, by_id, edit_qc, qc_of
 
 from camera_vllm.cli import main
 from camera_vllm.format.schema import CameraFormatError
-from camera_vllm.format.validate import validate, validate_for_serving
+from camera_vllm.format.validate import validate
+from camera_vllm.vllm_plugin.serving_guard import validate_for_serving
 
 
 def test_good_checkpoints_validate_cleanly(good: dict[str, Path]) -> None:
@@ -101,7 +102,7 @@ def test_console_script_exit_codes(good_p: Path, tmp_path: Path) -> None:
 
 def test_foreign_quant_method_on_a_camera_config_is_refused(good_p: Path) -> None:
     """What the plugin's override_quantization_method hook calls: CAMERA-shaped + other quant_method."""
-    from camera_vllm.format.validate import refuse_foreign_quant_method
+    from camera_vllm.vllm_plugin.serving_guard import refuse_foreign_quant_method
 
     qc = qc_of(good_p)
     refuse_foreign_quant_method(qc)  # a CAMERA config: fine

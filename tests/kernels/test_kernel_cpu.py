@@ -25,7 +25,7 @@ from camera_kernels import (
     slab_moe_cpu,
     slab_moe_reference,
 )
-from camera_kernels.slab_weights import random_slab_weights
+from camera_kernels.testing import random_slab_weights
 
 HAVE_TOOLCHAIN = shutil.which("c++") is not None and importlib.util.find_spec("ninja") is not None
 

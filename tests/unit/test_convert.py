@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.checkpoint.zero_mask import zero_channel_keep
 from camera_vllm.cli import main as cli_main
-from camera_vllm.compress.convert import convert_zero_masked, zero_channel_keep
-from camera_vllm.compress.source import SourceCheckpoint
+from camera_vllm.compress.convert import convert_zero_masked
 from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import build_tiny_moe
 

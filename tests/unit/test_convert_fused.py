@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from camera_vllm.arch import moe_arch_from_config
-from camera_vllm.compress.convert import StateDictSource, convert_zero_masked, detect_keeps
-from camera_vllm.compress.source import SourceCheckpoint, canonical_name
+from camera_vllm.checkpoint.source import SourceCheckpoint, canonical_name
+from camera_vllm.checkpoint.zero_mask import detect_keeps
+from camera_vllm.compress.convert import StateDictSource, convert_zero_masked
 from camera_vllm.format import names
 from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from camera_vllm.checkpoint.source import SourceCheckpoint
 from camera_vllm.compress.calibrate import LayerStreamer
 from camera_vllm.compress.score import (
     EnergySpec,
@@ -20,7 +21,6 @@ from camera_vllm.compress.score import (
     route,
     save_energies,
 )
-from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
 
@@ -270,7 +270,7 @@ def test_moe_forward_handles_ragged_and_empty_experts() -> None:
     )
     x = torch.randn(10, 8, generator=g)
     routing = route(x, torch.randn(3, 8, generator=g), arch)
-    from camera_vllm.compress.prune import LayerKeep
+    from camera_vllm.checkpoint.keeps import LayerKeep
 
     keep = LayerKeep((torch.tensor([0, 2]), torch.tensor([], dtype=torch.long), torch.tensor([0, 1, 2, 3])))
     pruned = full.prune(keep)

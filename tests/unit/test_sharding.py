@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camera_kernels import SlabMoEWeights, SlabTensors, quantize_rtn, slab_moe_reference
+from camera_kernels import SlabMoEWeights, SlabTensors, slab_moe_reference
 from camera_kernels.packing import dequantize, num_groups, packed_rows
+from camera_kernels.testing import quantize_rtn
 from camera_vllm.format import sharding
 from camera_vllm.vllm_plugin.ragged import RaggedLayout, ragged_moe_forward
 

@@ -11,11 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from camera_vllm.checkpoint.source import SourceCheckpoint
 from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint
-from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.format import names
+from camera_vllm.format.inspect import format_summary, summarize
 from camera_vllm.format.layout import expert_tensors
-from camera_vllm.format.validate import format_summary, read_safetensors_header, summarize, validate
+from camera_vllm.format.safetensors_header import read_safetensors_header
+from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import build_tiny_moe
 
 ARCH = "Qwen2MoeForCausalLM"
@@ -274,7 +276,7 @@ def test_first_start_from_a_hub_checks_the_config_then_the_weights(
     weights: that state passes; a config that contradicts the model still fails; once the weights are
     there, the full check runs (a damaged tensor is refused)."""
     from camera_vllm.format.schema import CameraFormatError
-    from camera_vllm.format.validate import validate_for_serving
+    from camera_vllm.vllm_plugin.serving_guard import validate_for_serving
 
     cache = tmp_path / "hub"
     # huggingface_hub reads its environment at import: point its constant at the emulated cache.
@@ -311,7 +313,7 @@ def test_an_incomplete_hub_snapshot_is_still_checked(pruned: Path, tmp_path: Pat
     from huggingface_hub.errors import IncompleteSnapshotError
 
     from camera_vllm.format.schema import CameraFormatError
-    from camera_vllm.format.validate import validate_for_serving
+    from camera_vllm.vllm_plugin.serving_guard import validate_for_serving
 
     snap = tmp_path / "snapshot"
     shutil.copytree(pruned, snap)

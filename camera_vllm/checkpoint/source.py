@@ -1,5 +1,8 @@
 """Read a Hugging Face MoE checkpoint directory tensor by tensor (never the whole model).
 
+Shared by the compressor (``camera_vllm.compress``) and the server
+(``--load-format camera`` in ``camera_vllm.vllm_plugin.loader``).
+
 Tensor names are presented in *checkpoint* form (``names.py``), whatever form the files
 use.  transformers >= 5 keeps a layer's routed experts fused in memory and writes them
 that way with ``save_pretrained(save_original_format=False)`` or
@@ -89,7 +92,13 @@ def fused_orientation(
 
 
 class SourceCheckpoint:
-    """A local HF model directory with safetensors weights (single file or sharded)."""
+    """A local HF model directory with safetensors weights (single file or sharded).
+
+    Shard files are opened on first use and stay open (memory-mapped) until :meth:`close`;
+    the pages of a mapped file that were read count towards the process's resident memory,
+    so a long run calls :meth:`close` between layers (handles reopen on the next read, which
+    costs one header parse).  Use as a context manager to close them at the end.
+    """
 
     def __init__(self, model_dir: str | Path):
         self.path = Path(model_dir)
@@ -139,8 +148,27 @@ class SourceCheckpoint:
 
     def _file(self, shard: str):
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.path / shard, "pt")
+            handle = safe_open(self.path / shard, "pt")
+            handle.__enter__()
+            self._handles[shard] = handle
         return self._handles[shard]
+
+    @property
+    def open_files(self) -> list[str]:
+        """Shard files currently open (memory-mapped)."""
+        return sorted(self._handles)
+
+    def close(self) -> None:
+        """Close every open shard file (they are reopened if read again)."""
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SourceCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def has(self, name: str) -> bool:
         return name in self._stored_names
