@@ -2,20 +2,29 @@
 
 vLLM's runner does the routing (top-k, renormalisation, scaling), the shared experts
 and the TP all-reduce; this method only owns the expert weights and computes
-``sum_k w[t, k] * Expert_{ids[t, k]}(x[t])`` through ``torch.ops.camera_vllm.moe``.
+``sum_k w[t, k] * Expert_{ids[t, k]}(x[t])`` through one of the ``torch.ops.camera_vllm``
+expert ops (:mod:`.ops`).
 
-One subclass per CAMERA scheme: :class:`CameraPruneMoEMethod` (CAMERA-P: ragged
+One subclass per checkpoint scheme: :class:`CameraPruneMoEMethod` (CAMERA-P: ragged
 unquantized experts, layout in :mod:`.ragged`) and :class:`CameraMixedMoEMethod`
-(CAMERA-Q: packed mixed-precision slabs, layout :class:`camera_kernels.SlabLayout`),
-both calling the same op.  Off CPU (or when ``CAMERA_VLLM_BACKEND`` forces ``triton`` or
-``reference``) a CAMERA-P layer is repacked after loading into one 16-bit dense slab and
-runs on the CAMERA-Q slab kernels (:func:`.backend.prune_on_slabs`).
+(CAMERA-Q: packed mixed-precision slabs, layout :class:`camera_kernels.SlabLayout`).
+``process_weights_after_loading`` decides once which computation the layer runs and keeps
+it as :attr:`CameraMoEMethod.computation` (an immutable :data:`.ops.MoEComputation`);
+``apply`` only calls it:
+
+* CAMERA-Q: :class:`.ops.SlabMoE` (``camera_vllm.moe_slab``, the slab kernels);
+* CAMERA-P off CPU, or when ``CAMERA_VLLM_BACKEND`` forces ``triton`` or ``reference``
+  (:func:`.backend.prune_on_slabs`): repacked into one 16-bit dense slab, :class:`.ops.SlabMoE`;
+* CAMERA-P in bf16 on CPU: prepacked width buckets for vLLM's CPU kernel,
+  :class:`.ops.CpuBucketsMoE` (``camera_vllm.moe_cpu_buckets``);
+* CAMERA-P otherwise (fp32 on CPU, ``CAMERA_VLLM_CPU_KERNEL=0``): the exact ragged torch
+  loop, :class:`.ops.RaggedMoE` (``camera_vllm.moe_ragged``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -105,18 +114,20 @@ def make_moe_method(config: CameraConfig, layer: RoutedExperts, prefix: str) -> 
 
 
 class CameraMoEMethod(FusedMoEMethodBase):
-    """What every CAMERA scheme shares: checks, sizes, and the call into the custom op.
+    """What every CAMERA scheme shares: checks, sizes, and the call into the layer's computation.
 
-    Subclasses set :attr:`scheme` and implement :meth:`create_weights` and
-    :meth:`op_weights` (the tensor list the op's scheme implementation expects).
+    Subclasses name their checkpoint :attr:`scheme`, implement :meth:`create_weights`, and
+    set :attr:`computation` once in ``process_weights_after_loading``.
     """
 
-    scheme: str = ""
+    #: The checkpoint scheme this class serves (``quantization_config.scheme``); fixed per class.
+    scheme: ClassVar[str]
 
     def __init__(self, config: CameraConfig, moe: FusedMoEConfig, prefix: str) -> None:
         super().__init__(moe)
         self.config = config
         self.prefix = prefix
+        self._computation: ops.MoEComputation | None = None
         parallel = moe.moe_parallel_config
         check_parallel_support(parallel, prefix)
         # With expert parallelism vLLM's MoE tp_size is 1: experts stay whole.
@@ -168,8 +179,23 @@ class CameraMoEMethod(FusedMoEMethodBase):
         # Non-None, so the runner does not ask again on every forward.
         return FusedMoEQuantConfig.make()
 
-    def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
-        raise NotImplementedError
+    @property
+    def computation(self) -> ops.MoEComputation:
+        """What this layer runs, decided once after loading (see the module docstring)."""
+        if self._computation is None:
+            raise RuntimeError(f"{self.prefix}: the MoE layer ran before process_weights_after_loading")
+        return self._computation
+
+    def _set_computation(self, computation: ops.MoEComputation) -> None:
+        """Fix :attr:`computation`; a second call may only confirm it (e.g. a repeated
+        ``process_weights_after_loading`` on a CAMERA-Q layer), never change it."""
+        if self._computation is not None and self._computation != computation:
+            raise RuntimeError(
+                f"{self.prefix}: process_weights_after_loading ran again and would switch the layer from "
+                f"{type(self._computation).__name__} to {type(computation).__name__}; CAMERA-P layers "
+                "repacked after loading cannot be reloaded in place"
+            )
+        self._computation = computation
 
     def apply(
         self,
@@ -180,10 +206,8 @@ class CameraMoEMethod(FusedMoEMethodBase):
         shared_experts: Any,
         shared_experts_input: torch.Tensor | None,
     ) -> torch.Tensor:
-        # Shared experts are run by vLLM's runner, not here.
-        return ops.camera_moe(
-            x, topk_weights, topk_ids, self.op_weights(layer), layer.expert_map, self.scheme
-        )
+        # Shared experts are run by vLLM's runner, not here.  One opaque op call under Dynamo.
+        return self.computation(layer, x, topk_weights, topk_ids, layer.expert_map)
 
 
 def local_to_global_ids(layer: RoutedExperts, num_local: int) -> list[int]:
@@ -204,16 +228,16 @@ class CameraPruneMoEMethod(CameraMoEMethod):
     """CAMERA-P: every expert keeps its own number of micro-experts, stored ragged (no padding).
 
     vLLM loads the checkpoint into the ragged ``w13``/``w2`` tensors (:mod:`.ragged`); after
-    loading, the layer is repacked for the code that will run it: one 16-bit dense slab on
-    the slab kernels (CUDA; :func:`.backend.prune_on_slabs`), width buckets for vLLM's CPU
-    kernel (bf16 on CPU), or left as it is for the exact torch loop.
+    loading, the layer is repacked for the computation that will run it: one 16-bit dense
+    slab on the slab kernels (CUDA; :func:`.backend.prune_on_slabs`), width buckets for
+    vLLM's CPU kernel (bf16 on CPU), or left as it is for the exact torch loop.
 
     Under tensor parallelism a rank stores only its contiguous share of every expert's
     micro-experts (:func:`camera_vllm.format.sharding.prune_shares`): a smaller ragged
     layout, computed by the same op; vLLM all-reduces the partial outputs.
     """
 
-    scheme = "prune"
+    scheme: ClassVar[str] = "prune"
 
     def rank_shares(self) -> list[tuple[int, int]]:
         """Micro-experts ``[lo, hi)`` of every global expert held by this rank (sharding rule)."""
@@ -325,50 +349,48 @@ class CameraPruneMoEMethod(CameraMoEMethod):
         if prune_on_slabs(w13.device.type):
             dtype = dense_slab_dtype(w13.data, w2t.data, self.prefix)
             if dtype is not None:
-                self._use_dense_slab(layer, dtype)
+                self._set_computation(self._use_dense_slab(layer, dtype))
                 return
         # bf16 on CPU: vLLM's compiled MoE kernel, one call per width bucket (ragged_cpu.py).
-        buckets = ops.prepare_cpu_buckets(w13, w2t, list(self.layout.widths))
-        if buckets is not None:
-            self._use_cpu_buckets(layer, buckets)
+        packed = ops.prepare_cpu_buckets(w13, w2t, list(self.layout.widths))
+        if packed is not None:
+            self._set_computation(self._use_cpu_buckets(layer, packed))
+            return
+        self._set_computation(ops.RaggedMoE(W13, W2, OFFSETS))
 
-    def _use_dense_slab(self, layer: RoutedExperts, dtype: torch.dtype) -> None:
+    def _use_dense_slab(self, layer: RoutedExperts, dtype: torch.dtype) -> ops.SlabMoE:
         """Serve ``layer`` as one 16-bit dense slab on the slab kernels; free the ragged tensors."""
         from camera_kernels import SlabMoEWeights
 
         slabs = SlabMoEWeights.from_ragged_dense(
             getattr(layer, W13).data, getattr(layer, W2).data, self.layout.widths, dtype
         )
-        names = []
-        for group in ops.MIXED_TENSOR_GROUPS:
-            names.append(DENSE_SLAB + group)
-            layer.register_buffer(names[-1], getattr(slabs, group)[0], persistent=False)
-        for meta in ops.MIXED_METADATA:
-            names.append(DENSE_SLAB + meta)
-            layer.register_buffer(names[-1], getattr(slabs, meta), persistent=False)
+        for group in ops.SLAB_TENSOR_GROUPS:
+            (tensor,) = getattr(slabs, group)  # one (16-bit) slab
+            layer.register_buffer(DENSE_SLAB + group, tensor, persistent=False)
+        for meta in ops.SLAB_METADATA:
+            layer.register_buffer(DENSE_SLAB + meta, getattr(slabs, meta), persistent=False)
         self._free_ragged(layer)
-        self.scheme = ops.mixed_scheme(slabs.layout)
-        self._op_names = names
         _log_once(logging.INFO, "CAMERA-P experts run as %s dense slabs on the slab kernels", dtype)
+        return ops.SlabMoE.of_layout(
+            slabs.layout,
+            tuple((DENSE_SLAB + group,) for group in ops.SLAB_TENSOR_GROUPS),
+            tuple(DENSE_SLAB + meta for meta in ops.SLAB_METADATA),
+        )
 
     def _free_ragged(self, layer: RoutedExperts) -> None:
         for name in (W13, W2):
             param = getattr(layer, name)
             param.data = param.data.new_empty((0, param.shape[1]))
 
-    def _use_cpu_buckets(self, layer: RoutedExperts, buckets: ops.CpuBuckets) -> None:
+    def _use_cpu_buckets(self, layer: RoutedExperts, packed: ops.PackedBuckets) -> ops.CpuBucketsMoE:
         """Serve ``layer`` from its bucketed copy and free the ragged tensors it replaces."""
-        names = [CPU_ROUTE] + [
-            f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(buckets.weights) - 1)
-        ]
-        for name, tensor in zip(names, buckets.weights):
+        names = tuple(f"{CPU_BUCKET}{j // 2}_{'w2' if j % 2 else 'w13'}" for j in range(len(packed.buckets)))
+        layer.register_buffer(CPU_ROUTE, packed.route, persistent=False)
+        for name, tensor in zip(names, packed.buckets):
             layer.register_buffer(name, tensor, persistent=False)
         self._free_ragged(layer)
-        self.scheme = buckets.scheme
-        self._op_names = names
-
-    def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
-        return [getattr(layer, name) for name in getattr(self, "_op_names", (W13, W2, OFFSETS))]
+        return ops.CpuBucketsMoE(CPU_ROUTE, names, packed.isa)
 
 
 # Checkpoint kinds of a slab tensor and the SlabMoEWeights field each (projection, kind) fills.
@@ -396,7 +418,7 @@ class CameraMixedMoEMethod(CameraMoEMethod):
     and the same op computes it; vLLM all-reduces the partial outputs.
     """
 
-    scheme = "mixed"
+    scheme: ClassVar[str] = "mixed"
 
     def global_slabs(self) -> list[tuple[int, ...]]:
         """Slab sizes of every global expert of this layer, as the checkpoint stores them."""
@@ -447,7 +469,6 @@ class CameraMixedMoEMethod(CameraMoEMethod):
             tuple(sharding.share_sizes(self._shares[g]) for g in local_to_global),
         )
         self.layout = layout
-        self.op_scheme = ops.mixed_scheme(layout)
         self._loaded: set[tuple[int, int, str, str]] = set()
         self.param_names: list[str] = []
 
@@ -554,43 +575,24 @@ class CameraMixedMoEMethod(CameraMoEMethod):
                     f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint: {shown}"
                 )
         self._loaded = set()
+        computation = ops.SlabMoE.of_layout(
+            self.layout,
+            tuple(
+                tuple(mixed_param_name(*group.split("_"), b) for b in self.layout.bits)
+                for group in ops.SLAB_TENSOR_GROUPS
+            ),
+            tuple(f"camera_{name}" for name in ops.SLAB_METADATA),
+        )
         # Validates shapes/dtypes/devices of the very tensors the op will get (wraps, never copies).
-        slabs = SlabMoEWeights(self.layout, *self._groups(layer), **self._metadata(layer))
+        slabs = SlabMoEWeights(
+            self.layout,
+            *computation.tensors(layer),
+            **{name: getattr(layer, f"camera_{name}") for name in ops.SLAB_METADATA},
+        )
+        self._set_computation(computation)
         if slabs.device.type == "cpu":
             from camera_kernels.cpu_slab import ensure_cpu_kernel
 
             # Build (first time on this machine) or load the compiled CPU kernel now, not on the
             # first request.
             ensure_cpu_kernel()
-
-    def _groups(self, layer: RoutedExperts) -> list[tuple[torch.Tensor, ...]]:
-        bits = self.layout.bits
-        return [
-            tuple(getattr(layer, mixed_param_name(g.split("_")[0], g.split("_")[1], b)) for b in bits)
-            for g in ops.MIXED_TENSOR_GROUPS
-        ]
-
-    def _metadata(self, layer: RoutedExperts) -> dict[str, torch.Tensor]:
-        return {name: getattr(layer, f"camera_{name}") for name in ops.MIXED_METADATA}
-
-    def op_weights(self, layer: RoutedExperts) -> list[torch.Tensor]:
-        flat = [t for group in self._groups(layer) for t in group]
-        return flat + list(self._metadata(layer).values())
-
-    def apply(
-        self,
-        layer: RoutedExperts,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        shared_experts: Any,
-        shared_experts_input: torch.Tensor | None,
-    ) -> torch.Tensor:
-        # The layout rides in the scheme string (a graph constant): no host reads at run time.
-        return ops.camera_moe(
-            x, topk_weights, topk_ids, self.op_weights(layer), layer.expert_map, self.op_scheme
-        )
-
-    def expert_nbytes(self, layer: RoutedExperts) -> int:
-        """Bytes of this layer's packed expert tensors (metadata excluded)."""
-        return sum(t.numel() * t.element_size() for group in self._groups(layer) for t in group)

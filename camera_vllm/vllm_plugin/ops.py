@@ -1,26 +1,40 @@
-"""The ``torch.ops.camera_vllm.moe`` custom op: the one entry point of CAMERA expert compute.
+"""The CAMERA custom ops: one ``torch.ops.camera_vllm.*`` op per expert computation.
 
 vLLM on CPU traces ``FusedMoEMethodBase.apply`` with Dynamo (fullgraph); the ragged
-per-expert loop has data-dependent shapes, so it must sit behind an opaque custom op
-with a fake (meta) implementation.
+per-expert loop has data-dependent shapes, so every expert computation sits behind an
+opaque custom op with a fake (meta) implementation.  Each op takes its tensors and the
+layer's static layout as typed arguments (ints, int lists, a dtype), so the layout (Python
+ints the Triton launcher needs without touching device memory) travels in the graph as
+constants:
 
-The op is scheme-generic: ``weights`` is a flat tensor list whose meaning is fixed by
-``scheme`` (see :data:`_SCHEMES`).  A scheme may carry a static argument after a colon:
-CAMERA-Q is ``"mixed:<layout json>"`` (see :func:`mixed_scheme`), so the layer's layout
-(Python ints the Triton launcher needs without touching device memory) travels in the
-graph as a constant string instead of through process-global state.
+``moe_ragged(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)``
+    CAMERA-P on the exact pure-torch ragged loop (:mod:`.ragged`).
+``moe_cpu_buckets(x, topk_weights, topk_ids, route, buckets, isa, expert_map)``
+    CAMERA-P in bf16 on CPU through vLLM's ``cpu_fused_moe``, experts bucketed by width
+    (:mod:`.ragged_cpu`); ``isa`` is the kernel's ISA name (``"amx"`` or ``"vec"``).
+``moe_slab(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight,
+w2_scales, w2_zeros, slab_sizes, col_offsets, down_row_offsets, down_group_offsets,
+expert_map, hidden_size, group_size, bits, sizes, dense_dtype)``
+    CAMERA-Q, and CAMERA-P as one 16-bit dense slab, on the slab kernels
+    (:func:`camera_kernels.slab_moe`); ``sizes`` is the layout's ``[E][len(bits)]`` slab sizes
+    flattened row-major.
+``slab_linear(x, weights, bits, sizes, group_size, gate_up, out_features)``
+    One projection of a slab-quantized shared expert (:mod:`.linear_method`).
 
-A second op, ``torch.ops.camera_vllm.slab_linear``, computes the quantized shared
-expert's projections (:mod:`.linear_method`) on the same kernels (:mod:`camera_kernels.linear`).
+A MoE layer decides once, after loading, which computation it runs, and keeps it as one of
+the frozen dataclasses :class:`RaggedMoE`, :class:`CpuBucketsMoE` or :class:`SlabMoE`
+(:data:`MoEComputation`).  They name the layer's parameters/buffers and hold the static
+arguments; calling one reads the tensors off the layer and calls its op.  The tensors stay
+the layer's own, so Dynamo sees them as module state and vLLM's in-place tensor handling
+(weight tracking, reloads that restore the original storage) applies to them as before.
 """
 
 # No `from __future__ import annotations`: torch's schema inference reads the real
-# annotation objects of the op function.
+# annotation objects of the op functions.
 import functools
-import json
 import os
-from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +42,7 @@ from .backend import expert_backend
 from .ragged import ragged_moe_forward
 from .ragged_cpu import (
     CPU_KERNEL_ALIGN,
+    CPU_KERNEL_ISAS,
     BucketPlan,
     bucketed_moe_forward,
     cpu_kernel_isa,
@@ -36,59 +51,129 @@ from .ragged_cpu import (
 )
 
 OP_NAMESPACE = "camera_vllm"
-OP_NAME = "moe"
-
+MOE_RAGGED = "moe_ragged"
+MOE_CPU_BUCKETS = "moe_cpu_buckets"
+MOE_SLAB = "moe_slab"
 SLAB_LINEAR_NAME = "slab_linear"
-
-# (x, topk_weights, topk_ids, weights, expert_map, scheme argument or None) -> out
-SchemeImpl = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "list[torch.Tensor]", torch.Tensor | None, str | None],
-    torch.Tensor,
-]
-
-
-def _prune_impl(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    weights: "list[torch.Tensor]",
-    expert_map: torch.Tensor | None,
-    arg: str | None,
-) -> torch.Tensor:
-    w13, w2t, offsets = weights
-    return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
-
-
-def _prune_cpu_impl(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    weights: "list[torch.Tensor]",
-    expert_map: torch.Tensor | None,
-    arg: str | None,
-) -> torch.Tensor:
-    if arg is None:
-        raise NotImplementedError("camera_vllm.moe: scheme 'prune_cpu' needs its ISA ('prune_cpu:<isa>')")
-    if len(weights) % 2 != 1:
-        raise ValueError(
-            f"camera_vllm.moe: scheme 'prune_cpu' takes a route and bucket pairs, got {len(weights)} tensors"
-        )
-    return bucketed_moe_forward(x, topk_weights, topk_ids, weights[0], weights[1:], arg, expert_map)
-
+#: Every op this module registers (``camera_vllm::<name>``).
+OP_NAMES = (MOE_RAGGED, MOE_CPU_BUCKETS, MOE_SLAB, SLAB_LINEAR_NAME)
 
 #: Set to ``0`` to serve CAMERA-P on CPU with the pure-torch path only (A/B checks).
 CPU_KERNEL_ENV = "CAMERA_VLLM_CPU_KERNEL"
 
+# The per-bit tensor groups of a slab layer, in op argument order; the four int32
+# [E, len(bits)] metadata tensors follow them.
+SLAB_TENSOR_GROUPS = ("w13_qweight", "w13_scales", "w13_zeros", "w2_qweight", "w2_scales", "w2_zeros")
+SLAB_METADATA = ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_offsets")
 
-class CpuBuckets(NamedTuple):
-    """A CAMERA-P layer prepared for vLLM's CPU kernel: call the op with ``scheme`` and ``weights``."""
 
-    scheme: str
+def _op(name: str) -> "torch._ops.OpOverloadPacket":
+    return getattr(getattr(torch.ops, OP_NAMESPACE), name)
+
+
+# -- CAMERA-P: the ragged torch loop ---------------------------------------------------------------
+
+
+def moe_ragged_impl(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2t: torch.Tensor,
+    offsets: torch.Tensor,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """Eager implementation of ``camera_vllm.moe_ragged``: :func:`.ragged.ragged_moe_forward`."""
+    return ragged_moe_forward(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
+
+
+def _moe_ragged_fake(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2t: torch.Tensor,
+    offsets: torch.Tensor,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def moe_ragged(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2t: torch.Tensor,
+    offsets: torch.Tensor,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """Call the registered ``camera_vllm.moe_ragged`` op (one opaque node under torch.compile)."""
+    return _op(MOE_RAGGED)(x, topk_weights, topk_ids, w13, w2t, offsets, expert_map)
+
+
+# -- CAMERA-P: vLLM's CPU kernel on width buckets --------------------------------------------------
+
+
+def moe_cpu_buckets_impl(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route: torch.Tensor,
+    buckets: list[torch.Tensor],
+    isa: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """Eager implementation of ``camera_vllm.moe_cpu_buckets``: :func:`.ragged_cpu.bucketed_moe_forward`.
+
+    ``buckets`` is ``[w13_0, w2_0, w13_1, w2_1, ...]`` (:func:`.ragged_cpu.pack_buckets`),
+    ``isa`` one of :data:`.ragged_cpu.CPU_KERNEL_ISAS`.
+    """
+    if isa not in CPU_KERNEL_ISAS:
+        raise ValueError(f"camera_vllm.moe_cpu_buckets: isa must be one of {CPU_KERNEL_ISAS}, got {isa!r}")
+    if len(buckets) % 2:
+        raise ValueError(
+            f"camera_vllm.moe_cpu_buckets: buckets are (w13, w2) pairs, got {len(buckets)} tensors"
+        )
+    return bucketed_moe_forward(x, topk_weights, topk_ids, route, buckets, isa, expert_map)
+
+
+def _moe_cpu_buckets_fake(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route: torch.Tensor,
+    buckets: list[torch.Tensor],
+    isa: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def moe_cpu_buckets(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route: torch.Tensor,
+    buckets: list[torch.Tensor],
+    isa: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """Call the registered ``camera_vllm.moe_cpu_buckets`` op."""
+    return _op(MOE_CPU_BUCKETS)(x, topk_weights, topk_ids, route, buckets, isa, expert_map)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedBuckets:
+    """A CAMERA-P layer's bucketed, prepacked copy for vLLM's CPU kernel (:func:`prepare_cpu_buckets`)."""
+
     plan: BucketPlan
-    weights: list[torch.Tensor]  # [route, w13_0, w2_0, w13_1, w2_1, ...]
+    isa: str
+    route: torch.Tensor  # int64 [E + 1], BucketPlan.route()
+    buckets: tuple[torch.Tensor, ...]  # (w13_0, w2_0, w13_1, w2_1, ...)
 
 
-def prepare_cpu_buckets(w13: torch.Tensor, w2t: torch.Tensor, widths: "list[int]") -> CpuBuckets | None:
+def prepare_cpu_buckets(w13: torch.Tensor, w2t: torch.Tensor, widths: "list[int]") -> PackedBuckets | None:
     """Bucketed, prepacked copies of a loaded CAMERA-P layer for vLLM's CPU kernel, when it can run it.
 
     Called once per layer after loading (``process_weights_after_loading``), never inside
@@ -107,69 +192,73 @@ def prepare_cpu_buckets(w13: torch.Tensor, w2t: torch.Tensor, widths: "list[int]
     if isa is None:
         return None
     plan = plan_buckets(widths)
-    return CpuBuckets(f"prune_cpu:{isa}", plan, [plan.route(), *pack_buckets(w13, w2t, widths, plan, isa)])
+    return PackedBuckets(plan, isa, plan.route(), tuple(pack_buckets(w13, w2t, widths, plan, isa)))
 
 
-# Order of the per-bit tensor groups in a "mixed" weight list; the four int32
-# [E, len(bits)] metadata tensors follow them.
-MIXED_TENSOR_GROUPS = ("w13_qweight", "w13_scales", "w13_zeros", "w2_qweight", "w2_scales", "w2_zeros")
-MIXED_METADATA = ("slab_sizes", "col_offsets", "down_row_offsets", "down_group_offsets")
-
-
-def mixed_scheme(layout: "object") -> str:
-    """The op's ``scheme`` string for a slab layer: ``mixed:`` + the layout as compact JSON.
-
-    CAMERA-Q layers and CAMERA-P layers on the slab kernels (one 16-bit dense slab) both use
-    it; a layout with a dense slab also names what that slab holds (``"dense": "bfloat16"``).
-    """
-    spec: dict = {
-        "h": layout.hidden_size,  # type: ignore[attr-defined]
-        "g": layout.group_size,  # type: ignore[attr-defined]
-        "bits": list(layout.bits),  # type: ignore[attr-defined]
-        "sizes": [list(r) for r in layout.sizes],  # type: ignore[attr-defined]
-    }
-    if 16 in spec["bits"]:
-        spec["dense"] = str(layout.dense_dtype).removeprefix("torch.")  # type: ignore[attr-defined]
-    return "mixed:" + json.dumps(spec, separators=(",", ":"))
+# -- CAMERA-Q (and CAMERA-P as a dense slab): the slab kernels -------------------------------------
 
 
 @functools.lru_cache(maxsize=1024)
-def _parse_layout(arg: str) -> "object":
+def _slab_layout(
+    hidden_size: int, group_size: int, bits: tuple[int, ...], sizes: tuple[int, ...], dense_dtype: torch.dtype
+) -> "object":
+    """The :class:`camera_kernels.SlabLayout` of the op's static arguments (built once per layer)."""
     from camera_kernels import SlabLayout
 
-    spec = json.loads(arg)
-    dense = getattr(torch, spec.get("dense", "bfloat16"))
-    return SlabLayout(
-        int(spec["h"]), int(spec["g"]), tuple(spec["bits"]), tuple(map(tuple, spec["sizes"])), dense
-    )
+    nb = len(bits)
+    if nb == 0 or len(sizes) % nb:
+        raise ValueError(
+            f"camera_vllm.moe_slab: sizes must hold len(bits) = {nb} slab sizes per expert, "
+            f"got {len(sizes)} values"
+        )
+    rows = tuple(sizes[e : e + nb] for e in range(0, len(sizes), nb))
+    return SlabLayout(hidden_size, group_size, bits, rows, dense_dtype)
 
 
-def _mixed_impl(
+def moe_slab_impl(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    weights: "list[torch.Tensor]",
+    w13_qweight: list[torch.Tensor],
+    w13_scales: list[torch.Tensor],
+    w13_zeros: list[torch.Tensor],
+    w2_qweight: list[torch.Tensor],
+    w2_scales: list[torch.Tensor],
+    w2_zeros: list[torch.Tensor],
+    slab_sizes: torch.Tensor,
+    col_offsets: torch.Tensor,
+    down_row_offsets: torch.Tensor,
+    down_group_offsets: torch.Tensor,
     expert_map: torch.Tensor | None,
-    arg: str | None,
+    hidden_size: int,
+    group_size: int,
+    bits: list[int],
+    sizes: list[int],
+    dense_dtype: torch.dtype,
 ) -> torch.Tensor:
+    """Eager implementation of ``camera_vllm.moe_slab``: :func:`camera_kernels.slab_moe`.
+
+    The tensor lists hold one tensor per bit-width of ``bits`` (shapes in
+    :class:`camera_kernels.SlabMoEWeights`); ``sizes`` is the layout's slab sizes
+    ``[E][len(bits)]`` flattened row-major; ``dense_dtype`` is what a 16-bit slab holds.
+    """
     from camera_kernels import SlabMoEWeights, slab_moe
 
-    if arg is None:
-        raise NotImplementedError(
-            "camera_vllm.moe: no implementation for scheme 'mixed' without its layout; "
-            "CAMERA-Q layers call the op with scheme 'mixed:<layout json>' (ops.mixed_scheme)"
-        )
-    layout = _parse_layout(arg)
-    nb = layout.num_bits  # type: ignore[attr-defined]
-    want = len(MIXED_TENSOR_GROUPS) * nb + len(MIXED_METADATA)
-    if len(weights) != want:
-        raise ValueError(
-            f"camera_vllm.moe: scheme 'mixed' with {nb} bit-widths takes {want} tensors, got {len(weights)}"
-        )
-    groups = [tuple(weights[j * nb : (j + 1) * nb]) for j in range(len(MIXED_TENSOR_GROUPS))]
-    meta = dict(zip(MIXED_METADATA, weights[len(MIXED_TENSOR_GROUPS) * nb :]))
+    layout = _slab_layout(hidden_size, group_size, tuple(bits), tuple(sizes), dense_dtype)
     # Wraps the tensors (shape/dtype/device checks only: no copy, no host sync).
-    slabs = SlabMoEWeights(layout, *groups, **meta)
+    slabs = SlabMoEWeights(
+        layout,  # type: ignore[arg-type]
+        tuple(w13_qweight),
+        tuple(w13_scales),
+        tuple(w13_zeros),
+        tuple(w2_qweight),
+        tuple(w2_scales),
+        tuple(w2_zeros),
+        slab_sizes,
+        col_offsets,
+        down_row_offsets,
+        down_group_offsets,
+    )
     ids = topk_ids
     if expert_map is not None:
         # Global -> local ids on the device; -1 (another rank's expert) is skipped by the kernels.
@@ -179,53 +268,246 @@ def _mixed_impl(
     return slab_moe(x, topk_weights, ids, slabs, backend=expert_backend())
 
 
-# scheme name -> (number of weight tensors or None when the argument fixes it, implementation)
-_SCHEMES: dict[str, tuple[int | None, SchemeImpl]] = {
-    "prune": (3, _prune_impl),
-    "prune_cpu": (None, _prune_cpu_impl),
-    "mixed": (None, _mixed_impl),
-}
-
-
-def camera_moe_impl(
+def _moe_slab_fake(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    weights: list[torch.Tensor],
+    w13_qweight: list[torch.Tensor],
+    w13_scales: list[torch.Tensor],
+    w13_zeros: list[torch.Tensor],
+    w2_qweight: list[torch.Tensor],
+    w2_scales: list[torch.Tensor],
+    w2_zeros: list[torch.Tensor],
+    slab_sizes: torch.Tensor,
+    col_offsets: torch.Tensor,
+    down_row_offsets: torch.Tensor,
+    down_group_offsets: torch.Tensor,
     expert_map: torch.Tensor | None,
-    scheme: str,
-) -> torch.Tensor:
-    """Eager implementation behind the op (callable directly, e.g. in tests)."""
-    name, sep, arg = scheme.partition(":")
-    entry = _SCHEMES.get(name)
-    if entry is None:
-        raise NotImplementedError(
-            f"camera_vllm.moe: no implementation for scheme {name!r}; known: {sorted(_SCHEMES)}"
-        )
-    n_weights, impl = entry
-    if n_weights is not None and len(weights) != n_weights:
-        raise ValueError(
-            f"camera_vllm.moe: scheme {name!r} takes {n_weights} weight tensors, got {len(weights)}"
-        )
-    return impl(x, topk_weights, topk_ids, weights, expert_map, arg if sep else None)
-
-
-def _camera_moe_fake(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    weights: list[torch.Tensor],
-    expert_map: torch.Tensor | None,
-    scheme: str,
+    hidden_size: int,
+    group_size: int,
+    bits: list[int],
+    sizes: list[int],
+    dense_dtype: torch.dtype,
 ) -> torch.Tensor:
     return torch.empty_like(x)
 
+
+def moe_slab(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_qweight: list[torch.Tensor],
+    w13_scales: list[torch.Tensor],
+    w13_zeros: list[torch.Tensor],
+    w2_qweight: list[torch.Tensor],
+    w2_scales: list[torch.Tensor],
+    w2_zeros: list[torch.Tensor],
+    slab_sizes: torch.Tensor,
+    col_offsets: torch.Tensor,
+    down_row_offsets: torch.Tensor,
+    down_group_offsets: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    hidden_size: int,
+    group_size: int,
+    bits: list[int],
+    sizes: list[int],
+    dense_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Call the registered ``camera_vllm.moe_slab`` op (arguments as :func:`moe_slab_impl`)."""
+    return _op(MOE_SLAB)(
+        x,
+        topk_weights,
+        topk_ids,
+        w13_qweight,
+        w13_scales,
+        w13_zeros,
+        w2_qweight,
+        w2_scales,
+        w2_zeros,
+        slab_sizes,
+        col_offsets,
+        down_row_offsets,
+        down_group_offsets,
+        expert_map,
+        hidden_size,
+        group_size,
+        bits,
+        sizes,
+        dense_dtype,
+    )
+
+
+def slab_static_args(layout: "object") -> tuple[int, int, list[int], list[int], torch.dtype]:
+    """``(hidden_size, group_size, bits, sizes, dense_dtype)`` of a :class:`camera_kernels.SlabLayout`
+    as ``moe_slab`` takes them (``sizes`` flattened row-major)."""
+    return (
+        int(layout.hidden_size),  # type: ignore[attr-defined]
+        int(layout.group_size),  # type: ignore[attr-defined]
+        list(layout.bits),  # type: ignore[attr-defined]
+        [n for row in layout.sizes for n in row],  # type: ignore[attr-defined]
+        layout.dense_dtype,  # type: ignore[attr-defined]
+    )
+
+
+# -- the prepared computations a MoE layer keeps -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RaggedMoE:
+    """``moe_ragged`` on the layer's ragged ``w13``/``w2t``/``offsets`` (names of its tensors)."""
+
+    w13: str
+    w2t: str
+    offsets: str
+
+    def describe(self) -> dict[str, Any]:
+        """What the layer runs, JSON-ready (for probes and logs)."""
+        return {"op": MOE_RAGGED}
+
+    def __call__(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        expert_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return moe_ragged(
+            x,
+            topk_weights,
+            topk_ids,
+            getattr(layer, self.w13),
+            getattr(layer, self.w2t),
+            getattr(layer, self.offsets),
+            expert_map,
+        )
+
+
+@dataclass(frozen=True)
+class CpuBucketsMoE:
+    """``moe_cpu_buckets`` on the layer's route and prepacked bucket tensors (names), for ``isa``."""
+
+    route: str
+    buckets: tuple[str, ...]  # (w13_0, w2_0, w13_1, w2_1, ...)
+    isa: str
+
+    def __post_init__(self) -> None:
+        if self.isa not in CPU_KERNEL_ISAS or len(self.buckets) % 2:
+            raise ValueError(
+                f"CpuBucketsMoE: isa {self.isa!r} (one of {CPU_KERNEL_ISAS}) and (w13, w2) bucket "
+                f"pairs needed, got {len(self.buckets)} bucket tensors"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """What the layer runs, JSON-ready (for probes and logs)."""
+        return {"op": MOE_CPU_BUCKETS, "isa": self.isa, "buckets": len(self.buckets) // 2}
+
+    def __call__(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        expert_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        buckets = [getattr(layer, name) for name in self.buckets]
+        return moe_cpu_buckets(
+            x, topk_weights, topk_ids, getattr(layer, self.route), buckets, self.isa, expert_map
+        )
+
+
+@dataclass(frozen=True)
+class SlabMoE:
+    """``moe_slab`` on the layer's slab tensors (names) with a :class:`camera_kernels.SlabLayout`'s
+    static arguments.
+
+    ``groups`` names the tensors of :data:`SLAB_TENSOR_GROUPS`, one tuple of ``len(bits)``
+    names each; ``metadata`` the four :data:`SLAB_METADATA` buffers.
+    """
+
+    groups: tuple[tuple[str, ...], ...]
+    metadata: tuple[str, ...]
+    hidden_size: int
+    group_size: int
+    bits: tuple[int, ...]
+    sizes: tuple[int, ...]  # [E][len(bits)] flattened row-major
+    dense_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        nb = len(self.bits)
+        if len(self.groups) != len(SLAB_TENSOR_GROUPS) or any(len(g) != nb for g in self.groups):
+            raise ValueError(
+                f"SlabMoE: {len(SLAB_TENSOR_GROUPS)} tensor groups of {nb} names each needed, "
+                f"got {[len(g) for g in self.groups]}"
+            )
+        if len(self.metadata) != len(SLAB_METADATA):
+            raise ValueError(f"SlabMoE: {len(SLAB_METADATA)} metadata names needed, got {len(self.metadata)}")
+        if len(self.sizes) % max(nb, 1):
+            raise ValueError(f"SlabMoE: sizes must hold {nb} slab sizes per expert, got {len(self.sizes)}")
+
+    @classmethod
+    def of_layout(
+        cls, layout: "object", groups: "tuple[tuple[str, ...], ...]", metadata: "tuple[str, ...]"
+    ) -> "SlabMoE":
+        """The computation of a layer laid out as ``layout`` whose tensors are named as given."""
+        hidden, group, bits, sizes, dense = slab_static_args(layout)
+        return cls(groups, metadata, hidden, group, tuple(bits), tuple(sizes), dense)
+
+    def describe(self) -> dict[str, Any]:
+        """What the layer runs, JSON-ready (for probes and logs); ``dense_dtype`` only with a 16-bit slab."""
+        from camera_kernels.packing import DENSE_BITS
+
+        dense = str(self.dense_dtype).removeprefix("torch.") if DENSE_BITS in self.bits else None
+        return {"op": MOE_SLAB, "bits": list(self.bits), "group_size": self.group_size, "dense_dtype": dense}
+
+    def tensors(self, layer: torch.nn.Module) -> "list[tuple[torch.Tensor, ...]]":
+        """The layer's tensor groups, in :data:`SLAB_TENSOR_GROUPS` order."""
+        return [tuple(getattr(layer, n) for n in g) for g in self.groups]
+
+    def __call__(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        expert_map: torch.Tensor | None,
+    ) -> torch.Tensor:
+        w13_q, w13_s, w13_z, w2_q, w2_s, w2_z = ([getattr(layer, n) for n in g] for g in self.groups)
+        sizes_t, cols, rows, grps = (getattr(layer, n) for n in self.metadata)
+        return moe_slab(
+            x,
+            topk_weights,
+            topk_ids,
+            w13_q,
+            w13_s,
+            w13_z,
+            w2_q,
+            w2_s,
+            w2_z,
+            sizes_t,
+            cols,
+            rows,
+            grps,
+            expert_map,
+            self.hidden_size,
+            self.group_size,
+            list(self.bits),
+            list(self.sizes),
+            self.dense_dtype,
+        )
+
+
+#: What a CAMERA MoE layer runs, chosen once after loading.
+MoEComputation = RaggedMoE | CpuBucketsMoE | SlabMoE
+
+
+# -- registration ----------------------------------------------------------------------------------
 
 _LIBRARY: torch.library.Library | None = None
 
 
 def ensure_registered() -> None:
-    """Register ``torch.ops.camera_vllm.moe`` once per process (idempotent, called lazily).
+    """Register the ``camera_vllm`` ops (:data:`OP_NAMES`) once per process (idempotent, called lazily).
 
     Registration is deferred to the first MoE layer built, so importing the plugin
     registers no ops.
@@ -235,35 +517,18 @@ def ensure_registered() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    # The Library object owns the op: keep it alive for the life of the process.
+    # The Library object owns the ops: keep it alive for the life of the process.
     library = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
-    direct_register_custom_op(
-        op_name=OP_NAME,
-        op_func=camera_moe_impl,
-        mutates_args=[],
-        fake_impl=_camera_moe_fake,
-        target_lib=library,
-    )
-    direct_register_custom_op(
-        op_name=SLAB_LINEAR_NAME,
-        op_func=slab_linear_impl,
-        mutates_args=[],
-        fake_impl=_slab_linear_fake,
-        target_lib=library,
-    )
+    for name, impl, fake in (
+        (MOE_RAGGED, moe_ragged_impl, _moe_ragged_fake),
+        (MOE_CPU_BUCKETS, moe_cpu_buckets_impl, _moe_cpu_buckets_fake),
+        (MOE_SLAB, moe_slab_impl, _moe_slab_fake),
+        (SLAB_LINEAR_NAME, slab_linear_impl, _slab_linear_fake),
+    ):
+        direct_register_custom_op(
+            op_name=name, op_func=impl, mutates_args=[], fake_impl=fake, target_lib=library
+        )
     _LIBRARY = library
-
-
-def camera_moe(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    weights: list[torch.Tensor],
-    expert_map: torch.Tensor | None,
-    scheme: str,
-) -> torch.Tensor:
-    """Call the registered op (traceable by torch.compile as one opaque node)."""
-    return getattr(torch.ops, OP_NAMESPACE).moe(x, topk_weights, topk_ids, weights, expert_map, scheme)
 
 
 # -- quantized shared-expert projections -----------------------------------------------------------

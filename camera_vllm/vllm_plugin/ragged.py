@@ -1,6 +1,8 @@
-"""Ragged (per-expert width) MoE layout and its pure-torch forward: the CPU serving path of CAMERA-P.
+"""Ragged (per-expert width) MoE layout and its pure-torch forward: the exact serving path of CAMERA-P.
 
-No vLLM import here, so the compute can be unit-tested on its own.
+The forward runs inside the ``camera_vllm.moe_ragged`` op (:mod:`.ops`) for layers that neither
+vLLM's CPU kernel (:mod:`.ragged_cpu`) nor the slab kernels serve (e.g. fp32 on CPU).  No vLLM
+import here, so the compute can be unit-tested on its own.
 
 Layout of one layer with local experts ``0..E-1`` of widths ``n_e`` (kept micro-experts;
 0 allowed) and hidden size ``H``, with ``off_e = n_0 + ... + n_{e-1}`` and ``R = sum n_e``:

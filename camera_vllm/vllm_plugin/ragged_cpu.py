@@ -11,7 +11,8 @@ The cut points come from a small dynamic program that minimises padded bytes for
 number of buckets; the fewest buckets within :data:`DEFAULT_MAX_PADDING` of the
 32-aligned minimum win (more buckets = more kernel calls per step).  A forward step
 sorts the ``(token, k)`` slots by bucket once and makes one kernel call per bucket that
-got slots, so decode costs a handful of calls per layer instead of one per expert.
+got slots, so decode costs a handful of calls per layer instead of one per expert.  In a
+served model this runs inside the ``camera_vllm.moe_cpu_buckets`` op (:mod:`.ops`).
 
 No vLLM import: the kernel is reached through ``torch.ops._C``, present once vLLM's
 CPU extension is loaded.
@@ -32,6 +33,8 @@ CPU_KERNEL_ALIGN = 32
 DEFAULT_MAX_BUCKETS = 16
 #: Accept this much padding over the 32-aligned widths to save a bucket.
 DEFAULT_MAX_PADDING = 0.02
+#: The ISAs ``cpu_fused_moe`` and ``prepack_moe_weight`` take: AMX tiles, or AVX vectors.
+CPU_KERNEL_ISAS = ("amx", "vec")
 
 
 def _align(n: int) -> int:
@@ -111,7 +114,8 @@ def plan_buckets(
 
 
 def cpu_kernel_isa(dtype: torch.dtype) -> str | None:
-    """The ``cpu_fused_moe`` ISA for ``dtype`` here, or None when the kernel cannot serve it.
+    """The ``cpu_fused_moe`` ISA (of :data:`CPU_KERNEL_ISAS`) for ``dtype`` here, or None when the
+    kernel cannot serve it.
 
     bf16 only: fp32 layers keep the pure-torch path (the exactness oracle's dtype).
     """

@@ -26,7 +26,8 @@ def test_imports_register_nothing() -> None:
         "import sys, camera_vllm; print('vllm' in sys.modules);"
         "import camera_vllm.vllm_plugin.config;"
         "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS;"
-        "print('camera' in QUANTIZATION_METHODS); import torch; print(hasattr(torch.ops.camera_vllm, 'moe'))"
+        "print('camera' in QUANTIZATION_METHODS); import torch;"
+        "print(hasattr(torch.ops.camera_vllm, 'moe_slab'))"
     )
     assert out.split() == ["False", "False", "False"]
 

@@ -1,4 +1,4 @@
-"""The ragged CAMERA-P expert compute (``camera_vllm.vllm_plugin.ragged``) and its custom op."""
+"""The ragged CAMERA-P expert compute (``camera_vllm.vllm_plugin.ragged``) and its ``moe_ragged`` op."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from camera_vllm.vllm_plugin.ops import camera_moe_impl
 from camera_vllm.vllm_plugin.ragged import RaggedLayout, ragged_moe_forward
 
 HIDDEN = 24
@@ -126,13 +125,28 @@ def test_layout_offsets_and_rows() -> None:
         RaggedLayout((1, -1))
 
 
-def test_op_impl_dispatch_errors() -> None:
-    _, w13, w2t, offsets = _random_layer([2])
-    x, w, ids = torch.randn(1, HIDDEN), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="no implementation for scheme 'mixed'"):
-        camera_moe_impl(x, w, ids, [w13, w2t, offsets], None, "mixed")
-    with pytest.raises(ValueError, match="takes 3 weight tensors"):
-        camera_moe_impl(x, w, ids, [w13, w2t], None, "prune")
+def test_prepared_computations_refuse_malformed_static_arguments() -> None:
+    from camera_vllm.vllm_plugin import ops
+
+    with pytest.raises(ValueError, match="isa"):
+        ops.CpuBucketsMoE("route", ("b0_w13", "b0_w2"), "prune_cpu:vec")
+    with pytest.raises(ValueError, match="pairs"):
+        ops.CpuBucketsMoE("route", ("b0_w13",), "vec")
+    groups = tuple((g,) for g in ops.SLAB_TENSOR_GROUPS)
+    with pytest.raises(ValueError, match="tensor groups"):
+        ops.SlabMoE(groups[:-1], ops.SLAB_METADATA, HIDDEN, 32, (16,), (4,), torch.bfloat16)
+    with pytest.raises(ValueError, match="sizes"):
+        two = tuple((f"{g}_b4", f"{g}_b2") for g in ops.SLAB_TENSOR_GROUPS)
+        ops.SlabMoE(two, ops.SLAB_METADATA, HIDDEN, 32, (4, 2), (4, 1, 3), torch.bfloat16)
+    dense = ops.SlabMoE(groups, ops.SLAB_METADATA, HIDDEN, 32, (16,), (4, 0), torch.float16)
+    assert dense.describe() == {"op": "moe_slab", "bits": [16], "group_size": 32, "dense_dtype": "float16"}
+    assert ops.CpuBucketsMoE("r", ("a", "b"), "vec").describe() == {
+        "op": "moe_cpu_buckets",
+        "isa": "vec",
+        "buckets": 1,
+    }
+    # Value objects: the same decision compares equal (a repeated process_weights_after_loading).
+    assert ops.RaggedMoE("a", "b", "c") == ops.RaggedMoE("a", "b", "c") != ops.RaggedMoE("a", "b", "d")
 
 
 @pytest.mark.vllm
@@ -146,11 +160,27 @@ def test_registered_op_compiles_fullgraph() -> None:
     widths = [5, 0, 12, 1]
     _, w13, w2t, offsets = _random_layer(widths)
 
-    def f(x, tw, ti):
-        return ops.camera_moe(x * 2.0, tw, ti, [w13, w2t, offsets], None, "prune") + 1.0
+    layer = torch.nn.Module()
+    for name, t in (("w13", w13), ("w2t", w2t), ("offsets", offsets)):
+        layer.register_buffer(name, t)
+    computation = ops.RaggedMoE("w13", "w2t", "offsets")
 
-    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    def f(x, tw, ti):
+        return computation(layer, x * 2.0, tw, ti, None) + 1.0
+
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=backend)
     for n in (3, 8):
         x = torch.randn(n, HIDDEN)
         tw, ti = _routing(n, len(widths), top_k=2, seed=n)
         torch.testing.assert_close(compiled(x, tw, ti), f(x, tw, ti))
+        torch.testing.assert_close(f(x, tw, ti), ragged_moe_forward(x * 2.0, tw, ti, w13, w2t, offsets) + 1.0)
+    # One opaque node per graph: Dynamo did not trace into the ragged loop.
+    op = torch.ops.camera_vllm.moe_ragged
+    counts = [sum(node.target in (op, op.default) for node in gm.graph.nodes) for gm in graphs]
+    assert counts and all(c == 1 for c in counts), [gm.graph for gm in graphs]

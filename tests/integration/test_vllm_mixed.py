@@ -3,7 +3,7 @@
 Every checkpoint is the tiny fp32 model quantized with RTN into 4/2/1-bit slabs
 (fractions .25/.5/.25, group size 32), the shared expert (Qwen2-MoE, DeepSeek-V2)
 quantized too; one more is pruned (0.25) and quantized (P+Q).  All engines run one
-after another in ONE subprocess (``vllm_mixed_greedy.py``), so vLLM is imported once.
+after another in ONE subprocess (``vllm_driver.py``), so vLLM is imported once.
 Modes: torch.compile (vLLM's default on CPU, which traces into the MoE method with
 fullgraph) on Qwen3-MoE and Qwen2-MoE, ``--enforce-eager`` on the others.
 
@@ -90,10 +90,19 @@ def test_vllm_prune_through_the_triton_backend_equals_oracle(
     and greedy tokens equal the fp32 oracle."""
     info = run_forced_backend(tmp_path_factory.getbasetemp() / "camera-q", "triton")["p"]
     got = info["result"]
-    schemes = got["memory"]["prune_schemes"]
-    assert schemes and all(
-        s.startswith("mixed:") and '"bits":[16]' in s and '"dense":"bfloat16"' in s for s in schemes
-    ), schemes
+    from camera_vllm.vllm_plugin.moe_method import DENSE_SLAB, W13
+
+    # Every CAMERA-P layer holds a dense slab, and its ragged tensors are freed.
+    shapes = {name: shape for name, shape, _, _ in got["memory"]["mlp_tensors"]}
+    ragged = [n for n in shapes if n.endswith("." + W13)]
+    dense = [n for n in shapes if n.endswith("." + DENSE_SLAB + "w13_qweight")]
+    assert ragged and len(dense) == len(ragged), sorted(shapes)
+    assert all(shapes[n][0] == 0 for n in ragged), {n: shapes[n] for n in ragged}
+    # ... computed by the slab op on one 16-bit slab holding the checkpoint's bf16 weights.
+    computations = got["memory"]["prune_computations"]
+    assert [{k: v for k, v in c.items() if k != "group_size"} for c in computations] == [
+        {"op": "moe_slab", "bits": [16], "dense_dtype": "bfloat16"}
+    ], computations
     want = reference_greedy(info["dir"])
     for prompt, g, w in zip(PROMPTS, got["tokens"], want):
         assert g == w, (

@@ -1,7 +1,4 @@
-"""The CAMERA-Q custom ops on their own.
-
-``camera_vllm.moe`` with scheme "mixed:<layout>" and ``camera_vllm.slab_linear``.
-"""
+"""The CAMERA-Q custom ops on their own: ``camera_vllm.moe_slab`` and ``camera_vllm.slab_linear``."""
 
 from __future__ import annotations
 
@@ -12,8 +9,8 @@ import torch.nn.functional as F
 from camera_kernels import SlabMoEWeights
 from camera_kernels.linear import slab_linear_meta
 from camera_kernels.packing import dequantize
-from camera_kernels.slab_weights import quantize_rtn
-from camera_kernels.slab_weights import random_slab_weights as _random
+from camera_kernels.testing import dequantize_expert, quantize_rtn
+from camera_kernels.testing import random_slab_weights as _random
 from camera_vllm.vllm_plugin import ops
 
 HIDDEN, GROUP = 64, 32
@@ -21,9 +18,24 @@ BITS = (4, 2, 1)
 SIZES = ((8, 20, 4), (0, 0, 0), (0, 33, 1), (5, 0, 0))  # a width-0 expert, ragged slabs
 
 
-def _op_weights(w: SlabMoEWeights) -> list[torch.Tensor]:
-    flat = [t for name in ops.MIXED_TENSOR_GROUPS for t in getattr(w, name)]
-    return flat + [getattr(w, name) for name in ops.MIXED_METADATA]
+def _slab_args(w: SlabMoEWeights, expert_map: torch.Tensor | None = None) -> tuple:
+    """``moe_slab``'s arguments after ``(x, topk_weights, topk_ids)`` for the layer ``w``."""
+    groups = [list(getattr(w, name)) for name in ops.SLAB_TENSOR_GROUPS]
+    meta = [getattr(w, name) for name in ops.SLAB_METADATA]
+    return (*groups, *meta, expert_map, *ops.slab_static_args(w.layout))
+
+
+def _as_layer(w: SlabMoEWeights) -> tuple[torch.nn.Module, ops.SlabMoE]:
+    """A module holding ``w``'s tensors as buffers and the computation naming them."""
+    layer = torch.nn.Module()
+    groups = []
+    for name in ops.SLAB_TENSOR_GROUPS:
+        groups.append(tuple(f"{name}_{i}" for i in range(w.layout.num_bits)))
+        for buf, t in zip(groups[-1], getattr(w, name)):
+            layer.register_buffer(buf, t)
+    for name in ops.SLAB_METADATA:
+        layer.register_buffer(name, getattr(w, name))
+    return layer, ops.SlabMoE.of_layout(w.layout, tuple(groups), ops.SLAB_METADATA)
 
 
 def _routing(num_tokens: int, num_experts: int, top_k: int, seed: int):
@@ -40,7 +52,7 @@ def _naive(x, tw, ti, w: SlabMoEWeights):
             e = int(ti[t, k])
             if e < 0 or w.layout.expert_width(e) == 0:
                 continue
-            gate, up, down = (m.double() for m in w.dequantize_expert(e))
+            gate, up, down = (m.double() for m in dequantize_expert(w, e))
             xt = x[t].double()
             out[t] += float(tw[t, k]) * (down @ (F.silu(gate @ xt) * (up @ xt)))
     return out
@@ -51,12 +63,11 @@ def test_mixed_op_equals_naive(num_tokens: int) -> None:
     w = _random(SIZES, BITS, HIDDEN, GROUP, std=0.3, seed=3)
     x = torch.randn(num_tokens, HIDDEN)
     tw, ti = _routing(num_tokens, len(SIZES), 2, seed=num_tokens)
-    scheme = ops.mixed_scheme(w.layout)
-    got = ops.camera_moe_impl(x, tw, ti, _op_weights(w), None, scheme)
+    got = ops.moe_slab_impl(x, tw, ti, *_slab_args(w))
     torch.testing.assert_close(got.double(), _naive(x, tw, ti, w), rtol=1e-5, atol=1e-5)
     # An expert map sending expert 0 to "another rank" drops exactly its contribution.
     emap = torch.tensor([-1, 1, 2, 3], dtype=torch.int32)
-    masked = ops.camera_moe_impl(x, tw, ti, _op_weights(w), emap, scheme)
+    masked = ops.moe_slab_impl(x, tw, ti, *_slab_args(w, emap))
     torch.testing.assert_close(
         masked.double(), _naive(x, tw, torch.where(ti == 0, -1, ti), w), rtol=1e-5, atol=1e-5
     )
@@ -65,11 +76,17 @@ def test_mixed_op_equals_naive(num_tokens: int) -> None:
 def test_mixed_op_errors() -> None:
     w = _random(SIZES, BITS, HIDDEN, GROUP, seed=1)
     x, tw, ti = torch.randn(1, HIDDEN), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="takes 22 tensors"):
-        ops.camera_moe_impl(x, tw, ti, _op_weights(w)[:-1], None, ops.mixed_scheme(w.layout))
+    args = list(_slab_args(w))
+    args[0] = args[0][:-1]  # w13_qweight without its last bit-width
+    with pytest.raises(ValueError, match="one per bit-width"):
+        ops.moe_slab_impl(x, tw, ti, *args)
+    args = list(_slab_args(w))
+    args[-2] = args[-2][:-1]  # sizes one short of [E][len(bits)]
+    with pytest.raises(ValueError, match="slab sizes per expert"):
+        ops.moe_slab_impl(x, tw, ti, *args)
     other = _random(((1, 1, 1),) * 4, BITS, HIDDEN, GROUP, seed=1)
     with pytest.raises(ValueError, match="expected"):  # tensors of another layout are refused
-        ops.camera_moe_impl(x, tw, ti, _op_weights(other), None, ops.mixed_scheme(w.layout))
+        ops.moe_slab_impl(x, tw, ti, *_slab_args(other)[:-5], *ops.slab_static_args(w.layout))
 
 
 def _shared(slabs: tuple[int, ...], seed: int = 0):
@@ -140,19 +157,34 @@ def test_mixed_ops_compile_fullgraph() -> None:
     pytest.importorskip("vllm")
     ops.ensure_registered()
     w = _random(SIZES, BITS, HIDDEN, GROUP, std=0.3, seed=5)
-    scheme = ops.mixed_scheme(w.layout)
+    layer, computation = _as_layer(w)
     slabs = (12, 0, 37)
     gu_w, down_w, _ = _shared(slabs, seed=2)
     s = sum(slabs)
 
     def f(x, tw, ti):
-        routed = ops.camera_moe(x, tw, ti, _op_weights(w), None, scheme)
+        routed = computation(layer, x, tw, ti, None)
         gu = ops.slab_linear(x, gu_w, list(BITS), list(slabs), GROUP, True, 2 * s)
         act = F.silu(gu[:, :s]) * gu[:, s:]
         return routed + ops.slab_linear(act, down_w, list(BITS), list(slabs), GROUP, False, HIDDEN)
 
-    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=backend)
     for n in (3, 8):
         x = torch.randn(n, HIDDEN)
         tw, ti = _routing(n, len(SIZES), 2, seed=n)
         torch.testing.assert_close(compiled(x, tw, ti), f(x, tw, ti))
+        want = _naive(x, tw, ti, w)
+        torch.testing.assert_close(computation(layer, x, tw, ti, None).double(), want, rtol=1e-5, atol=1e-5)
+    # One opaque node per op call: Dynamo traced into neither.
+    moe, lin = torch.ops.camera_vllm.moe_slab, torch.ops.camera_vllm.slab_linear
+    for gm in graphs:
+        targets = [node.target for node in gm.graph.nodes]
+        assert sum(t in (moe, moe.default) for t in targets) == 1, gm.graph
+        assert sum(t in (lin, lin.default) for t in targets) == 2, gm.graph
+    assert graphs

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm._custom_ops")  # loads torch.ops._C (vLLM's CPU kernels)
 
 from camera_vllm.vllm_plugin import ops  # noqa: E402
-from camera_vllm.vllm_plugin.ops import camera_moe_impl, prepare_cpu_buckets  # noqa: E402
+from camera_vllm.vllm_plugin.ops import PackedBuckets, moe_cpu_buckets_impl, prepare_cpu_buckets  # noqa: E402
 from camera_vllm.vllm_plugin.ragged import RaggedLayout, ragged_moe_forward  # noqa: E402
 from camera_vllm.vllm_plugin.ragged_cpu import (  # noqa: E402
     CPU_KERNEL_ALIGN,
@@ -40,6 +40,11 @@ def _layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w13 = (torch.randn(2 * layout.total, HIDDEN, generator=gen) * 0.1).to(torch.bfloat16)
     w2t = (torch.randn(layout.total, HIDDEN, generator=gen) * 0.1).to(torch.bfloat16)
     return w13, w2t, layout.offsets_tensor()
+
+
+def _run(packed: PackedBuckets, x, tw, ids, expert_map=None) -> torch.Tensor:
+    """The ``moe_cpu_buckets`` op's implementation on a prepared layer."""
+    return moe_cpu_buckets_impl(x, tw, ids, packed.route, list(packed.buckets), packed.isa, expert_map)
 
 
 def _routing(tokens: int, top_k: int, seed: int, experts: int = len(WIDTHS)):
@@ -110,8 +115,9 @@ def test_bucketed_path_matches_fp32_reference(tokens: int) -> None:
     assert torch.equal(w13, before[0]) and torch.equal(w2t, before[1]), (
         "the ragged inputs are left as they are"
     )
-    assert len(prepared.weights) == 1 + 2 * len(prepared.plan.widths)
-    got = camera_moe_impl(x, tw, ids, prepared.weights, None, prepared.scheme)
+    assert len(prepared.buckets) == 2 * len(prepared.plan.widths)
+    assert torch.equal(prepared.route, prepared.plan.route()) and prepared.isa == cpu_kernel_isa(w13.dtype)
+    got = _run(prepared, x, tw, ids)
     # The bf16 pure-torch path sets the scale of acceptable rounding error.
     plain = ragged_moe_forward(x, tw, ids, w13, w2t, offsets)
     err_plain = (plain.float() - want).abs().max().item()
@@ -129,19 +135,12 @@ def test_slots_of_empty_experts_and_other_ranks_contribute_nothing() -> None:
     ids[1, 0] = 4 + 1  # local expert 1 has width 0
     want = ragged_moe_forward(x.float(), tw, ids, w13.float(), w2t.float(), offsets, expert_map)
     prepared = prepare_cpu_buckets(w13, w2t, list(WIDTHS))
-    got = camera_moe_impl(x, tw, ids, prepared.weights, expert_map, prepared.scheme)
+    got = _run(prepared, x, tw, ids, expert_map)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02 * want.abs().max().item())
     # One token: all of its slots elsewhere, then some local (the single-token shortcut).
     for row in (0, 2):
-        one = camera_moe_impl(
-            x[row : row + 1],
-            tw[row : row + 1],
-            ids[row : row + 1],
-            prepared.weights,
-            expert_map,
-            prepared.scheme,
-        )
+        one = _run(prepared, x[row : row + 1], tw[row : row + 1], ids[row : row + 1], expert_map)
         torch.testing.assert_close(
             one.float(), want[row : row + 1], rtol=0.05, atol=0.02 * want.abs().max().item()
         )
@@ -159,10 +158,11 @@ def test_op_rejects_a_malformed_bucket_list() -> None:
     w13, w2t, _ = _layer(4)
     prepared = prepare_cpu_buckets(w13, w2t, list(WIDTHS))
     x, tw, ids = _routing(2, 2, seed=1)
-    with pytest.raises(ValueError, match="prune_cpu"):
-        camera_moe_impl(x, tw, ids, prepared.weights[:-1], None, prepared.scheme)
-    with pytest.raises(NotImplementedError, match="prune_cpu"):
-        camera_moe_impl(x, tw, ids, prepared.weights, None, "prune_cpu")
+    route, buckets = prepared.route, list(prepared.buckets)
+    with pytest.raises(ValueError, match=r"moe_cpu_buckets: buckets are \(w13, w2\) pairs"):
+        moe_cpu_buckets_impl(x, tw, ids, route, buckets[:-1], prepared.isa, None)
+    with pytest.raises(ValueError, match="moe_cpu_buckets: isa must be one of"):
+        moe_cpu_buckets_impl(x, tw, ids, route, buckets, "prune_cpu:" + prepared.isa, None)
 
 
 def test_truncation_midpoint_is_within_half_an_ulp() -> None:
