@@ -47,6 +47,7 @@ from torch import Tensor
 
 from camera_vllm.format.layout import stored_bytes
 from camera_vllm.format.names import QUANT_BITS
+from camera_vllm.format.quant_params import check_bits, check_group_size
 
 __all__ = [
     "DEFAULT_CANDIDATE_BITS",
@@ -66,6 +67,7 @@ DEFAULT_CANDIDATE_BITS: tuple[int, ...] = (4, 3, 2, 1)
 # with the clipping search on, measured on Gaussian weights at group size 128 (heavier
 # tailed Laplace weights give 1.3-1.6x these; ratios between levels are what matter).
 # Without clipping, 1-bit min-max RTN loses 3.5x the weight energy -- worse than pruning.
+# Covers 0 and every width of QUANT_BITS, so any checked candidate list has a rho.
 DEFAULT_LEVEL_ERROR: Mapping[int, float] = {0: 1.0, 1: 0.38, 2: 0.12, 3: 0.034, 4: 0.009, 8: 3.5e-5}
 
 
@@ -202,14 +204,6 @@ def drop_unused_bits(allocations: Sequence[LayerAllocation]) -> list[LayerAlloca
 # helpers
 
 
-def _check_bits_list(bits: Sequence[int]) -> None:
-    bad = [b for b in bits if b not in QUANT_BITS]
-    if bad:
-        raise ValueError(f"unsupported bit-width(s) {bad}; supported: {list(QUANT_BITS)}")
-    if len(set(bits)) != len(bits) or not bits:
-        raise ValueError(f"bit-widths must be a non-empty list of distinct values, got {list(bits)}")
-
-
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     """Integer counts summing to ``n`` with cumulative rounding of ``n * cumsum(fractions)``."""
     out, prev, acc = [], 0, 0.0
@@ -289,7 +283,6 @@ def allocate_layer(
     avg_bits: float | None = None,
     prune_ratio: float = 0.0,
     scope: Scope = "layer",
-    level_error: Mapping[int, float] | None = None,
     allow_prune: bool = False,
 ) -> LayerAllocation:
     """Allocate bit-widths to the micro-experts of one MoE layer.
@@ -303,8 +296,6 @@ def allocate_layer(
     :param avg_bits: budget mode: bound on :func:`bits_per_weight` (scales/zeros included).
     :param prune_ratio: share of micro-experts (in the ranking scope) pruned first.
     :param scope: ``"layer"`` or ``"expert"`` ranking (module docstring).
-    :param level_error: budget mode: ``rho(b)`` per bit-width (default
-        :data:`DEFAULT_LEVEL_ERROR`).
     :param allow_prune: budget mode: let the optimiser also prune (0 bits) when that is the
         cheapest way to meet the budget.
     :return: a :class:`LayerAllocation` whose ``bits`` are descending; budget-mode layers list
@@ -314,8 +305,9 @@ def allocate_layer(
         raise ValueError(f"scope must be 'layer' or 'expert', got {scope!r}")
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
-    if group_size <= 0 or hidden <= 0:
-        raise ValueError(f"hidden and group_size must be positive, got {hidden}, {group_size}")
+    check_group_size(group_size)
+    if hidden <= 0:
+        raise ValueError(f"hidden must be positive, got {hidden}")
     routed = [torch.as_tensor(e).detach().to("cpu", torch.float64).flatten() for e in energies]
     shared = (
         None
@@ -335,7 +327,7 @@ def allocate_layer(
     if fractions is not None:
         if bits is None or len(bits) != len(fractions):
             raise ValueError(f"`bits` and `fractions` must have the same length, got {bits} and {fractions}")
-        _check_bits_list(bits)
+        check_bits(bits)
         if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"fractions must be non-negative and sum to 1, got {list(fractions)}")
         pairs = sorted(zip(bits, fractions), key=lambda p: -p[0])
@@ -345,7 +337,7 @@ def allocate_layer(
         info = {"mode": "fractions", "scope": scope}
     else:
         cand = tuple(DEFAULT_CANDIDATE_BITS if bits is None else bits)
-        _check_bits_list(cand)
+        check_bits(cand)
         bits_desc = tuple(sorted(cand, reverse=True))
         levels, info = _budget_levels(
             members,
@@ -356,7 +348,7 @@ def allocate_layer(
             group_size,
             prune_ratio,
             scope,
-            dict(DEFAULT_LEVEL_ERROR if level_error is None else level_error),
+            dict(DEFAULT_LEVEL_ERROR),
             allow_prune,
         )
     experts = [_expert_from_levels(lv, bits_desc) for lv in levels]
@@ -407,9 +399,6 @@ def _budget_levels(
     down scales and its own padding to 32 rows), which the per-micro-expert Lagrangian cannot
     see, so fewer levels can beat more levels on narrow experts.
     """
-    missing = [b for b in set(bits_desc) | ({0} if allow_prune else set()) if b not in rho]
-    if missing:
-        raise ValueError(f"level_error lacks bit-width(s) {sorted(missing)}")
     prob = _BudgetProblem(
         members, n_routed, list(bits_desc), avg_bits, hidden, group_size, prune_ratio, scope
     )
@@ -449,6 +438,8 @@ def _subsets(bits: Sequence[int], r: int) -> list[tuple[int, ...]]:
 
 
 _FILL_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Bisection steps priced per batch (2**depth - 1 candidates each).
+_BISECT_DEPTH = 6
 
 
 class _BudgetProblem:
@@ -541,29 +532,77 @@ class _BudgetProblem:
 
     def counts_of(self, hull: list[int], cut: list[int]) -> Tensor:
         """long ``[members, len(bits_list)]``: micro-experts per slab for the rule ``cut`` on ``hull``."""
+        return self.counts_of_many(hull, [cut])[0]
+
+    def counts_of_many(self, hull: list[int], cuts: Sequence[Sequence[int]]) -> Tensor:
+        """long ``[len(cuts), members, len(bits_list)]``: :meth:`counts_of` of several rules at once.
+
+        One ``searchsorted`` prices every rule (the optimiser's trials come in batches), instead
+        of one small call per rule.
+        """
         top = len(hull) - 1
         n_bits = len(self.bits_list)
+        n_t = len(cuts)
         # Column of each level, from the top level down; 0 bits goes to an extra, dropped column.
         col = torch.tensor([self.bits_list.index(b) if b > 0 else n_bits for b in reversed(hull)])
         # Runs from the top level down: level top is [0, cut[top-1]), level 0 is [cut[0], n_items).
-        bnd = torch.tensor([0] + [cut[j] for j in range(top - 1, -1, -1)] + [self.n_items])
+        bnd = torch.tensor(
+            [[0] + [c[j] for j in range(top - 1, -1, -1)] + [self.n_items] for c in cuts], dtype=torch.long
+        ).reshape(n_t, top + 2)
         if self.scope == "layer":
-            at = torch.searchsorted(self.rank_of, bnd.expand(len(self.members), -1).contiguous())
-            runs = at[:, 1:] - at[:, :-1]
+            n_m = len(self.members)
+            # [members, trials * (top + 2)] queries into each member's sorted item positions.
+            q = bnd.reshape(1, -1).expand(n_m, -1).contiguous()
+            at = torch.searchsorted(self.rank_of, q).reshape(n_m, n_t, top + 2).transpose(0, 1)
+            runs = at[..., 1:] - at[..., :-1]  # [trials, members, levels]
         else:
-            runs = (bnd[1:] - bnd[:-1]).expand(self.n_routed, -1)
-        rows = torch.zeros(runs.shape[0], n_bits + 1, dtype=torch.long).index_add_(1, col, runs)
+            runs = (bnd[:, 1:] - bnd[:, :-1]).unsqueeze(1).expand(n_t, self.n_routed, top + 1)
+        rows = torch.zeros(n_t, runs.shape[1], n_bits + 1, dtype=torch.long).index_add_(2, col, runs)
         if self.scope == "expert" and len(self.members) > self.n_routed:
             sh = self.members[-1].numel()
             sh_keep = sh - int(round(self.prune_ratio * sh))
-            base = rows[0].tolist() if self.n_routed else [0] * n_bits + [self.n_items]
-            shared = torch.tensor(_split_counts(sh_keep, [c / max(self.n_items, 1) for c in base]))
-            rows = torch.cat([rows, shared.unsqueeze(0)])
-        return rows[:, :n_bits]
+            bases = rows[:, 0].tolist() if self.n_routed else [[0] * n_bits + [self.n_items]] * n_t
+            shared = torch.tensor(
+                [_split_counts(sh_keep, [c / max(self.n_items, 1) for c in base]) for base in bases],
+                dtype=torch.long,
+            ).reshape(n_t, 1, n_bits + 1)
+            rows = torch.cat([rows, shared], dim=1)
+        return rows[..., :n_bits]
+
+    def _moved_counts(
+        self, hull: list[int], cut: list[int], trials: list[tuple[int, int, list[int]]]
+    ) -> Tensor:
+        """:meth:`counts_of_many` of rules that differ from ``cut`` in one threshold each.
+
+        Trial ``(j, m, _)`` is ``cut`` with ``cut[j] += m``.  In layer scope only that one
+        boundary needs a new search per member; the others are shared by every trial.
+        """
+        if self.scope != "layer":
+            return self.counts_of_many(hull, [t[2] for t in trials])
+        top, n_bits, n_m, n_t = len(cut), len(self.bits_list), len(self.members), len(trials)
+        col = torch.tensor([self.bits_list.index(b) if b > 0 else n_bits for b in reversed(hull)])
+        bnd = torch.tensor([0] + [cut[j] for j in range(top - 1, -1, -1)] + [self.n_items], dtype=torch.long)
+        base = torch.searchsorted(self.rank_of, bnd.expand(n_m, -1).contiguous())  # [members, top + 2]
+        moved = torch.tensor([cut[j] + m for j, m, _ in trials], dtype=torch.long)
+        at_new = torch.searchsorted(self.rank_of, moved.expand(n_m, -1).contiguous())  # [members, trials]
+        # cut[j] sits at position top - j of the boundaries (they run from the top level down).
+        pos = torch.tensor([top - j for j, _, _ in trials], dtype=torch.long)
+        at = base.unsqueeze(0).repeat(n_t, 1, 1)
+        at.scatter_(2, pos.view(n_t, 1, 1).expand(n_t, n_m, 1), at_new.T.unsqueeze(2))
+        runs = at[..., 1:] - at[..., :-1]
+        rows = torch.zeros(n_t, n_m, n_bits + 1, dtype=torch.long).index_add_(2, col, runs)
+        return rows[..., :n_bits]
 
     def total_bits(self, rows: Tensor) -> int:
+        return int(self.total_bits_many(rows.unsqueeze(0))[0])
+
+    def total_bits_many(self, rows: Tensor) -> Tensor:
+        """long ``[trials]``: stored bits of every rule in ``rows [trials, members, bits]``."""
         table = self._slab_table()
-        return int(table.gather(1, rows.T.contiguous()).sum())
+        n_t, n_m, n_b = rows.shape
+        # table[b, rows[t, m, b]] summed over members and slabs.
+        idx = rows.permute(2, 0, 1).reshape(n_b, n_t * n_m)
+        return table.gather(1, idx).reshape(n_b, n_t, n_m).sum(dim=(0, 2))
 
     def loss(self, hull: list[int], cut: list[int], rho: Mapping[int, float]) -> float:
         bnd = [0] + [cut[j] for j in range(len(hull) - 2, -1, -1)] + [self.n_items]
@@ -577,10 +616,10 @@ class _BudgetProblem:
         """Best threshold rule on ``hull`` within the budget, or None if even the lowest level exceeds it."""
         top = len(hull) - 1
 
-        def fits(cut: list[int]) -> bool:
-            return self.total_bits(self.counts_of(hull, cut)) <= self.budget
+        def fits_many(cuts: list[list[int]]) -> list[bool]:
+            return (self.total_bits_many(self.counts_of_many(hull, cuts)) <= self.budget).tolist()
 
-        if not fits([0] * top):
+        if not fits_many([[0] * top])[0]:
             return None
         neg_w = -self.weight  # ascending, for searchsorted
         slope = [
@@ -588,26 +627,55 @@ class _BudgetProblem:
             for j in range(top)
         ]
 
-        def at(lam: float) -> list[int]:
+        def at_many(log_lams: list[float]) -> list[list[int]]:
             # Item i sits above level j iff weight_i * d_rho_j > lam * d_cost_j.
-            return torch.searchsorted(
-                neg_w, torch.tensor([-lam * s for s in slope], dtype=torch.float64)
-            ).tolist()
+            lams = [math.exp(x) for x in log_lams]
+            q = torch.tensor([[-lam * s for s in slope] for lam in lams], dtype=torch.float64)
+            return torch.searchsorted(neg_w, q.reshape(len(lams), top)).tolist()
 
         # Bisect the multiplier in log space: small lambda -> everything at the top level.
         lo, hi = -60.0, 20.0  # log(lambda); weights are scaled to max 1
-        cut = at(math.exp(lo))
-        if not fits(cut):
+        cut = at_many([lo])[0]
+        if not fits_many([cut])[0]:
             cut = [0] * top
-            for _ in range(64):
-                mid = 0.5 * (lo + hi)
-                cand = at(math.exp(mid))
-                if fits(cand):
-                    hi, cut = mid, cand
-                else:
-                    lo = mid
+            lo, hi, cut = self._bisect(lo, hi, cut, at_many, fits_many)
         cut = self.fill(hull, cut, rho)
         return cut, self.loss(hull, cut, rho)
+
+    @staticmethod
+    def _bisect(lo, hi, cut, at_many, fits_many, steps: int = 64, depth: int = _BISECT_DEPTH):
+        """64 bisection steps on ``log(lambda)``, ``depth`` at a time.
+
+        Every midpoint the next ``depth`` steps could visit (a complete binary tree of
+        ``2**depth - 1`` intervals) is priced in one batch, then the path the sequential
+        bisection would take is followed: the same midpoints, floats and outcome as one
+        ``fits`` call per step.
+        """
+        while steps > 0:
+            d = min(depth, steps)
+            # Node i (1-based heap order) holds an interval; child 2i: it fit (hi = mid),
+            # child 2i + 1: it did not (lo = mid).
+            spans: list[tuple[float, float]] = [(0.0, 0.0), (lo, hi)]
+            mids: list[float] = []
+            for i in range(1, 2**d):
+                a, b = spans[i]
+                mid = 0.5 * (a + b)
+                mids.append(mid)
+                if i < 2 ** (d - 1):
+                    spans.extend([(a, mid), (mid, b)])
+            cands = at_many(mids)
+            ok = fits_many(cands)
+            i = 1
+            for _ in range(d):
+                mid = mids[i - 1]
+                if ok[i - 1]:
+                    hi, cut = mid, cands[i - 1]
+                    i = 2 * i
+                else:
+                    lo = mid
+                    i = 2 * i + 1
+            steps -= d
+        return lo, hi, cut
 
     def fill(self, hull: list[int], cut: list[int], rho: Mapping[int, float]) -> list[int]:
         """Spend what the Lagrangian solution left of the exact budget.
@@ -616,26 +684,30 @@ class _BudgetProblem:
         which keeps the threshold rule.  Padding to 32 rows and partial groups make exact
         costs lumpy (the first micro-expert past a boundary pays for a whole block, the next
         ones are free), so several sizes are tried and the best loss reduction per exact
-        extra bit that fits wins.
+        extra bit that fits wins.  All trials of a step are priced in one batch.
         """
         cut = list(cut)
         top = len(cut)
         used = self.total_bits(self.counts_of(hull, cut))
         while True:
-            best = None
+            trials: list[tuple[int, int, list[int]]] = []
             for j in range(top):
                 room = (cut[j - 1] if j > 0 else self.n_items) - cut[j]
                 for m in _FILL_SIZES:
                     if m > room:
                         break
-                    trial = cut[:j] + [cut[j] + m] + cut[j + 1 :]
-                    t = self.total_bits(self.counts_of(hull, trial))
-                    if t > self.budget:
-                        continue
-                    gain = (self.prefix[cut[j] + m] - self.prefix[cut[j]]) * (rho[hull[j]] - rho[hull[j + 1]])
-                    ratio = gain / (t - used) if t > used else math.inf
-                    if best is None or ratio > best[0]:
-                        best = (ratio, trial, t)
+                    trials.append((j, m, cut[:j] + [cut[j] + m] + cut[j + 1 :]))
+            if not trials:
+                return cut
+            costs = self.total_bits_many(self._moved_counts(hull, cut, trials)).tolist()
+            best = None
+            for (j, m, trial), t in zip(trials, costs):
+                if t > self.budget:
+                    continue
+                gain = (self.prefix[cut[j] + m] - self.prefix[cut[j]]) * (rho[hull[j]] - rho[hull[j + 1]])
+                ratio = gain / (t - used) if t > used else math.inf
+                if best is None or ratio > best[0]:
+                    best = (ratio, trial, t)
             if best is None:
                 return cut
             _, cut, used = best
