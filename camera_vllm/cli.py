@@ -6,8 +6,10 @@
     camera-vllm validate DIR
     camera-vllm inspect DIR [--json]
 
-Heavy imports (transformers, matplotlib) happen inside the handlers; building the parser
-imports only torch (for the default alpha).
+``analyze``, ``prune`` and ``quantize`` parse their flags into one call of
+:mod:`camera_vllm.api` (same names, same defaults), so a command and the Python call with
+the same inputs write the same bytes.  Heavy imports (torch, transformers, matplotlib)
+happen inside the handlers; building the parser imports none of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    from .compress.score import DEFAULT_ALPHA
+    from .api import DEFAULT_ALPHA, DEFAULT_NUM_SEQS
 
     g = p.add_argument_group("calibration")
     g.add_argument(
@@ -42,7 +44,10 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--text-key", default="text", help="JSON-lines field holding the text (default: text)")
     g.add_argument(
-        "--num-seqs", type=int, default=128, help="calibration sequences (default 128, as the paper)"
+        "--num-seqs",
+        type=int,
+        default=DEFAULT_NUM_SEQS,
+        help=f"calibration sequences (default {DEFAULT_NUM_SEQS}, as the paper)",
     )
     g.add_argument(
         "--seq-len",
@@ -64,21 +69,36 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--batch-size", type=int, default=4, help="sequences per layer forward (default 4)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the CPUs this process may use, capped by torch's default)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _specs(args: argparse.Namespace):
-    from .compress.calibrate import CalibSpec, iter_files
-    from .compress.score import EnergySpec
-
-    calib = CalibSpec(
+def _common(args: argparse.Namespace) -> dict:
+    """Keywords of :mod:`camera_vllm.api` that every compress command shares, from the flags."""
+    return dict(
+        alpha=args.alpha,
+        normalize_sum=args.normalize_sum,
         num_seqs=args.num_seqs,
         seq_len=args.seq_len,
         seed=args.seed,
-        fmt=args.calib_format,
+        calib_format=args.calib_format,
         text_key=args.text_key,
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        revision=args.revision,
+        progress=not args.no_progress,
     )
-    return iter_files(args.calib), calib, EnergySpec(alpha=args.alpha, normalize_sum=args.normalize_sum)
+
+
+def _calib_files(args: argparse.Namespace) -> list[Path]:
+    # Paths, not strings: on the command line --calib names files, so a missing one is an error.
+    return [Path(c) for c in args.calib]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -90,27 +110,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
 
 
-def _model_dir(args: argparse.Namespace) -> Path:
-    from .compress.hub import resolve_model
-
-    return resolve_model(args.model, args.revision)
-
-
 # -- analyze ---------------------------------------------------------------------------------------
 def _analyze(args: argparse.Namespace) -> int:
-    from .compress.pipeline import analyze
+    from .api import analyze
 
-    files, calib, energy = _specs(args)
-    path = analyze(
-        _model_dir(args),
-        files,
-        args.out,
-        calib=calib,
-        energy=energy,
-        device=args.device,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    result = analyze(args.model, _calib_files(args), args.out, **_common(args))
+    path = result.path
+    assert path is not None
     print(f"energies: {path}\nsettings: {path.with_suffix('.json')}")
     return 0
 
@@ -129,26 +135,31 @@ def _register_analyze(sub) -> None:
     p.set_defaults(handler=_analyze)
 
 
+def _add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run of the same command into --out at its first unfinished layer "
+        "(same bytes as an uninterrupted run; refused, naming what differs, if inputs or settings changed)",
+    )
+
+
 # -- prune -----------------------------------------------------------------------------------------
 def _prune(args: argparse.Namespace) -> int:
-    from .compress.pipeline import run_camera_p
+    from .api import prune
 
-    files, calib, energy = _specs(args)
-    out = run_camera_p(
-        _model_dir(args),
-        args.out,
+    result = prune(
+        args.model,
         args.ratio,
-        files,
+        _calib_files(args),
+        args.out,
         scope=args.scope,
-        calib=calib,
-        energy=energy,
-        device=args.device,
-        batch_size=args.batch_size,
         overwrite=args.overwrite,
-        scores_out=args.save_scores,
-        progress=not args.no_progress,
+        resume=args.resume,
+        save_scores=args.save_scores,
+        **_common(args),
     )
-    print(f"CAMERA-P checkpoint: {out}")
+    print(f"CAMERA-P checkpoint: {result.path}")
     return 0
 
 
@@ -171,6 +182,7 @@ def _register_prune(sub) -> None:
         " expert: the same ratio inside every expert",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_resume_arg(p)
     p.add_argument(
         "--save-scores", default=None, metavar="FILE", help="also save the energies (.safetensors)"
     )
@@ -194,17 +206,14 @@ def _float_list(text: str) -> list[float]:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .compress.quantize.pipeline import run_camera_q
-    from .compress.quantize.slabs import SlabQuantOptions
-    from .format import names
+    from .api import quantize
 
-    files, calib, energy = _specs(args)
     if args.fractions is not None and args.bits is None:
         raise ValueError("--fractions needs --bits (one fraction per bit-width)")
-    out = run_camera_q(
-        _model_dir(args),
+    result = quantize(
+        args.model,
+        _calib_files(args),
         args.out,
-        files,
         avg_bits=args.avg_bits,
         bits=args.bits,
         fractions=args.fractions,
@@ -213,20 +222,18 @@ def _quantize(args: argparse.Namespace) -> int:
         scope=args.scope,
         prune_ratio=args.prune_ratio,
         allow_prune=args.allow_prune,
+        damp=args.damp,
+        act_order=args.act_order,
         router_weighted=not args.no_router_weighting,
         sequential=not args.no_sequential,
-        options=SlabQuantOptions(damp=args.damp, act_order=args.act_order),
-        calib=calib,
-        energy=energy,
-        device=args.device,
-        batch_size=args.batch_size,
         overwrite=args.overwrite,
-        scores_out=args.save_scores,
-        progress=not args.no_progress,
+        resume=args.resume,
+        save_scores=args.save_scores,
+        **_common(args),
     )
-    report = json.loads((out / names.REPORT_FILE).read_text())
+    report = result.report
     print(
-        f"CAMERA-Q checkpoint: {out}\n"
+        f"CAMERA-Q checkpoint: {result.path}\n"
         f"bits {report['bits']}, group size {report['group_size']}: "
         f"{report['avg_bits_achieved']:.4f} bits per expert weight (scales and zeros included)"
     )
@@ -308,6 +315,7 @@ def _register_quantize(sub) -> None:
         help="down's Hessian from the original gate/up activations, not the quantized ones",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_resume_arg(p)
     p.add_argument(
         "--save-scores", default=None, metavar="FILE", help="also save the energies (.safetensors)"
     )
@@ -364,7 +372,7 @@ def _register_validate(sub) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .format.validate import format_summary, summarize
+    from .format.inspect import format_summary, summarize
 
     summary = summarize(args.dir)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

@@ -53,18 +53,12 @@ _DEMO_CALIBRATION = (
 def prune(model_dir: Path, out_dir: Path, ratio: float, calib_files: list[Path]) -> Path:
     """CAMERA-P: score micro-experts by their calibrated energy and write the pruned checkpoint."""
     from .compress.calibrate import CalibSpec
-    from .compress.pipeline import run_camera_p
+    from .compress.pipeline import RunOptions, run_camera_p
 
-    return run_camera_p(
-        model_dir,
-        out_dir,
-        ratio,
-        calib_files,
-        calib=CalibSpec(num_seqs=8, seq_len=64),
-        device="cpu",
-        overwrite=True,
-        progress=False,
+    options = RunOptions(
+        calib=CalibSpec(num_seqs=8, seq_len=64), device="cpu", overwrite=True, progress=False
     )
+    return run_camera_p(model_dir, out_dir, ratio, calib_files, options=options)
 
 
 def _free_port() -> int:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from ..checkpoint.keeps import LayerKeep, prune_quant_config
+from ..checkpoint.source import SourceCheckpoint
 from ..format import names
-from ..format.schema import CameraQuantConfig, LayerSpec
-from .source import SourceCheckpoint
+from ..format.projection import PROJECTIONS
 from .writer import CheckpointWriter
 
 PruneScope = Literal["layer", "expert"]
-
-
-@dataclass(frozen=True)
-class LayerKeep:
-    """Kept micro-expert indices (sorted ascending) of one MoE layer."""
-
-    experts: tuple[torch.Tensor, ...]
-    shared: torch.Tensor | None = None
-
-    @property
-    def widths(self) -> list[int]:
-        return [int(k.numel()) for k in self.experts]
 
 
 def _n_remove(total: int, ratio: float) -> int:
@@ -79,30 +67,6 @@ def prune_expert(
     return gate.index_select(0, keep), up.index_select(0, keep), down.index_select(1, keep)
 
 
-def prune_quant_config(
-    source: SourceCheckpoint, keeps: dict[int, LayerKeep], compression: dict[str, Any]
-) -> CameraQuantConfig:
-    """The ``quantization_config`` describing a CAMERA-P checkpoint."""
-    arch = source.arch
-    layers = {
-        layer: LayerSpec(
-            expert_slabs=[[w] for w in keep.widths],
-            shared_slabs=None if keep.shared is None else [int(keep.shared.numel())],
-        )
-        for layer, keep in sorted(keeps.items())
-    }
-    return CameraQuantConfig(
-        scheme="prune",
-        bits=[names.UNQUANTIZED_BITS],
-        architecture=arch.architecture,
-        num_experts=arch.num_experts,
-        original_intermediate_size=arch.intermediate_size,
-        original_shared_intermediate_size=arch.shared_intermediate_size,
-        layers=layers,
-        compression=compression,
-    )
-
-
 def write_pruned_checkpoint(
     source: SourceCheckpoint,
     out_dir: str | Path,
@@ -119,33 +83,12 @@ def write_pruned_checkpoint(
     experts.  Routed experts are always written per expert (``experts.N.gate_proj.weight``)
     so their widths can differ; width-0 experts store nothing.
     """
-    arch = source.arch
-    missing = set(arch.moe_layers) - set(keeps)
+    missing = set(source.arch.moe_layers) - set(keeps)
     if missing:
         raise ValueError(f"no keep-set for MoE layers {sorted(missing)}")
     qcfg = prune_quant_config(source, keeps, compression or {})
-    a = arch.architecture
-    handled: set[str] = set()
     with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
-        for layer in arch.moe_layers:
-            keep = keeps[layer]
-            gates, ups, downs = source.expert_weights(layer)
-            for e, idx in enumerate(keep.experts):
-                if idx.numel() == 0:
-                    continue
-                g, u, d = prune_expert(gates[e], ups[e], downs[e], idx)
-                for proj, t in enumerate((g, u, d)):
-                    writer.add(names.expert_tensor(a, layer, e, proj, "weight"), t)
-            handled |= source.expert_tensor_names(layer)
-            shared = source.shared_weights(layer)
-            if shared is not None and keep.shared is not None:
-                g, u, d = prune_expert(*shared, keep.shared)
-                for proj, t in enumerate((g, u, d)):
-                    writer.add(names.shared_tensor(a, layer, proj, "weight"), t)
-                handled |= source.shared_tensor_names(layer)
-        for name in sorted(source.weight_map):
-            if name not in handled:
-                writer.add(name, source.get(name))
+        add_pruned_tensors(writer, source, keeps)
         return writer.commit(
             source_dir=source.path,
             config=source.config,
@@ -153,3 +96,38 @@ def write_pruned_checkpoint(
             report=report,
             extra_files=extra_files,
         )
+
+
+def add_pruned_tensors(
+    writer: CheckpointWriter, source: SourceCheckpoint, keeps: dict[int, LayerKeep]
+) -> None:
+    """Add every tensor of ``source`` to ``writer``, the experts of the layers in ``keeps`` pruned.
+
+    Layer by layer (routed experts, then the shared one), then every other tensor by
+    name: the order, and so the shard layout, depends only on the inputs.
+    """
+    arch = source.arch
+    missing = set(arch.moe_layers) - set(keeps)
+    if missing:
+        raise ValueError(f"no keep-set for MoE layers {sorted(missing)}")
+    a = arch.architecture
+    handled: set[str] = set()
+    for layer in arch.moe_layers:
+        keep = keeps[layer]
+        gates, ups, downs = source.expert_weights(layer)
+        for e, idx in enumerate(keep.experts):
+            if idx.numel() == 0:
+                continue
+            pruned = prune_expert(gates[e], ups[e], downs[e], idx)
+            for proj in PROJECTIONS:
+                writer.add(names.expert_tensor(a, layer, e, proj, "weight"), pruned[proj])
+        handled |= source.expert_tensor_names(layer)
+        shared = source.shared_weights(layer)
+        if shared is not None and keep.shared is not None:
+            pruned = prune_expert(*shared, keep.shared)
+            for proj in PROJECTIONS:
+                writer.add(names.shared_tensor(a, layer, proj, "weight"), pruned[proj])
+            handled |= source.shared_tensor_names(layer)
+    for name in sorted(source.weight_map):
+        if name not in handled:
+            writer.add(name, source.get(name))

@@ -27,9 +27,9 @@ import torch
 
 from .. import __version__
 from ..arch import MoEArch
-from .prune import LayerKeep
+from ..checkpoint.keeps import LayerKeep
+from ..checkpoint.source import SourceCheckpoint
 from .score import LayerEnergies
-from .source import SourceCheckpoint
 
 if TYPE_CHECKING:  # only for annotations: report.py stays importable without the quantize package
     from .quantize.allocate import LayerAllocation

@@ -37,7 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..arch import MoEArch
-from .prune import LayerKeep, prune_expert
+from ..checkpoint.keeps import LayerKeep
+from .prune import prune_expert
 
 DEFAULT_ALPHA = 0.9
 ENERGY_METADATA_KEY = "camera_energies"

@@ -9,21 +9,18 @@ Tests copy them and never modify the originals.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hardening_catalogue import Q_ARGS, ZERO_WIDTH_EXPERT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hardening_catalogue import Q_ARGS, ZERO_WIDTH_EXPERT  # noqa: E402
-
-from camera_vllm.compress.calibrate import CalibSpec  # noqa: E402
-from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint  # noqa: E402
-from camera_vllm.compress.quantize.pipeline import run_camera_q  # noqa: E402
-from camera_vllm.compress.source import SourceCheckpoint  # noqa: E402
-from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe  # noqa: E402
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.compress.calibrate import CalibSpec
+from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint
+from camera_vllm.compress.quantize.pipeline import QuantSpec, run_camera_q
+from camera_vllm.compress.run import RunOptions
+from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 CALIB = CalibSpec(num_seqs=4, seq_len=32, seed=1)
 
@@ -70,9 +67,9 @@ def good_p(hroot: Path, source: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def good_q(hroot: Path, source: Path, calib_file: Path) -> Path:
-    return run_camera_q(
-        source, hroot / "good-q", [calib_file], calib=CALIB, device="cpu", progress=False, **Q_ARGS
-    )
+    spec = QuantSpec(**{**Q_ARGS, "bits": tuple(Q_ARGS["bits"]), "fractions": tuple(Q_ARGS["fractions"])})
+    options = RunOptions(calib=CALIB, device="cpu", progress=False)
+    return run_camera_q(source, hroot / "good-q", [calib_file], spec, options=options)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ right after the writer step named by POINT has happened in the unmodified writer
 * ``marker-removed``: everything is written and the ``.camera_incomplete`` marker is gone,
   the directory not yet renamed into place;
 * ``old-moved``: ``--overwrite`` of an existing checkpoint: the old directory has been moved
-  aside, the new one not yet renamed into place.
+  aside, the new one not yet renamed into place;
+* ``in-layer-K``: in the middle of decoder layer K: its MoE block compressed (a CAMERA-Q
+  layer's tensors handed to the writer) and its re-run started; layers < K recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import torch
 
 from camera_vllm.cli import main
-from camera_vllm.compress import writer
+from camera_vllm.compress import calibrate, writer
 from camera_vllm.format import names
 
 
@@ -61,6 +63,18 @@ def install(point: str) -> None:
             return result
 
         pathlib.Path.rename = _rename  # type: ignore[method-assign]
+    elif point.startswith("in-layer-"):
+        target, calls = int(point.removeprefix("in-layer-")), []
+        run = calibrate.LayerStreamer._run
+
+        def _run(self, module, layer, hidden):
+            if layer == target:
+                calls.append(layer)
+                if len(calls) == 2:  # the second pass over the layer: the re-run
+                    _die()
+            return run(self, module, layer, hidden)
+
+        calibrate.LayerStreamer._run = _run  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

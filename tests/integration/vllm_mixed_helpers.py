@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from camera_vllm.compress.calibrate import CalibSpec
-from camera_vllm.compress.quantize.pipeline import run_camera_q
+from camera_vllm.compress.quantize.pipeline import QuantSpec, run_camera_q
+from camera_vllm.compress.run import RunOptions
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 GROUP_SIZE = 32
@@ -23,7 +24,6 @@ BITS = (4, 2, 1)
 FRACTIONS = (0.25, 0.5, 0.25)
 CALIB = CalibSpec(num_seqs=2, seq_len=32, seed=1)
 
-SCRIPT = Path(__file__).resolve().parent / "vllm_mixed_greedy.py"
 TIMEOUT_S = 1800
 
 # case -> (arch, prune ratio, vLLM mode, max_num_seqs)
@@ -54,14 +54,14 @@ def build_mixed(arch: str, root: Path, *, prune_ratio: float = 0.0) -> tuple[Pat
             original,
             out,
             [calib],
-            bits=BITS,
-            fractions=FRACTIONS,
-            group_size=GROUP_SIZE,
-            method="rtn",
-            prune_ratio=prune_ratio,
-            calib=CALIB,
-            device="cpu",
-            progress=False,
+            QuantSpec(
+                bits=BITS,
+                fractions=FRACTIONS,
+                group_size=GROUP_SIZE,
+                method="rtn",
+                prune_ratio=prune_ratio,
+            ),
+            options=RunOptions(calib=CALIB, device="cpu", progress=False),
         )
     return original, out
 
@@ -123,6 +123,17 @@ def write_dequantized_dense(mixed_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _engine(model_dir: Path, mode: str, seqs: int) -> dict[str, Any]:
+    """One engine of these runs (keyed by its directory): ``mode`` eager or compile, with the memory probe."""
+    return {
+        "id": str(model_dir),
+        "model": str(model_dir),
+        "engine": {"enforce_eager": mode == "eager", "max_num_seqs": seqs},
+        "probes": {"memory": "expert_memory"},
+        "labels": {"mode": mode},
+    }
+
+
 @functools.cache
 def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
     """Build every case's checkpoint and serve them all in ONE vLLM subprocess (once per session).
@@ -131,33 +142,30 @@ def run_mixed_cases(root: Path) -> dict[str, dict[str, Any]]:
     :data:`STOCK_VLLM_ORACLE` cases "dense" and "stock" (stock vLLM on the dense equivalent)}.
     Raises RuntimeError with the log tail if the subprocess fails.
     """
-    from integration_helpers import run_vllm_driver, vllm_env
+    from integration_helpers import run_engines, vllm_env
 
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
-    items = []
+    engines = []
     for case, (arch, ratio, mode, seqs) in CASES.items():
         original, qdir = build_mixed(arch, root, prune_ratio=ratio)
         runs[case] = {"dir": qdir, "original": original}
-        items.append(f"{qdir}:{mode}:{seqs}")
+        engines.append(_engine(qdir, mode, seqs))
         if case in STOCK_VLLM_ORACLE:
             dense = root / f"{qdir.name}-dense"
             if not dense.exists():
                 write_dequantized_dense(qdir, dense)
             runs[case]["dense"] = dense
-            items.append(f"{dense}:{mode}:{seqs}")
-    out, log = root / "results.json", root / "vllm.log"
+            engines.append(_engine(dense, mode, seqs))
     env = vllm_env("deepseek_v2")  # VLLM_MLA_DISABLE only affects MLA models
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function (memory probe)
     env["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")  # compile for real, no cached artifacts
     start = time.perf_counter()
-    raw = run_vllm_driver([str(SCRIPT), str(out), *items], out, log, env, TIMEOUT_S, "vLLM CAMERA-Q runs")
-    by_model = {r["model"]: r for r in raw}
+    by_model = run_engines(engines, root, "results", env, TIMEOUT_S, "vLLM CAMERA-Q runs")["runs"]
     for info in runs.values():
         info["result"] = by_model[str(info["dir"])]
         if "dense" in info:
             info["stock"] = by_model[str(info["dense"])]
-    runs["_process_s"] = {"seconds": round(time.perf_counter() - start, 1), "engines": len(items)}
+    runs["_process_s"] = {"seconds": round(time.perf_counter() - start, 1), "engines": len(engines)}
     return runs
 
 
@@ -182,23 +190,21 @@ def run_forced_backend(root: Path, backend: str) -> dict[str, Any]:
     ``CAMERA_VLLM_BACKEND=backend`` (eager, one subprocess).  ``triton`` on this CPU machine
     adds ``TRITON_INTERPRET=1``: the CUDA code path (the launcher, ``moe_align``, the kernels)
     inside a real vLLM engine.  Returns ``{"q": {...}, "p": {...}}`` with ``dir`` and ``result``."""
-    from integration_helpers import run_vllm_driver, vllm_env
+    from integration_helpers import run_engines, vllm_env
 
     root.mkdir(parents=True, exist_ok=True)
     _, qdir = build_mixed("qwen3_moe", root)
     pdir = build_pruned_bf16("qwen3_moe", root)
-    out, log = root / f"results-{backend}.json", root / f"vllm-{backend}.log"
     env = vllm_env("qwen3_moe")
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     env["CAMERA_VLLM_BACKEND"] = backend
     if backend == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    raw = run_vllm_driver(
-        [str(SCRIPT), str(out), f"{qdir}:eager:4", f"{pdir}:eager:4"],
-        out,
-        log,
+    raw = run_engines(
+        [_engine(qdir, "eager", 4), _engine(pdir, "eager", 4)],
+        root,
+        f"results-{backend}",
         env,
         TIMEOUT_S,
         f"vLLM CAMERA-Q and CAMERA-P with CAMERA_VLLM_BACKEND={backend}",
-    )
-    return {"q": {"dir": qdir, "result": raw[0]}, "p": {"dir": pdir, "result": raw[1]}}
+    )["runs"]
+    return {"q": {"dir": qdir, "result": raw[str(qdir)]}, "p": {"dir": pdir, "result": raw[str(pdir)]}}

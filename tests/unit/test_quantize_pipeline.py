@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from camera_vllm.checkpoint.source import SourceCheckpoint
 from camera_vllm.compress.calibrate import CalibSpec, LayerStreamer
 from camera_vllm.compress.quantize import bits_per_weight, dequantize_expert_slabs
 from camera_vllm.compress.quantize.pipeline import (
@@ -19,15 +20,18 @@ from camera_vllm.compress.quantize.pipeline import (
     run_camera_q,
     write_quantized_checkpoint,
 )
+from camera_vllm.compress.run import RunOptions
 from camera_vllm.compress.score import LayerWeights, moe_forward
-from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.format import names
+from camera_vllm.format.inspect import summarize
 from camera_vllm.format.layout import stored_bytes
-from camera_vllm.format.validate import read_safetensors_header, summarize, validate
+from camera_vllm.format.safetensors_header import read_safetensors_header
+from camera_vllm.format.validate import validate
 from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 G = 32  # hidden 64: two groups along H; experts of width 64 (32 for deepseek_v2)
 SPEC = CalibSpec(num_seqs=4, seq_len=32, seed=1)
+OPTIONS = RunOptions(calib=SPEC, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def calib(tmp_path_factory) -> Path:
 # One run per architecture, each exercising a different mode.
 RUNS = {
     "qwen3_moe": {"avg_bits": 2.5},
-    "qwen2_moe": {"bits": [4, 2, 1], "fractions": [0.25, 0.5, 0.25], "prune_ratio": 0.2},
+    "qwen2_moe": {"bits": (4, 2, 1), "fractions": (0.25, 0.5, 0.25), "prune_ratio": 0.2},
     "deepseek_v2": {"avg_bits": 3.0, "scope": "expert", "prune_ratio": 0.25},
 }
 
@@ -55,9 +59,7 @@ RUNS = {
 def runs(tiny, calib, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {
-        a: run_camera_q(
-            tiny[a], root / a, [calib], group_size=G, calib=SPEC, device="cpu", progress=False, **kw
-        )
+        a: run_camera_q(tiny[a], root / a, [calib], QuantSpec(group_size=G, **kw), options=OPTIONS)
         for a, kw in RUNS.items()
     }
 
@@ -201,11 +203,8 @@ def test_same_seed_gives_byte_identical_checkpoint(tiny, runs, calib, tmp_path: 
         tiny["qwen3_moe"],
         tmp_path / "again",
         [calib],
-        group_size=G,
-        calib=SPEC,
-        device="cpu",
-        progress=False,
-        **RUNS["qwen3_moe"],
+        QuantSpec(group_size=G, **RUNS["qwen3_moe"]),
+        options=OPTIONS,
     )
     first = runs["qwen3_moe"]
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
@@ -223,11 +222,11 @@ def test_settings_that_put_almost_everything_at_1_bit_warn_first(tiny, tmp_path:
     try:
         missing = tmp_path / "missing.txt"  # the warning comes before the calibration text is read
         with caplog.at_level(logging.WARNING), pytest.raises(CalibrationError, match="not found"):
-            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], avg_bits=2.1, group_size=32)
+            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], QuantSpec(avg_bits=2.1, group_size=32))
         assert "at 1 bit" in caplog.text and "group size 32 costs 1.00 bits" in caplog.text
         caplog.clear()
         with caplog.at_level(logging.WARNING), pytest.raises(CalibrationError, match="not found"):
-            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], avg_bits=3.0, group_size=32)
+            run_camera_q(tiny["qwen3_moe"], tmp_path / "w", [missing], QuantSpec(avg_bits=3.0, group_size=32))
         assert "at 1 bit" not in caplog.text
     finally:
         pipeline.log.removeHandler(caplog.handler)
@@ -236,31 +235,32 @@ def test_settings_that_put_almost_everything_at_1_bit_warn_first(tiny, tmp_path:
 def test_bad_settings_fail_before_calibrating(tiny, calib, tmp_path: Path) -> None:
     m = tiny["qwen3_moe"]
     missing = tmp_path / "missing.txt"  # never read: each error must come first
+    q3 = QuantSpec(avg_bits=3.0, group_size=G)
     with pytest.raises(ValueError, match="multiple of 32"):
-        run_camera_q(m, tmp_path / "a", [missing], avg_bits=3.0, group_size=48)
+        run_camera_q(m, tmp_path / "a", [missing], QuantSpec(avg_bits=3.0, group_size=48))
     with pytest.raises(ValueError, match="exactly one"):
-        run_camera_q(m, tmp_path / "a", [missing], avg_bits=3.0, bits=[4, 2], fractions=[0.5, 0.5])
+        run_camera_q(m, tmp_path / "a", [missing], QuantSpec(avg_bits=3.0, bits=(4, 2), fractions=(0.5, 0.5)))
     with pytest.raises(ValueError, match="unreachable"):
-        run_camera_q(m, tmp_path / "a", [missing], avg_bits=1.0, group_size=G)
+        run_camera_q(m, tmp_path / "a", [missing], QuantSpec(avg_bits=1.0, group_size=G))
     with pytest.raises(ValueError, match="sum to 1"):
-        run_camera_q(m, tmp_path / "a", [missing], bits=[4, 2], fractions=[0.5, 0.6], group_size=G)
+        run_camera_q(m, tmp_path / "a", [missing], QuantSpec(bits=(4, 2), fractions=(0.5, 0.6), group_size=G))
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
-        run_camera_q(m, tmp_path / "b", [missing], avg_bits=3.0, group_size=G)
+        run_camera_q(m, tmp_path / "b", [missing], q3)
     # The output, the device and the batch size are checked before any work too.
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        run_camera_q(m, tmp_path / "file" / "out", [missing], avg_bits=3.0, group_size=G)
+        run_camera_q(m, tmp_path / "file" / "out", [missing], q3)
     with pytest.raises(PermissionError, match="cannot create the checkpoint under /proc"):
-        run_camera_q(m, "/proc/camera-out", [missing], avg_bits=3.0, group_size=G)
+        run_camera_q(m, "/proc/camera-out", [missing], q3)
     with pytest.raises(ValueError, match="--batch-size"):
-        run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, batch_size=0)
+        run_camera_q(m, tmp_path / "c", [missing], q3, options=RunOptions(batch_size=0))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
-            run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="cuda")
+            run_camera_q(m, tmp_path / "c", [missing], q3, options=RunOptions(device="cuda"))
     with pytest.raises(ValueError, match="--device 'gpu0' is not a device"):
-        run_camera_q(m, tmp_path / "c", [missing], avg_bits=3.0, group_size=G, device="gpu0")
+        run_camera_q(m, tmp_path / "c", [missing], q3, options=RunOptions(device="gpu0"))
     assert (
         not (tmp_path / "c").exists()
         and not list(tmp_path.glob(".c.*"))
@@ -283,8 +283,14 @@ def streamed(tiny, tmp_path_factory):
         return fed
 
     final: list[torch.Tensor] = []
+    # The block error comes from the streamer's re-run (no extra MoE forwards).
     energies = LayerStreamer(src).run(
-        ids, on_moe_layer=hook, keep_moe_inputs=True, progress=False, final_hidden=final
+        ids,
+        on_moe_layer=hook,
+        keep_moe_inputs=True,
+        progress=False,
+        final_hidden=final,
+        on_rerun=quantizer.record_output_error,
     )
     out = write_quantized_checkpoint(src, tmp_path_factory.mktemp("s") / "ckpt", quantizer.results, G)
     return src, ids, quantizer, seen, energies, torch.cat(final), out
@@ -405,3 +411,27 @@ def test_expert_without_calibration_tokens_falls_back_to_rtn() -> None:
     perm = alloc.perm
     rel = float((deq_gptq[0] - gate[perm]).norm() / gate[perm].norm())
     assert rel < 0.35, rel  # 4/2-bit reconstruction of the real weights, not zeros
+
+
+def test_block_error_from_the_rerun_equals_the_measured_one_over_batches(tiny) -> None:
+    """The re-run's number (no extra forwards) is the two-forward measurement, up to fp32 rounding."""
+    src = SourceCheckpoint(tiny["qwen3_moe"])
+    ids = torch.randint(1, 300, (4, 24), generator=torch.Generator().manual_seed(9))
+    spec = QuantSpec(avg_bits=3.0, group_size=G, method="rtn")
+    quantizer = CameraQQuantizer(spec)
+    seen = {}
+
+    def hook(ctx):
+        seen[ctx.layer] = ctx
+        return quantizer(ctx)
+
+    LayerStreamer(src, batch_size=2).run(
+        ids, on_moe_layer=hook, keep_moe_inputs=True, progress=False, on_rerun=quantizer.record_output_error
+    )
+    for layer, ctx in seen.items():
+        res = quantizer.results[layer]
+        measured = quantize_layer(ctx, spec, allocation=res.allocation).output_rel_error
+        assert res.output_rel_error > 1e-4
+        # Same math; fp32 GEMMs over 48-row batches round differently from one 96-row chunk.
+        assert res.output_rel_error == pytest.approx(measured, rel=1e-6)
+    assert quantize_layer(seen[0], spec, block_error=False).output_rel_error is None

@@ -9,7 +9,9 @@ For every MoE layer, on the outputs of the already-quantized earlier layers
    scales and zeros); ``prune_ratio`` removes the lowest energies first (0 bits);
 3. each routed expert, and the shared expert (a member of the layer ranking like any
    other), is quantized slab by slab (:mod:`.slabs`): gate/up along the hidden dim,
-   down along the micro-expert axis, so no group straddles two slabs;
+   down along the micro-expert axis, so no group straddles two slabs.  Routed experts go
+   :data:`EXPERT_GROUP` at a time through the layer-batched slab builders (on a GPU their
+   GPTQ sweeps share launches; on a CPU the bytes are those of one expert at a time);
 4. the layer is re-run with the *dequantized* slabs, so the next layer is scored and
    calibrated on what the quantized model really computes.
 
@@ -47,13 +49,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ...checkpoint.source import SourceCheckpoint
 from ...format import names
-from ...format.names import QUANT_BITS
+from ...format.projection import PROJECTIONS, Projection
+from ...format.quant_params import check_bits, check_group_size
 from ...format.schema import CameraQuantConfig, LayerSpec
-from ...format.validate import validate
-from ..calibrate import CalibSpec, LayerStreamer, MoELayerContext, load_calibration
-from ..pipeline import _calib_settings, check_run_setup, resolve_device
+from ..calibrate import MoELayerCallback, MoELayerContext
 from ..report import build_quant_report, keeps_from_allocations, render_quant_plots
+from ..run import CalibratedRun, Calibration, Finished, RunOptions, compress_checkpoint
 from ..score import (
     EnergySpec,
     LayerEnergies,
@@ -62,17 +65,15 @@ from ..score import (
     expert_activation,
     group_by_expert,
     moe_forward,
-    save_energies,
 )
-from ..source import SourceCheckpoint
 from ..writer import CheckpointWriter
 from .allocate import ExpertAllocation, LayerAllocation, allocate_layer, bits_per_weight, drop_unused_bits
 from .gptq import HessianAccumulator
 from .slabs import (
     SlabQuantOptions,
-    build_down_slabs,
     build_expert_slabs,
-    build_gate_up_slabs,
+    build_layer_down_slabs,
+    build_layer_gate_up_slabs,
     dequantize_expert_slabs,
 )
 
@@ -86,6 +87,9 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_METHOD: QuantMethod = "gptq"
 # Rows per Hessian / error product: bounds temporary memory on long calibration runs.
 _CHUNK_ROWS = 16384
+#: Routed experts quantized together (their Hessians held at once: 128 fp64 [2048, 2048]
+#: input Hessians alone would be 4 GiB; 8 are 256 MiB).
+EXPERT_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -119,15 +123,11 @@ class QuantSpec:
                 f"fractions need bits of the same length, got bits {self.bits} and fractions {self.fractions}"
             )
         if self.bits is not None:
-            bad = [b for b in self.bits if b not in QUANT_BITS]
-            if bad or not self.bits or len(set(self.bits)) != len(self.bits):
-                raise ValueError(
-                    f"bits must be distinct values from {list(QUANT_BITS)}, got {list(self.bits)}"
-                )
-        if self.group_size <= 0 or self.group_size % 32:
-            raise ValueError(
-                f"group_size must be a positive multiple of 32 (the format's), got {self.group_size}"
-            )
+            try:
+                check_bits(self.bits)
+            except ValueError as err:
+                raise ValueError(f"bits: {err}") from None
+        check_group_size(self.group_size)
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
         if self.scope not in ("layer", "expert"):
@@ -169,7 +169,9 @@ class LayerQuantResult:
     tensors: dict[str, Tensor]  # checkpoint name -> tensor (empty when streamed to a sink)
     weights: LayerWeights | None  # dequantized, slab-permuted: what the next layer was calibrated on
     expert_bytes: int  # bytes of every expert tensor stored for this layer
-    output_rel_error: float  # ||Y_q - Y||^2 / ||Y||^2 of the MoE block on the calibration inputs
+    # ||Y_q - Y||^2 / ||Y||^2 of the MoE block on the calibration inputs; None until measured
+    # (by quantize_layer with block_error=True, or the streamer's re-run).
+    output_rel_error: float | None
     seconds: float
 
 
@@ -198,6 +200,101 @@ def _dequant_gate_up(
     return torch.cat(gs), torch.cat(us)
 
 
+ExpertWeights = tuple[Tensor, Tensor, Tensor]
+ExpertSlabs = dict[int, dict[str, Tensor]]
+
+
+def _down_hessian(
+    gate: Tensor,
+    up: Tensor,
+    allocation: ExpertAllocation,
+    gate_up_slabs: tuple[dict[str, Tensor], dict[str, Tensor]],
+    x: Tensor,
+    row_weights: Tensor | None,
+    spec: QuantSpec,
+) -> Tensor:
+    """``[I, I]`` Hessian of the down projection's inputs, indexed by original micro-expert."""
+    hidden, group, dev = gate.shape[1], spec.group_size, gate.device
+    perm = allocation.perm.to(dev)
+    if spec.sequential:
+        gq, uq = _dequant_gate_up(*gate_up_slabs, allocation, hidden, group)
+    else:
+        gq, uq = gate[perm], up[perm]
+    acc = HessianAccumulator(allocation.width, device=dev)
+    for i in range(0, x.shape[0], _CHUNK_ROWS):
+        w = None if row_weights is None else row_weights[i : i + _CHUNK_ROWS]
+        acc.add(expert_activation(x[i : i + _CHUNK_ROWS].to(dev), gq, uq), w)
+    # build_layer_down_slabs indexes the [I, I] Hessian by original micro-expert; pruned ones stay 0.
+    width = allocation.original_width
+    h_down = torch.zeros(width, width, dtype=acc.sum.dtype, device=dev)
+    h_down[perm.unsqueeze(1), perm.unsqueeze(0)] = acc.hessian()
+    return h_down
+
+
+def _gptq_experts(
+    experts: Sequence[ExpertWeights],
+    allocations: Sequence[ExpertAllocation],
+    inputs: Sequence[tuple[Tensor, Tensor | None]],
+    spec: QuantSpec,
+) -> list[ExpertSlabs]:
+    """GPTQ slabs of experts of non-zero width, through the layer-batched slab builders.
+
+    Gate/up of all of them first (their input Hessians), then, sequentially, the down
+    Hessians on the quantized gate/up, then all downs.  On a CPU the builders still sweep
+    one matrix at a time (``SlabQuantOptions.batch_bytes``), so the bytes are those of one
+    expert at a time.
+    """
+    hidden, group = experts[0][0].shape[1], spec.group_size
+    gates, ups, downs = zip(*experts)
+    h_in = [_hessian(x, w, hidden, gate.device) for (x, w), gate in zip(inputs, gates)]
+    gate_up = build_layer_gate_up_slabs(gates, ups, allocations, group, "gptq", h_in, spec.options)
+    del h_in
+    h_down = [
+        _down_hessian(gate, up, alloc, gu, x, w, spec)
+        for gate, up, alloc, gu, (x, w) in zip(gates, ups, allocations, gate_up, inputs)
+    ]
+    down_slabs = build_layer_down_slabs(downs, allocations, group, "gptq", h_down, spec.options)
+    return [
+        {Projection.GATE: g_t, Projection.UP: u_t, Projection.DOWN: d_t}
+        for (g_t, u_t), d_t in zip(gate_up, down_slabs)
+    ]
+
+
+def quantize_experts(
+    experts: Sequence[ExpertWeights],
+    allocations: Sequence[ExpertAllocation],
+    inputs: Sequence[tuple[Tensor, Tensor | None]],
+    spec: QuantSpec,
+) -> list[tuple[ExpertSlabs, ExpertWeights]]:
+    """:func:`quantize_expert` of several experts at once (GPTQ batched over them).
+
+    Every expert's Hessians are held at the same time, so callers bound the group
+    (:func:`quantize_layer` passes :data:`EXPERT_GROUP` routed experts).
+
+    :param experts: ``(gate [I, H], up [I, H], down [H, I])`` per expert, original order.
+    :param inputs: ``(x [T_e, H], row_weights [T_e] or None)`` per expert.
+    """
+    if not (len(experts) == len(allocations) == len(inputs)):
+        raise ValueError(f"{len(experts)} experts, {len(allocations)} allocations and {len(inputs)} inputs")
+    group = spec.group_size
+    tensors: list[ExpertSlabs] = [{p: {} for p in PROJECTIONS} for _ in experts]
+    live = [i for i, a in enumerate(allocations) if a.width > 0]
+    if spec.method == "rtn":
+        for i in live:
+            tensors[i] = build_expert_slabs(*experts[i], allocations[i], group, "rtn", options=spec.options)
+    elif live:
+        done = _gptq_experts(
+            [experts[i] for i in live], [allocations[i] for i in live], [inputs[i] for i in live], spec
+        )
+        for i, t in zip(live, done):
+            tensors[i] = t
+    out = []
+    for (gate, _, _), alloc, t in zip(experts, allocations, tensors):
+        deq = dequantize_expert_slabs(t, list(alloc.slabs), list(alloc.bits), gate.shape[1], group)
+        out.append((t, tuple(m.to(gate.device) for m in deq)))
+    return out  # type: ignore[return-value]
+
+
 def quantize_expert(
     gate: Tensor,
     up: Tensor,
@@ -206,39 +303,14 @@ def quantize_expert(
     x: Tensor,
     row_weights: Tensor | None,
     spec: QuantSpec,
-) -> tuple[dict[int, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]:
+) -> tuple[ExpertSlabs, ExpertWeights]:
     """Slab tensors of one expert and its dequantized ``(gate [n, H], up [n, H], down [H, n])``.
 
     :param gate: ``[I, H]``, ``up`` ``[I, H]``, ``down`` ``[H, I]`` in the original order.
     :param x: ``[T_e, H]`` calibration inputs of this expert (any device; moved in chunks).
     :param row_weights: ``[T_e]`` per-token weights of its Hessians (``g_t^2``), or None.
     """
-    hidden, group = gate.shape[1], spec.group_size
-    if allocation.width == 0:
-        tensors: dict[int, dict[str, Tensor]] = {0: {}, 1: {}, 2: {}}
-    elif spec.method == "rtn":
-        tensors = build_expert_slabs(gate, up, down, allocation, group, "rtn", options=spec.options)
-    else:
-        dev = gate.device
-        h_in = _hessian(x, row_weights, hidden, dev)
-        g_t, u_t = build_gate_up_slabs(gate, up, allocation, group, "gptq", h_in, spec.options)
-        perm = allocation.perm.to(dev)
-        if spec.sequential:
-            gq, uq = _dequant_gate_up(g_t, u_t, allocation, hidden, group)
-        else:
-            gq, uq = gate[perm], up[perm]
-        acc = HessianAccumulator(allocation.width, device=dev)
-        for i in range(0, x.shape[0], _CHUNK_ROWS):
-            w = None if row_weights is None else row_weights[i : i + _CHUNK_ROWS]
-            acc.add(expert_activation(x[i : i + _CHUNK_ROWS].to(dev), gq, uq), w)
-        # build_down_slabs indexes the [I, I] Hessian by original micro-expert; pruned ones stay 0.
-        width = allocation.original_width
-        h_down = torch.zeros(width, width, dtype=acc.sum.dtype, device=dev)
-        h_down[perm.unsqueeze(1), perm.unsqueeze(0)] = acc.hessian()
-        d_t = build_down_slabs(down, allocation, group, "gptq", h_down, spec.options)
-        tensors = {0: g_t, 1: u_t, 2: d_t}
-    deq = dequantize_expert_slabs(tensors, list(allocation.slabs), list(allocation.bits), hidden, group)
-    return tensors, tuple(t.to(gate.device) for t in deq)  # type: ignore[return-value]
+    return quantize_experts([(gate, up, down)], [allocation], [(x, row_weights)], spec)[0]
 
 
 # -- one layer -------------------------------------------------------------------------------------
@@ -262,12 +334,19 @@ def _block_error(x: Tensor, routing: Routing, ref: LayerWeights, new: LayerWeigh
 
 
 def quantize_layer(
-    ctx: MoELayerContext, spec: QuantSpec, allocation: LayerAllocation | None = None
+    ctx: MoELayerContext,
+    spec: QuantSpec,
+    allocation: LayerAllocation | None = None,
+    *,
+    block_error: bool = True,
 ) -> LayerQuantResult:
     """Allocate bits to one MoE layer by energy and quantize all its experts.
 
     Needs the streamer's kept inputs (``keep_moe_inputs=True``).  ``allocation`` overrides
-    the energy-based one (e.g. to compare methods on the same split).
+    the energy-based one (e.g. to compare methods on the same split).  ``block_error``
+    measures the MoE block's output error here, with two extra MoE forwards; off, it is
+    left None for the caller (:class:`CameraQQuantizer` takes it from the streamer's re-run,
+    which computes the same number at no extra cost).
     """
     t0 = time.perf_counter()
     if ctx.moe_input is None or ctx.routing is None:
@@ -283,22 +362,29 @@ def quantize_layer(
 
     def store(tset: dict[int, dict[str, Tensor]], name_of: Callable[[int, str], str]) -> None:
         nonlocal nbytes
-        for proj in (0, 1, 2):
+        for proj in PROJECTIONS:
             for suffix, t in tset[proj].items():
                 tensors[name_of(proj, suffix)] = t
                 nbytes += t.numel() * t.element_size()
 
     gates, ups, downs = [], [], []
-    for e, (tok, slot) in enumerate(group_by_expert(routing.topk_ids, len(w.gates))):
-        g = routing.topk_weights[tok, slot].float()
-        row_w = g.square() if spec.router_weighted else None
-        t, (gq, uq, dq) = quantize_expert(
-            w.gates[e], w.ups[e], w.downs[e], alloc.experts[e], x_all[tok], row_w, spec
+    routed = group_by_expert(routing.topk_ids, len(w.gates))
+    for first in range(0, len(routed), EXPERT_GROUP):
+        ids = range(first, min(first + EXPERT_GROUP, len(routed)))
+        inputs = []
+        for e in ids:
+            tok, slot = routed[e]
+            g = routing.topk_weights[tok, slot].float()
+            inputs.append((x_all[tok], g.square() if spec.router_weighted else None))
+        done = quantize_experts(
+            [(w.gates[e], w.ups[e], w.downs[e]) for e in ids], [alloc.experts[e] for e in ids], inputs, spec
         )
-        store(t, lambda p, s, e=e: names.expert_tensor(a, layer, e, p, s))
-        gates.append(gq)
-        ups.append(uq)
-        downs.append(dq)
+        for e, (t, (gq, uq, dq)) in zip(ids, done):
+            store(t, lambda p, s, e=e: names.expert_tensor(a, layer, e, p, s))
+            gates.append(gq)
+            ups.append(uq)
+            downs.append(dq)
+        del inputs, done
     shared = None
     if w.shared is not None:
         if alloc.shared is None or routing.shared_weight is None:
@@ -308,7 +394,7 @@ def quantize_layer(
         t, shared = quantize_expert(*w.shared, alloc.shared, x_all, row_w, spec)
         store(t, lambda p, s: names.shared_tensor(a, layer, p, s))
     new = LayerWeights(gates, ups, downs, shared)  # type: ignore[arg-type]
-    err = _block_error(x_all, routing, w, new)
+    err = _block_error(x_all, routing, w, new) if block_error else None
     return LayerQuantResult(layer, alloc, tensors, new, nbytes, err, time.perf_counter() - t0)
 
 
@@ -319,7 +405,9 @@ class CameraQQuantizer:
     dequantized weights so the streamer re-runs the layer with them.  With ``sink`` each
     tensor is handed over as soon as its layer is done (e.g. ``CheckpointWriter.add``) and
     not kept; otherwise the results hold them.  The dequantized weights are kept only with
-    ``keep_weights`` (an fp32 copy of every expert is large on a real model).
+    ``keep_weights`` (an fp32 copy of every expert is large on a real model).  Pass
+    :meth:`record_output_error` as the streamer's ``on_rerun`` to have each result's
+    ``output_rel_error`` filled from the re-run (no extra forwards).
     """
 
     def __init__(self, spec: QuantSpec, sink: TensorSink | None = None, *, keep_weights: bool = False):
@@ -329,7 +417,7 @@ class CameraQQuantizer:
         self.results: dict[int, LayerQuantResult] = {}
 
     def __call__(self, ctx: MoELayerContext) -> LayerWeights:
-        res = quantize_layer(ctx, self.spec)
+        res = quantize_layer(ctx, self.spec, block_error=False)
         fed = res.weights
         if self.sink is not None:
             for name in sorted(res.tensors):  # sorted: the same shard order on every run
@@ -337,15 +425,20 @@ class CameraQQuantizer:
             res.tensors = {}
         if not self.keep_weights:
             res.weights = None
-        log.debug(
-            "layer %d: %.3f bits/weight, block rel. error %.3g, %.2fs",
-            ctx.layer,
-            res.allocation.info.get("bits_per_weight", float("nan")),
-            res.output_rel_error,
-            res.seconds,
-        )
         self.results[ctx.layer] = res
         return fed  # type: ignore[return-value]
+
+    def record_output_error(self, layer: int, rel_error: float) -> None:
+        """The streamer's ``on_rerun``: the layer's block output error, measured by the re-run."""
+        res = self.results[layer]
+        res.output_rel_error = rel_error
+        log.debug(
+            "layer %d: %.3f bits/weight, block rel. error %.3g, %.2fs",
+            layer,
+            res.allocation.info.get("bits_per_weight", float("nan")),
+            rel_error,
+            res.seconds,
+        )
 
     @property
     def allocations(self) -> dict[int, LayerAllocation]:
@@ -465,129 +558,145 @@ def _dry_allocation(source: SourceCheckpoint, spec: QuantSpec) -> None:
             )
 
 
-def run_camera_q(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    calib_files: Sequence[str | Path],
-    *,
-    avg_bits: float | None = None,
-    bits: Sequence[int] | None = None,
-    fractions: Sequence[float] | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    method: QuantMethod = DEFAULT_METHOD,
-    scope: QuantScope = "layer",
-    prune_ratio: float = 0.0,
-    allow_prune: bool = False,
-    router_weighted: bool = True,
-    sequential: bool = True,
-    options: SlabQuantOptions | None = None,
-    calib: CalibSpec | None = None,
-    energy: EnergySpec | None = None,
-    device: str | torch.device = "auto",
-    batch_size: int = 4,
-    overwrite: bool = False,
-    scores_out: str | Path | None = None,
-    progress: bool = True,
-) -> Path:
-    """CAMERA-Q: mixed-precision micro-experts (optionally with pruning); write a servable checkpoint.
+class QuantizeMethod:
+    """CAMERA-Q as a :class:`~camera_vllm.compress.run.LayerMethod`: quantize each layer as it streams."""
 
-    :param avg_bits: budget mode: stored bits per original expert weight (packed codes,
-        fp16 scales and zeros all counted; pruned micro-experts count 0), met in every
-        layer.  ``bits`` then lists the candidate widths (default 4, 3, 2, 1).
-    :param bits, fractions: explicit mode: e.g. ``bits=(4, 2, 1), fractions=(0.25, 0.5, 0.25)``
-        of the kept micro-experts, highest energies at the most bits.
-    :param group_size: quantization group along each matrix's input dim (multiple of 32).
-    :param method: ``"gptq"`` (default; the paper's) or ``"rtn"``.
-    :param scope: ``"layer"`` ranks routed and shared micro-experts of a layer together
-        (default, as CAMERA-P); ``"expert"`` gives every expert the same split.
-    :param prune_ratio: share of micro-experts (in the scope) removed first (0 bits).
-    :param allow_prune: budget mode: let the optimiser also prune where that is cheapest.
-    :param router_weighted: weight GPTQ Hessians by the squared router weight (module doc).
-    :param sequential: down's Hessian from the activations of the quantized gate/up.
-    :param options: GPTQ/RTN details (damping, clipping search, RTN guard ...).
-    :param scores_out: optionally save the energies (never inside ``out_dir``).
-    :returns: ``out_dir`` resolved; the checkpoint has ``camera_report.json`` and three PNGs
-        and has passed :func:`~camera_vllm.format.validate.validate` (headers and shapes).
-    """
-    spec = QuantSpec(
-        avg_bits=avg_bits,
-        bits=None if bits is None else tuple(int(b) for b in bits),
-        fractions=None if fractions is None else tuple(float(f) for f in fractions),
-        group_size=group_size,
-        method=method,
-        scope=scope,
-        prune_ratio=prune_ratio,
-        allow_prune=allow_prune,
-        router_weighted=router_weighted,
-        sequential=sequential,
-        options=options or SlabQuantOptions(),
-    )
-    calib, energy = calib or CalibSpec(), energy or EnergySpec()
-    out = Path(out_dir).resolve()
-    check_run_setup(out, overwrite=overwrite, batch_size=batch_size)
-    if scores_out is not None and out in Path(scores_out).resolve().parents:
-        raise ValueError(f"scores_out {scores_out} must not be inside the checkpoint directory {out}")
-    dev = resolve_device(device)
-    source = SourceCheckpoint(model_dir)
-    _dry_allocation(source, spec)
+    stream_phase = "score_and_quantize"
+    keep_moe_inputs = True
 
-    t0 = time.perf_counter()
-    ids = load_calibration(model_dir, calib_files, calib)
-    t_calib = time.perf_counter()
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
-        quantizer = CameraQQuantizer(spec, sink=writer.add)
-        streamer = LayerStreamer(source, device=dev, batch_size=batch_size)
-        energies = streamer.run(
-            ids, energy=energy, on_moe_layer=quantizer, keep_moe_inputs=True, progress=progress
-        )
-        t_stream = time.perf_counter()
-        copy_unquantized(writer, source)
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.quantizer: CameraQQuantizer | None = None
 
-        allocations = final_allocations(quantizer.results)
-        calib_info = _calib_settings(calib_files, calib, ids)
-        settings: dict[str, Any] = {
-            **spec.settings(),
-            **asdict(energy),
-            "device": str(dev),
-            "batch_size": batch_size,
-            "calibration": calib_info,
+    def check(self, source: SourceCheckpoint) -> None:
+        _dry_allocation(source, self.spec)
+
+    def settings(self) -> dict[str, Any]:
+        return self.spec.settings()
+
+    def layer_callback(self, add: TensorSink) -> MoELayerCallback:
+        self.quantizer = CameraQQuantizer(self.spec, sink=add)
+        return self.quantizer
+
+    def on_rerun(self, layer: int, rel_error: float) -> None:
+        assert self.quantizer is not None
+        self.quantizer.record_output_error(layer, rel_error)
+
+    def layer_state(self, layer: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Allocation, stored bytes and block error of finished ``layer`` (its tensors are in the writer)."""
+        assert self.quantizer is not None
+        res = self.quantizer.results[layer]
+        tensors: dict[str, Tensor] = {}
+
+        def expert(key: str, ea: ExpertAllocation) -> dict[str, Any]:
+            tensors[f"alloc.{key}.perm"] = ea.perm.clone()
+            tensors[f"alloc.{key}.pruned"] = ea.pruned.clone()
+            return {"bits": list(ea.bits), "slabs": list(ea.slabs), "original_width": ea.original_width}
+
+        a = res.allocation
+        meta = {
+            "bits": list(a.bits),
+            "experts": [expert(f"e{i}", ea) for i, ea in enumerate(a.experts)],
+            "shared": None if a.shared is None else expert("shared", a.shared),
+            "info": a.info,
+            "expert_bytes": res.expert_bytes,
+            "output_rel_error": res.output_rel_error,
+            "seconds": res.seconds,
         }
-        expert_bytes = sum(r.expert_bytes for r in quantizer.results.values())
-        achieved = bits_per_weight(list(allocations.values()), source.arch.hidden_size, group_size)
+        return tensors, meta
+
+    def restore_layer(self, layer: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        assert self.quantizer is not None
+
+        def expert(key: str, m: dict[str, Any]) -> ExpertAllocation:
+            return ExpertAllocation(
+                tuple(m["bits"]),
+                tuple(m["slabs"]),
+                tensors[f"alloc.{key}.perm"],
+                tensors[f"alloc.{key}.pruned"],
+                int(m["original_width"]),
+            )
+
+        alloc = LayerAllocation(
+            tuple(meta["bits"]),
+            tuple(expert(f"e{i}", m) for i, m in enumerate(meta["experts"])),
+            None if meta["shared"] is None else expert("shared", meta["shared"]),
+            meta["info"],
+        )
+        self.quantizer.results[layer] = LayerQuantResult(
+            layer, alloc, {}, None, int(meta["expert_bytes"]), meta["output_rel_error"], meta["seconds"]
+        )
+
+    def finish(
+        self,
+        writer: CheckpointWriter,
+        run: CalibratedRun,
+        energies: dict[int, LayerEnergies],
+        settings: dict[str, Any],
+        compression_calibration: dict[str, Any],
+        timings: dict[str, float],
+    ) -> Finished:
+        assert self.quantizer is not None
+        source, spec, results = run.source, self.spec, self.quantizer.results
+        t0 = time.perf_counter()
+        copy_unquantized(writer, source)
+        allocations = final_allocations(results)
+        expert_bytes = sum(r.expert_bytes for r in results.values())
+        achieved = bits_per_weight(list(allocations.values()), source.arch.hidden_size, spec.group_size)
         compression = {
             **settings,
             "method": "camera-q",  # settings' "method" (gptq/rtn) moves to "quant_algorithm"
             "quant_algorithm": spec.method,
-            "calibration": {**calib_info, "files": [Path(f).name for f in calib_files]},
+            "calibration": compression_calibration,
             "avg_bits_achieved": achieved,
         }
-        qcfg = quant_config(source, allocations, group_size, compression)
-        if scores_out is not None:
-            save_energies(scores_out, energies, {"model": str(source.path), **settings})
+        qcfg = quant_config(source, allocations, spec.group_size, compression)
         keeps = keeps_from_allocations(allocations)
-        plots = render_quant_plots(source.arch, energies, keeps, allocations, group_size)
-        timings = {
-            "calibration_load": t_calib - t0,
-            "score_and_quantize": t_stream - t_calib,
-            "plots": time.perf_counter() - t_stream,
-        }
+        plots = render_quant_plots(source.arch, energies, keeps, allocations, spec.group_size)
+        timings["plots"] = time.perf_counter() - t0
         report = build_quant_report(
             source,
             allocations,
             energies,
             settings,
             timings,
-            group_size=group_size,
+            group_size=spec.group_size,
             expert_bytes=expert_bytes,
-            output_rel_errors={k: r.output_rel_error for k, r in quantizer.results.items()},
-            calibration_tokens=int(ids.numel()),
+            output_rel_errors={k: r.output_rel_error for k, r in results.items()},  # type: ignore[misc]
+            calibration_tokens=int(run.ids.numel()),
             plots=sorted(plots),
         )
-        path = writer.commit(
-            source_dir=source.path, config=source.config, quant_config=qcfg, report=report, extra_files=plots
-        )
-    log.info("CAMERA-Q wrote %s (%.3f bits/weight) in %.1fs", path, achieved, time.perf_counter() - t0)
-    result = validate(path, check_values=False)
-    if not result.ok:
-        raise RuntimeError(f"the written checkpoint does not validate:\n{result}")
-    return path
+        return Finished(qcfg, report, plots, f"CAMERA-Q ({achieved:.3f} bits/weight)")
+
+
+def run_camera_q(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    calibration: Calibration,
+    spec: QuantSpec,
+    *,
+    energy: EnergySpec | None = None,
+    options: RunOptions | None = None,
+) -> Path:
+    """CAMERA-Q: mixed-precision micro-experts (optionally with pruning); write a servable checkpoint.
+
+    :param calibration: text or JSON-lines files, or :class:`~..calibrate.CalibrationData`.
+    :param spec: what to do to every MoE layer: the bit budget (``avg_bits``) or the
+        explicit split (``bits`` + ``fractions``), group size, GPTQ or RTN, scope, pruning
+        (see :class:`QuantSpec`).
+    :param energy: the CAMERA energy (alpha, normalisation).
+    :param options: device, threads, calibration windows, output handling
+        (``options.scores_out`` saves the energies too, never inside ``out_dir``).
+    :returns: ``out_dir`` resolved; the checkpoint has ``camera_report.json`` and three PNGs
+        and has passed :func:`~camera_vllm.format.validate.validate` (headers and shapes).
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    return compress_checkpoint(
+        model_dir,
+        out_dir,
+        calibration,
+        QuantizeMethod(spec),
+        energy=energy or EnergySpec(),
+        options=options or RunOptions(),
+    )
