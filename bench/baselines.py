@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from camera_vllm.checkpoint.keeps import LayerKeep
+from camera_vllm.checkpoint.source import SourceCheckpoint
 from camera_vllm.compress.calibrate import CalibSpec, LayerStreamer, MoELayerContext, load_calibration
-from camera_vllm.compress.prune import LayerKeep, select_keep, write_pruned_checkpoint
+from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint
 from camera_vllm.compress.quantize.allocate import ExpertAllocation, LayerAllocation, bits_per_weight
 from camera_vllm.compress.quantize.pipeline import (
     LayerQuantResult,
@@ -43,7 +45,6 @@ from camera_vllm.compress.quantize.pipeline import (
     quantize_layer,
 )
 from camera_vllm.compress.quantize.rtn import quantize_rtn
-from camera_vllm.compress.source import SourceCheckpoint
 from camera_vllm.compress.writer import CheckpointWriter
 from camera_vllm.format.layout import stored_bytes
 from camera_vllm.format.validate import validate

@@ -26,26 +26,24 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from stamp import add_stamp_args, stamp
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
-
-from camera_kernels import slab_moe_reference  # noqa: E402
-from camera_kernels.cpu_slab import (  # noqa: E402
+from camera_kernels import slab_moe_reference
+from camera_kernels.cpu_slab import (
     cpu_kernel_build_seconds,
     ensure_cpu_kernel,
     load_cpu_kernel_variant,
     slab_moe_cpu,
 )
-from camera_kernels.slab_weights import SlabMoEWeights, random_slab_weights  # noqa: E402
+from camera_kernels.slab_weights import SlabMoEWeights
+from camera_kernels.testing import random_slab_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, WIDTH, EXPERTS, TOP_K, GROUP = 1024, 768, 32, 4, 128
@@ -124,7 +122,9 @@ def main(argv: list[str] | None = None) -> Path:
         help="avx2: the kernel's AVX2 build against vLLM's AVX2 library, as on a CPU without AVX-512",
     )
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu-kernel[-avx2].json")
+    add_stamp_args(ap)
     args = ap.parse_args(argv)
+    here = stamp(allow_dirty=args.allow_dirty, argv=argv)
     if args.out is None:
         args.out = RESULTS / ("cpu-kernel.json" if args.isa == "native" else f"cpu-kernel-{args.isa}.json")
     load_vllm_library(args.isa)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> Path:
     bytes_q = {name: ws[0].layout.nbytes() for name, ws in layers.items()}
     result = {
         "benchmark": "cpu-kernel",
-        "stamp": stamp(),
+        "stamp": here,
         "layer": {
             "hidden": HIDDEN,
             "expert_width": WIDTH,

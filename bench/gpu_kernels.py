@@ -42,7 +42,8 @@ has torch and triton but no camera packages) and uses no Triton feature newer th
 and writes ``kernels/configs/<device>.json`` (read by ``camera_kernels.tuning``; commit it).
 
 Output: ``bench/results/gpu-kernels-<device>.json`` (or ``--out``): ``{"device",
-"torch", "triton", "git_commit", "dry_run", "clock", "graphs", "kinds",
+"stamp" (bench/stamp.py; a dirty tree is refused without ``--allow-dirty``, except for a
+dry run), "dry_run", "clock", "graphs", "kinds",
 "copy_bandwidth_GBps", "complete", "error", "correctness": [...], "rows": [...]}``
 (rewritten after each shape; ``complete`` is false if cut short, ``error`` names what
 stopped it; ``--kinds q,p,shared`` picks the row kinds).  A correctness entry has
@@ -71,7 +72,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -80,6 +80,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from stamp import add_stamp_args, stamp  # bench/stamp.py: stdlib only at import
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -314,7 +316,7 @@ class SharedExpert:
         import torch
 
         from camera_kernels.linear import SlabLinearWeights, slab_linear_meta
-        from camera_kernels.slab_weights import quantize_rtn
+        from camera_kernels.testing import quantize_rtn
 
         gen = torch.Generator(device=device).manual_seed(seed)
         live = [(b, n) for b, n in zip(bits, sizes) if n > 0]
@@ -580,7 +582,7 @@ def run_tune(args, shapes, tokens_list, group, device, device_name, dtype) -> in
     import torch
 
     from camera_kernels.launch import slab_moe_triton
-    from camera_kernels.slab_weights import random_slab_weights
+    from camera_kernels.testing import random_slab_weights
     from camera_kernels.tuning import CONFIG_DIR, FALLBACK, device_file_name, shape_key
 
     started = time.time()
@@ -688,7 +690,8 @@ class Bench:
         import torch
 
         from camera_kernels.packing import DENSE_BITS
-        from camera_kernels.slab_weights import DENSE_GROUP_SIZE, random_slab_weights
+        from camera_kernels.slab_weights import DENSE_GROUP_SIZE
+        from camera_kernels.testing import random_slab_weights
 
         if "q" in kinds or "p" in kinds:
             baseline = GroupedBF16MoE(shape, self.device, self.dtype)
@@ -951,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         help="time candidate tiles instead of benchmarking and write kernels/configs/<device>.json "
         "(about 2-4 min per shape on an H100; restrict with --shapes)",
     )
+    add_stamp_args(parser)
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or set(kinds) - set(KINDS):
@@ -1003,10 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, checks = [], []
     result = {
         "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
+        # A dry run is a smoke check on CPU, not a result: it may come from a dirty tree.
+        "stamp": stamp(allow_dirty=args.allow_dirty or args.dry_run, argv=argv),
         "dry_run": args.dry_run,
         # How "ms" was measured: CUDA events around graph replays (or eager calls with
         # --no-graph), or the CPU wall clock of interpreted eager calls in a dry run.

@@ -20,8 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load_test  # noqa: E402
+import load_test
 
 BUDGET = 64  # --max-num-batched-tokens: smaller than the prompt, so the prefill is chunked
 

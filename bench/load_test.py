@@ -42,9 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load_client  # noqa: E402
-from stamp import stamp  # noqa: E402
+import load_client
+from stamp import add_stamp_args, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "load-serve.json"
@@ -541,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".cache" / "load")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=PLOT)
+    add_stamp_args(ap)
     args = ap.parse_args(argv)
+    here = stamp(allow_dirty=args.allow_dirty, argv=argv)
     for flag, v in (("--clients", args.clients), ("--duration", args.duration)):
         if v <= 0:
             ap.error(f"{flag} must be positive, got {v}")
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = run(args.model, args.work, cfg)
     out = {
-        **stamp(),
+        "stamp": here,
         "what": f"vllm serve under {cfg.clients} concurrent streaming clients "
         f"({cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s), CAMERA checkpoint",
         **summary,
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["samples"],
         args.plot,
         f"vllm serve, {cfg.clients} streaming clients, {summary['server']['checkpoint'].get('scheme')} "
-        f"checkpoint ({out['machine']['cpu_count']} CPUs, shared)",
+        f"checkpoint ({here['machine']['cpu_count']} CPUs, shared)",
     )
     r, rss = summary["requests"], summary["rss"]
     _say(

@@ -10,7 +10,7 @@ reference; the two must agree within 0.5 %.  Results go to
 ``--only`` recomputes just the rows whose method starts with one of the prefixes and keeps
 every other row of the existing JSON (refused if that JSON used other windows or
 calibration).  Every row records the commit (and dirty flag) of the code that produced
-it; the file's top-level stamp is the latest run's.  Checkpoints are rebuilt on every run
+it; the file's stamp is the latest run's.  Checkpoints are rebuilt on every run
 (``--reuse-checkpoints`` scores those cached in ``bench/.cache/quality`` as they are, and
 marks the rows).
 """
@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baselines  # noqa: E402
-import ppl  # noqa: E402
-import text_data  # noqa: E402
-from stamp import stamp  # noqa: E402
+import baselines
+import ppl
+import text_data
+from stamp import add_stamp_args, stamp
 
-from camera_vllm.compress.calibrate import CalibSpec  # noqa: E402
+from camera_vllm.compress.calibrate import CalibSpec
 
 ROOT = Path(__file__).resolve().parent
 CKPTS = ROOT / ".cache" / "quality"
@@ -41,7 +40,7 @@ DOCS = ROOT.parent / "docs"
 
 
 def _expert_bytes(ckpt: Path) -> int:
-    from camera_vllm.format.validate import summarize
+    from camera_vllm.format.inspect import summarize
 
     s = summarize(ckpt)
     return int(s["totals"]["stored_bytes"] or 0)
@@ -102,8 +101,8 @@ def settings() -> list[tuple[str, str, dict]]:
 
 
 def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec, reuse: bool = False) -> Path:
-    from camera_vllm.compress.pipeline import run_camera_p
-    from camera_vllm.compress.quantize.pipeline import run_camera_q
+    from camera_vllm.compress.pipeline import RunOptions, run_camera_p
+    from camera_vllm.compress.quantize.pipeline import QuantSpec, run_camera_q
 
     out = CKPTS / name
     if out.exists():
@@ -112,7 +111,9 @@ def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec, 
         shutil.rmtree(out)  # built by whatever code ran last: rebuild so the row's commit is true
     kind = kw.get("kind")
     if kind == "p":
-        return run_camera_p(model, out, kw["ratio"], [calib_file], scope=kw["scope"], calib=calib)
+        return run_camera_p(
+            model, out, kw["ratio"], [calib_file], scope=kw["scope"], options=RunOptions(calib=calib)
+        )
     if kind == "b":
         return baselines.run_baseline_p(model, out, kw["method"], kw["ratio"], [calib_file], calib=calib)
     if kind == "mc":
@@ -126,17 +127,14 @@ def build(model: Path, name: str, kw: dict, calib_file: Path, calib: CalibSpec, 
             calib=calib,
         )
     if kind == "q":
-        return run_camera_q(
-            model,
-            out,
-            [calib_file],
+        spec = QuantSpec(
             avg_bits=kw.get("avg_bits"),
-            bits=kw.get("bits"),
-            fractions=kw.get("fractions"),
+            bits=None if kw.get("bits") is None else tuple(kw["bits"]),
+            fractions=None if kw.get("fractions") is None else tuple(kw["fractions"]),
             group_size=kw["group_size"],
             method=kw["method"],
-            calib=calib,
         )
+        return run_camera_q(model, out, [calib_file], spec, options=RunOptions(calib=calib))
     return model
 
 
@@ -153,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="score cached checkpoints in bench/.cache/quality as they are instead of rebuilding them",
     )
+    add_stamp_args(p)
     args = p.parse_args(argv)
+    here = stamp(allow_dirty=args.allow_dirty, argv=argv)
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model}: no benchmark model; run `make bench-model` first")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     windows = ppl.token_windows(args.model, held_file.read_text(), args.seq_len, args.windows)
     calib = CalibSpec(num_seqs=args.num_seqs, seq_len=args.seq_len, seed=0)
     out_json = RESULTS / "quality.json"
-    here = stamp()
     setup = {
         "model": str(args.model.name),
         "windows": len(windows),
@@ -178,9 +177,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{out_json}: --only would merge rows measured on another setup {differs}; "
                 "rerun the whole table instead"
             )
+        old_stamp = old.get("stamp", old)  # files from before the one stamp layout: at top level
         for r in old["rows"]:  # rows from before per-row stamps were produced by the file's commit
-            r.setdefault("commit", old.get("commit"))
-            r.setdefault("dirty_tree", old.get("dirty_tree"))
+            r.setdefault("commit", old_stamp.get("commit"))
+            r.setdefault("dirty", old_stamp.get("dirty", old_stamp.get("dirty_tree")))
         previous = old["rows"]
     done = {(r["method"], r["setting"]): r for r in previous}
     rows = []
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             if (method, setting) in done:
                 rows.append(done[(method, setting)])
             continue
-        name = f"{method}-{setting}".replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "")
+        name = checkpoint_name(method, setting)
         t0 = time.time()
         reused = bool(kw) and args.reuse_checkpoints and (CKPTS / name).exists()
         ckpt = build(args.model, name, kw, calib_file, calib, reuse=args.reuse_checkpoints)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             if ckpt.is_relative_to(ROOT.parent)
             else str(ckpt),
             "commit": here["commit"],
-            "dirty_tree": here["dirty_tree"],
+            "dirty": here["dirty"],
         }
         if not kw:
             row["note"] = "expert bytes = fp32 expert matrices of the dense model"
@@ -258,10 +258,10 @@ def _write_json(path: Path, here: dict, setup: dict, rows: list[dict], done: dic
     path.write_text(
         json.dumps(
             {
-                **here,
+                "stamp": here,
                 **setup,
                 "row_commits": commits,
-                "note": "top-level stamp: the latest run; each row's commit: the code that produced it",
+                "note": "stamp: the latest run; each row's commit: the code that produced it",
                 "rows": merged,
             },
             indent=2,
@@ -324,6 +324,15 @@ def _mc_verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+def checkpoint_name(method: str, setting: str) -> str:
+    """The cache directory name of a row's checkpoint (``bench/lm_eval_run.py`` serves the same ones)."""
+    return f"{method}-{setting}".replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "")
+
+
+# bench/lm_eval_run.py owns everything from this marker on in docs/quality.md.
+LM_EVAL_SECTION = "<!-- lm-eval section: generated by bench/lm_eval_run.py -->"
+
+
 def write_docs(rows: list[dict]) -> None:
     """Markdown table in docs/quality.md and a bar chart in docs/quality.png."""
     from matplotlib.figure import Figure
@@ -345,7 +354,7 @@ def write_docs(rows: list[dict]) -> None:
     lines += _mc_verdict(rows)
     commits = sorted(
         {
-            (r.get("commit") or "")[:10] + (" (dirty tree)" if r.get("dirty_tree") else "")
+            (r.get("commit") or "")[:10] + (" (dirty tree)" if r.get("dirty", r.get("dirty_tree")) else "")
             for r in rows
             if r.get("commit")
         }
@@ -356,7 +365,11 @@ def write_docs(rows: list[dict]) -> None:
             f"Rows were produced by commit(s) {', '.join(f'`{c}`' for c in commits)}; "
             "`bench/results/quality.json` records the commit of every row.",
         ]
-    (DOCS / "quality.md").write_text("\n".join(lines) + "\n")
+    doc = DOCS / "quality.md"
+    kept = ""
+    if doc.exists() and LM_EVAL_SECTION in doc.read_text():
+        kept = "\n" + LM_EVAL_SECTION + doc.read_text().partition(LM_EVAL_SECTION)[2]
+    doc.write_text("\n".join(lines) + "\n" + kept)
     fig = Figure(figsize=(10, 0.35 * len(rows) + 1.5))
     ax = fig.add_subplot()
     labels = [f"{r['method']} / {r['setting']}" for r in rows]

@@ -42,8 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import stamp  # noqa: E402
+from stamp import add_stamp_args, stamp
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -834,7 +833,10 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="with --quick or --out: still write docs/speed.md and docs/speed.png",
     )
+    add_stamp_args(ap)
     args = ap.parse_args(argv)
+    # A dirty tree is refused here, before the checkpoints are built (--prepare-only writes no result).
+    here = None if args.prepare_only else stamp(allow_dirty=args.allow_dirty, argv=argv)
 
     shape, st = (QUICK_SHAPE, QUICK_SETTINGS) if args.quick else (ModelShape(), Settings())
     if args.reps is not None:
@@ -887,7 +889,9 @@ def main(argv: list[str] | None = None) -> Path:
         raw.extend(measure_model(m, checkpoint(m), st, rep, work))
         # Written after every server, so an interrupted run leaves an honest partial file.
         done = i + 1 == len(jobs)
-        write_result(out_json, raw, bytes_by_model, order, shape, st, ckpts, work, t_start, complete=done)
+        write_result(
+            out_json, raw, bytes_by_model, order, shape, st, ckpts, work, t_start, complete=done, here=here
+        )
         if write_public_docs:
             write_docs(json.loads(docs_source.read_text()), DOCS / "speed.md", DOCS / "speed.png")
     if write_public_docs:
@@ -908,14 +912,15 @@ def write_result(
     work: Path,
     t_start: float,
     complete: bool,
+    here: dict[str, Any],
 ) -> None:
-    """The stamped result JSON from the measurements so far."""
+    """The result JSON from the measurements so far, stamped with ``here`` (:func:`stamp.stamp`)."""
     measured = [m for m in order if any(r["model"] == m for r in raw)]
     table = summarize(raw, bytes_by_model, measured)
     result = {
         "benchmark": "speed-cpu",
         "results_file": out_json.name,
-        "stamp": stamp(),
+        "stamp": here,
         "model": {
             "tag": shape.tag,
             **asdict(shape),

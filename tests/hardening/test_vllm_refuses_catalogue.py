@@ -1,6 +1,6 @@
 """vLLM with the camera plugin refuses every checkpoint of the catalogue, naming the problem.
 
-All bad checkpoints go through ONE subprocess (``vllm_refuse.py``) that builds vLLM's engine
+All bad checkpoints go through ONE subprocess (``tests/integration/vllm_driver.py``) that builds vLLM's engine
 config for each, with weight tracking on, exactly as ``vllm serve`` / ``LLM(...)`` do before
 any engine process starts.  For every case that reaches the plugin the error must carry
 the same fragments ``camera-vllm validate`` prints, and its traceback must pass through
@@ -14,20 +14,16 @@ a plain model.  The good P and Q checkpoints must pass (so a refusal means somet
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hardening_catalogue import CASES
+from integration.integration_helpers import run_engines, vllm_env
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-HERE = Path(__file__).resolve().parent
 PLUGIN_DIR = "camera_vllm/vllm_plugin/"
 TIMEOUT_S = 900
 
@@ -50,20 +46,29 @@ def refusals(good: dict[str, Path], source: Path, tmp_path_factory: pytest.TempP
         ("camera_on_plain_model", source, "camera"),
     ]
     manifest += [{"id": i, "model": str(m), "quantization": q} for i, m, q in extra]
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    out, log = root / "results.json", root / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "wb") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "vllm_refuse.py"), str(root / "manifest.json"), str(out)],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=TIMEOUT_S,
-        )  # fmt: skip
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        pytest.fail(f"vllm_refuse.py failed (exit {proc.returncode}); log {log}:\n{tail}")
-    data = json.loads(out.read_text())
+    # vLLM's engine config only (what `vllm serve` and LLM(...) build before any engine process
+    # starts: the plugin's CameraConfig checks the checkpoint there), each refusal recorded.
+    engines = [
+        {
+            "id": e["id"],
+            "model": e["model"],
+            "stage": "config",
+            "engine": {"quantization": e["quantization"], "enforce_eager": True},
+            "capture_errors": True,
+        }
+        for e in manifest
+    ]
+    data = run_engines(engines, root, "results", vllm_env("qwen2_moe"), TIMEOUT_S, "vLLM config building")
     assert data["camera_registered"], "the camera quantization method was not registered (entry point?)"
-    return expected, data["results"]
+    return expected, {i: _outcome(run) for i, run in data["runs"].items()}
+
+
+def _outcome(run: dict) -> dict:
+    """A config build as the tests read it: ``ok`` and vLLM's quantization, or the refusal's
+    exception types, message and ``(file, function)`` frames through every wrapped cause."""
+    if "error" in run:
+        return {"ok": False, "types": run["types"], "message": run["message"], "frames": run["chain_frames"]}
+    return {"ok": True, **run}
 
 
 def _through_plugin(result: dict) -> bool:

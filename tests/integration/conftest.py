@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from integration_helpers import build_pruned, run_engines, vllm_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from integration_helpers import build_pruned, run_vllm_driver, vllm_env
-
-GREEDY_SCRIPT = Path(__file__).resolve().parent / "vllm_greedy.py"
 ENGINE_TIMEOUT_S = 900
 
 
@@ -44,7 +39,8 @@ def vllm_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_greedy(ckpt_root: Path, vllm_cache_root: Path) -> Callable[..., dict]:
-    """``run(arch, model_dir, eager=..., quantization=...) -> result dict`` (see vllm_greedy.py), cached."""
+    """``run(arch, model_dir, eager=..., quantization=...) -> result dict`` (one engine in its own
+    subprocess, see ``vllm_driver.py``), cached."""
     cache: dict[tuple, dict] = {}
 
     def run(
@@ -56,22 +52,19 @@ def vllm_greedy(ckpt_root: Path, vllm_cache_root: Path) -> Callable[..., dict]:
         tag = (
             f"{model_dir.name}-{'eager' if eager else 'compile'}-{quantization or 'auto'}-seqs{max_num_seqs}"
         )
-        out, log = ckpt_root / f"{tag}.json", ckpt_root / f"{tag}.log"
-        cmd = [
-            str(GREEDY_SCRIPT),
-            str(model_dir),
-            str(out),
-            "--max-num-seqs",
-            str(max_num_seqs),
-        ]
-        if eager:
-            cmd.append("--enforce-eager")
-        if quantization:
-            cmd += ["--quantization", quantization]
+        engine = {"enforce_eager": eager, "quantization": quantization, "max_num_seqs": max_num_seqs}
         env = vllm_env(arch)
         env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
         start = time.perf_counter()
-        result = run_vllm_driver(cmd, out, log, env, ENGINE_TIMEOUT_S, f"vLLM run {tag}")
+        out = run_engines(
+            [{"id": tag, "model": str(model_dir), "engine": engine}],
+            ckpt_root,
+            tag,
+            env,
+            ENGINE_TIMEOUT_S,
+            f"vLLM run {tag}",
+        )
+        result = out["runs"][tag]
         result["process_s"] = round(time.perf_counter() - start, 1)
         cache[key] = result
         return result

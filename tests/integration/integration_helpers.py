@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from camera_vllm.compress.prune import LayerKeep, select_keep, write_pruned_checkpoint
-from camera_vllm.compress.source import SourceCheckpoint
+from camera_vllm.checkpoint.keeps import LayerKeep
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.compress.prune import select_keep, write_pruned_checkpoint
 from camera_vllm.testing.tiny_models import build_tiny_moe
 
 ZEROED_EXPERT = 3  # routed expert forced to width 0 in every MoE layer
@@ -176,24 +177,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_vllm_driver(
-    args: list[str], out: Path, log: Path, env: dict[str, str], timeout_s: float, what: str
-) -> Any:
-    """Run ``python ARGS...`` (a driver that starts vLLM engines) with its output in ``log``.
+DRIVER = Path(__file__).resolve().parent / "vllm_driver.py"
+# bench/emulate_avx2/sitecustomize.py: vLLM loads its AVX2 library (vllm._C_AVX2) in every process.
+EMULATE_AVX2 = Path(__file__).resolve().parents[2] / "bench" / "emulate_avx2"
+# What every engine of these tests shares unless it says otherwise (fp32: the oracle's dtype).
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "max_model_len": 256,
+    "max_num_seqs": 4,
+    "seed": 0,
+    "model_loader_extra_config": {"enable_weights_track": True},
+}
+GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
 
-    Returns the JSON the driver wrote to ``out``; raises RuntimeError with the log's tail
-    when the driver failed or wrote nothing.
+
+def run_engines(
+    engines: list[dict[str, Any]],
+    root: Path,
+    name: str,
+    env: dict[str, str],
+    timeout_s: float,
+    what: str,
+    *,
+    emulate_avx2: bool = False,
+) -> dict[str, Any]:
+    """Run ``engines`` (see ``vllm_driver.py``) one after another in ONE subprocess.
+
+    Each engine's ``engine`` keyword arguments start from :data:`ENGINE_DEFAULTS`, its
+    ``prompts`` default to :data:`PROMPTS` and its ``sampling`` to :data:`GREEDY`.  Spec,
+    result and log are ``root/NAME.{spec.json,json,log}``; ``env`` is the child's environment
+    (``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` is added when an engine has probes, which
+    ``collective_rpc`` ships as functions).  ``emulate_avx2`` makes vLLM load its AVX2 library
+    in every process, as on a CPU without AVX-512.  Returns the driver's output
+    (``{"driver_pid", "camera_registered", "runs": {id: result}}``); raises RuntimeError with
+    the log's tail when the driver failed or an engine has no result.
     """
+    full = [
+        {
+            "prompts": PROMPTS,
+            "sampling": GREEDY,
+            **e,
+            "engine": {**ENGINE_DEFAULTS, **e.get("engine", {})},
+        }
+        for e in engines
+    ]
+    env = dict(env)
+    if any(e.get("probes") or e.get("rank_probes") for e in full):
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if emulate_avx2:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EMULATE_AVX2), env.get("PYTHONPATH")) if p)
+    root.mkdir(parents=True, exist_ok=True)
+    spec, out, log = root / f"{name}.spec.json", root / f"{name}.json", root / f"{name}.log"
+    spec.write_text(json.dumps({"engines": full}, indent=1))
+    out.unlink(missing_ok=True)
     with open(log, "wb") as fh:
         proc = subprocess.run(
-            [sys.executable, *args],
+            [sys.executable, str(DRIVER), str(spec), str(out)],
             check=False,
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
             timeout=timeout_s,
         )
-    if proc.returncode != 0 or not out.exists():
+    result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    missing = [e["id"] for e in full if e["id"] not in result["runs"]]
+    if proc.returncode != 0 or missing:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return json.loads(out.read_text())
+        raise RuntimeError(
+            f"{what} failed (exit {proc.returncode}, no result for {missing}); log {log}:\n{tail}"
+        )
+    return result

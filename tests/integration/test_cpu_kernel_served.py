@@ -10,16 +10,32 @@ covered on every machine.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from integration_helpers import run_engines, vllm_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# camera_vllm.vllm_plugin.ops.CPU_KERNEL_ENV: "0" keeps bf16 layers on the pure-torch path.
+CPU_KERNEL_ENV = "CAMERA_VLLM_CPU_KERNEL"
 
-from integration_helpers import run_vllm_driver, vllm_env
 
-DRIVER = Path(__file__).resolve().parent / "vllm_cpu_kernel.py"
+def _engines(model: Path) -> list[dict]:
+    """The checkpoint three times in-process (seconds each): bf16 with and without the CPU kernel
+    path, and fp32 on the torch path (the oracle); per run the layers bucketed for
+    ``cpu_fused_moe``, the kernel's bf16 rounding and the prompts' log-probabilities."""
+    runs = {"kernel": ("1", "bfloat16"), "torch": ("0", "bfloat16"), "fp32": ("0", "float32")}
+    return [
+        {
+            "id": run,
+            "model": str(model),
+            "in_process": True,
+            "env": {CPU_KERNEL_ENV: kernel},
+            "engine": {"dtype": dtype, "enforce_eager": True},
+            "sampling": {"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0},
+            "probes": {"packed_layers": "packed_layers", "rounding": "kernel_rounding"},
+        }
+        for run, (kernel, dtype) in runs.items()
+    ]
 
 
 def _errors(got: list[list[float]], want: list[list[float]]) -> tuple[float, float]:
@@ -36,11 +52,17 @@ def test_bf16_camera_p_serves_through_the_cpu_kernel(
     _, pruned = checkpoints("qwen3_moe")
     config = json.loads((pruned / "config.json").read_text())
     moe_layers = len(config["quantization_config"]["layers"])
-    out, log = ckpt_root / f"cpu-kernel-{library}.json", ckpt_root / f"cpu-kernel-{library}.log"
     env = vllm_env("qwen3_moe")
     env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
-    args = [str(DRIVER), str(pruned), str(out)] + (["avx2"] if library == "avx2" else [])
-    got = run_vllm_driver(args, out, log, env, 900, f"bf16 CPU-kernel run ({library})")
+    got = run_engines(
+        _engines(pruned),
+        ckpt_root,
+        f"cpu-kernel-{library}",
+        env,
+        900,
+        f"bf16 CPU-kernel run ({library})",
+        emulate_avx2=library == "avx2",
+    )["runs"]
     assert got["kernel"]["packed_layers"] == moe_layers, got["kernel"]["packed_layers"]
     assert got["torch"]["packed_layers"] == 0  # CAMERA_VLLM_CPU_KERNEL=0 keeps the torch path
     assert got["fp32"]["packed_layers"] == 0

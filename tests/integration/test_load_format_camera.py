@@ -25,7 +25,7 @@ deepseek_v2    per-expert, one file                              ``torch.save(st
 Without an engine, the loader's compaction of *every* layout of every architecture is
 checked tensor for tensor against the converter's output.
 
-One subprocess runs all engines one after another (see ``vllm_load_format_camera.py``):
+One subprocess runs all engines one after another (see ``vllm_driver.py``):
 the torch.compile one spawned as ``vllm serve`` runs it, the others in-process.  Greedy
 tokens must equal transformers on the masked model (fp32), and the resident
 routed-expert bytes (shared experts: the bytes loaded) must fall in proportion to the
@@ -42,25 +42,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from integration_helpers import MAX_TOKENS, PROMPTS, vllm_env
+from integration_helpers import MAX_TOKENS, PROMPTS, run_engines, vllm_env
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from camera_vllm.arch import MoEArch, moe_arch_from_config
-from camera_vllm.compress.convert import convert_zero_masked, detect_keeps
-from camera_vllm.compress.source import SourceCheckpoint
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.checkpoint.zero_mask import detect_keeps
+from camera_vllm.compress.convert import convert_zero_masked
 from camera_vllm.format import names
 from camera_vllm.testing.tiny_models import ARCHITECTURES, build_tiny_moe
 
-SCRIPT = Path(__file__).resolve().parent / "vllm_load_format_camera.py"
 STOCK_VLLM_ORACLE = {"deepseek_v2"}
 COMPILED = "qwen3_moe"
 # arch -> (layout the loader serves, layout the converter reads)
@@ -251,36 +249,40 @@ def _manifest(masked: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return runs
 
 
+def _engine(entry: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`_manifest` entry as ``vllm_driver.py`` runs it: in-process unless spawned, errors
+    recorded, with the worker's pid, routed-expert memory and the loader's own summary."""
+    return {
+        "id": entry["id"],
+        "model": entry["model"],
+        "in_process": not entry.get("spawn"),
+        "engine": {
+            "load_format": entry["load_format"],
+            "quantization": entry.get("quantization"),
+            "enforce_eager": entry["eager"],
+            "max_num_seqs": entry["max_num_seqs"],
+        },
+        "probes": {"engine_pid": "pid", "memory": "moe_memory"},
+        "loader_stats": True,
+        "capture_errors": True,
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(
     masked: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, vllm_cache_root: Path
 ) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("camera-load-format-runs")
-    manifest, out, log = root / "manifest.json", root / "runs.json", root / "runs.log"
-    entries = _manifest(masked)
-    manifest.write_text(json.dumps(entries))
+    entries = [_engine(e) for e in _manifest(masked)]
     env = vllm_env("deepseek_v2")  # VLLM_MLA_DISABLE=1 for the DeepSeek engines; no effect on the others
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function into the spawned worker
     # The session's cache: model-class inspections (a ~30 s subprocess per architecture) are
     # shared with the other vLLM tests; the compiled engine still compiles.
     env["VLLM_CACHE_ROOT"] = str(vllm_cache_root)
     env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     start = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(manifest), str(out)],
-            check=False,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=1200,
-        )
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if proc.returncode != 0 or len(results) != len(entries) + 1:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        pytest.fail(f"vLLM subprocess failed (exit {proc.returncode}); log {log}:\n{tail}")
+    out = run_engines(entries, root, "runs", env, 1200, "vLLM subprocess")
     print(f"vLLM subprocess: {time.perf_counter() - start:.1f} s for {len(entries)} engines")
-    return results
+    return {"driver_pid": out["driver_pid"], **out["runs"]}
 
 
 # -- no engine ------------------------------------------------------------------------------------------

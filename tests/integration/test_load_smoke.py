@@ -9,15 +9,11 @@ checker that accepts anything cannot make the load test pass.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import load_client  # bench/ (pytest's pythonpath has it)
+import load_test
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import load_client  # noqa: E402
-import load_test  # noqa: E402
-from load_client import RequestSpec, check_stream  # noqa: E402
+from load_client import RequestSpec, check_stream
 
 SPEC = RequestSpec(kind="completion", prompt="The quick", max_tokens=3, ignore_eos=True, temperature=0.0)
 STOP_SPEC = RequestSpec(

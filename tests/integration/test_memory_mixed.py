@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from vllm_mixed_helpers import CASES, run_mixed_cases
 
-from camera_vllm.format.validate import summarize
+from camera_vllm.format.inspect import summarize
 
 TOLERANCE = 0.03
 

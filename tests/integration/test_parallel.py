@@ -10,7 +10,7 @@ Qwen2-MoE exercises both the routed experts (the MoE methods) and the shared exp
 
 All four engines (P and Q, ``--tensor-parallel-size 2`` without and with
 ``--enable-expert-parallel``, ``--enforce-eager``) run one after another in ONE
-subprocess (``vllm_parallel.py``).  Eager because a torch.compile start with two workers
+subprocess (``vllm_driver.py``).  Eager because a torch.compile start with two workers
 costs minutes on a small CPU machine; the compiled op path is covered single-process.
 Greedy tokens (fp32) must equal the transformers oracle
 (:func:`camera_vllm.reference.load`), which the single-process tests
@@ -28,14 +28,14 @@ from typing import Any
 
 import pytest
 import torch
-from integration_helpers import PROMPTS, quant_config, reference_greedy, run_vllm_driver, vllm_env
+from integration_helpers import PROMPTS, quant_config, reference_greedy, run_engines, vllm_env
 
-from camera_vllm.compress.prune import LayerKeep, write_pruned_checkpoint
-from camera_vllm.compress.source import SourceCheckpoint
+from camera_vllm.checkpoint.keeps import LayerKeep
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.compress.prune import write_pruned_checkpoint
 from camera_vllm.format import sharding
 from camera_vllm.testing.tiny_models import build_tiny_moe
 
-SCRIPT = Path(__file__).resolve().parent / "vllm_parallel.py"
 TIMEOUT_S = 1800
 ARCH = "qwen2_moe"  # moe_intermediate_size 64, shared 96, 8 experts
 ODD_WIDTHS = (63, 1, 35, 0, 17, 41, 9, 27)  # kept micro-experts per routed expert (original 64)
@@ -91,15 +91,28 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
 def run_parallel(root: Path) -> dict[str, Any]:
     """Build the checkpoints and run :data:`ENGINES` in one subprocess; ``{engine: result, "_dirs": ...}``."""
     dirs = build_checkpoints(root)
-    items = [f"{dirs[ck]}:{mode}:{par}" for ck, mode, par in ENGINES.values()]
-    out, log = root / "parallel.json", root / "parallel.log"
+    engines = [
+        {
+            "id": engine,
+            "model": str(dirs[ck]),
+            "engine": {
+                "enforce_eager": mode == "eager",
+                "tensor_parallel_size": 2,
+                "enable_expert_parallel": par == "tp2ep",
+                "gpu_memory_utilization": 0.3,  # on CPU: the share of RAM reserved, per worker
+            },
+            "rank_probes": {"ranks": "rank_layers"},
+            "labels": {"mode": mode, "parallel": par},
+        }
+        for engine, (ck, mode, par) in ENGINES.items()
+    ]
     env = vllm_env(ARCH)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank (else "Not enough allowed NUMA nodes")
-    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     env["VLLM_CACHE_ROOT"] = str(root / "vllm-cache")
     start = time.perf_counter()
-    results = run_vllm_driver([str(SCRIPT), str(out), *items], out, log, env, TIMEOUT_S, "vLLM parallel runs")
-    runs: dict[str, Any] = dict(zip(ENGINES, results))
+    runs: dict[str, Any] = run_engines(engines, root, "parallel", env, TIMEOUT_S, "vLLM parallel runs")[
+        "runs"
+    ]
     runs["_dirs"] = dirs
     runs["_process_s"] = round(time.perf_counter() - start, 1)
     return runs

@@ -5,25 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import sys
-from pathlib import Path
 
+import baselines
 import pytest
 import torch
 from safetensors import safe_open
 
 from camera_kernels.packing import dequantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import baselines  # noqa: E402
-
-from camera_vllm.compress.calibrate import CalibSpec  # noqa: E402
-from camera_vllm.compress.quantize.rtn import quantize_rtn  # noqa: E402
-from camera_vllm.compress.source import SourceCheckpoint  # noqa: E402
-from camera_vllm.format import names  # noqa: E402
-from camera_vllm.format.layout import stored_bytes  # noqa: E402
-from camera_vllm.format.validate import validate  # noqa: E402
-from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe  # noqa: E402
+from camera_vllm.checkpoint.source import SourceCheckpoint
+from camera_vllm.compress.calibrate import CalibSpec
+from camera_vllm.compress.quantize.rtn import quantize_rtn
+from camera_vllm.format import names
+from camera_vllm.format.layout import stored_bytes
+from camera_vllm.format.validate import validate
+from camera_vllm.testing.tiny_models import _CORPUS, build_tiny_moe
 
 
 def _brute(importance, errors, costs, budget, bits):

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import compressor_cost  # noqa: E402
+import compressor_cost  # bench/compressor_cost.py (pytest's pythonpath has bench/)
 
 MIB = 2**20
+# The children import compressor_cost from bench/ too.
 BENCH = str(Path(compressor_cost.__file__).parent)
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (BENCH, os.environ.get("PYTHONPATH"))))}
 CHILD = (
-    f"import sys; sys.path.insert(0, {BENCH!r}); import compressor_cost as c; "
+    "import compressor_cost as c; "
     "b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); print(c.peak_rss_self())"
 )
 
 
 def test_peak_rss_is_the_childs_own():
-    big = compressor_cost.run_measured([sys.executable, "-c", CHILD.format(n=300)])
+    big = compressor_cost.run_measured([sys.executable, "-c", CHILD.format(n=300)], env=CHILD_ENV)
     assert big["returncode"] == 0
     assert int(big["stdout"]) >= 300 * MIB
     # This process now holds 400 MiB: ru_maxrss of a child spawned now can count them (kept across
     # exec), the child's own VmHWM does not.
     ballast = bytearray(400 * MIB)
     ballast[::4096] = b"x" * len(ballast[::4096])
-    small = compressor_cost.run_measured([sys.executable, "-c", CHILD.format(n=1)])
+    small = compressor_cost.run_measured([sys.executable, "-c", CHILD.format(n=1)], env=CHILD_ENV)
     assert small["returncode"] == 0
     assert int(small["stdout"]) < 100 * MIB
     assert small["wall_seconds"] > 0

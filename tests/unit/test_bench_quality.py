@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import quality  # noqa: E402
+import quality  # bench/quality.py (pytest's pythonpath has bench/)
 
 
 def _row(method: str, setting: str, ppl: float, commit: str) -> dict:
@@ -29,7 +26,7 @@ def test_merge_keeps_old_rows_in_table_order_and_records_commits(tmp_path):
     }
     new = [_row("mc-like gptq", "2.25 bpw", 63.0, "new")]
     out = tmp_path / "q.json"
-    quality._write_json(out, {"commit": "new", "dirty_tree": False}, {"windows": 32}, new, done)
+    quality._write_json(out, {"commit": "new", "dirty": False}, {"windows": 32}, new, done)
     data = json.loads(out.read_text())
     keys = [(r["method"], r["setting"]) for r in data["rows"]]
     assert keys == [
@@ -37,7 +34,9 @@ def test_merge_keeps_old_rows_in_table_order_and_records_commits(tmp_path):
         ("camera-q gptq", "2.25 bpw"),
         ("mc-like gptq", "2.25 bpw"),
     ]
-    assert data["row_commits"] == ["new", "old"] and data["commit"] == "new" and data["windows"] == 32
+    assert (
+        data["row_commits"] == ["new", "old"] and data["stamp"]["commit"] == "new" and data["windows"] == 32
+    )
 
 
 def test_verdict_counts_wins_both_ways():
