@@ -127,6 +127,57 @@ def _dequant_tile(
 
 
 @triton.jit
+def _gemv_dot_tile(
+    a,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    row_base,
+    group_row,
+    k0,
+    k_limit,
+    cols,
+    col_ok,
+    stride_q,
+    stride_s,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+    DENSE_FP16: tl.constexpr,
+    FOLD: tl.constexpr = True,
+):
+    """fp32 ``[BN]`` ``sum_k a[k] * w[k, c]`` over K rows ``k0 + [0, BLOCK_K)`` of a slab (GEMV math).
+
+    With ``FOLD`` quantized slabs never dequantize per element: the scale and zero are applied once per
+    group and column, ``sum a (q - z) s = s * (2^B * sum a f - (2^B + z) * sum a)`` with
+    ``f = 1 + q / 2^B``, and ``f`` is made by moving the code into the top mantissa bits of
+    1.0 (a shift and one LOP3 per weight, no int-to-float convert).  ``f`` has ``B + 1``
+    significant bits, so ``a * f`` is exact for bf16/fp16 ``a`` and the result differs from
+    per-element dequantization by fp32 rounding only.  Masked activations must be 0 (rows
+    past ``k_limit`` hold finite padding codes).  Without ``FOLD`` (and for dense slabs) the
+    tile is dequantized per element (:func:`_dequant_tile`): the w2 GEMV does so at 4 and 8
+    bits, where its fp32 activations make the extra ``sum a`` reduction cost more than the
+    fold saves (measured with ``bench/kernel_static.py``).
+    """
+    if (BITS == 16) | (not FOLD):
+        w = _dequant_tile(
+            q_ptr, s_ptr, z_ptr, row_base, group_row, k0, k_limit, cols, col_ok, stride_q, stride_s,
+            BLOCK_K, BITS, DENSE_FP16,
+        )  # fmt: skip
+        return tl.sum(a[:, None] * w, axis=0)
+    if BITS == 3:
+        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 2, 0)
+        q = q | (_codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, 3, 1, 2) << 2)
+    else:
+        q = _codes_part(q_ptr, row_base, k0, k_limit, cols, col_ok, stride_q, BLOCK_K, BITS, BITS, 0)
+    f = ((q << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 2^BITS
+    saf = tl.sum(a[:, None] * f, axis=0)
+    sa = tl.sum(a, axis=0)
+    scale = tl.load(s_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group_row * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return scale * ((1 << BITS) * saf - ((1 << BITS) + zero) * sa)
+
+
+@triton.jit
 def _w13_weight_tile(
     q_ptr,
     s_ptr,
@@ -225,47 +276,49 @@ def _w13_gemv_tile(
     z_ptr,
     stride_w,
     act_row_ptr,
+    up_col,
     c0,
     n,
     tile,
+    split,
     hidden,
     BITS: tl.constexpr,
     DENSE_FP16: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """One pair, one column tile of one slab: ``act[c] = SiLU(x . gate_c) * (x . up_c)``."""
+    """One pair, one column tile of one slab, K steps ``split, split + SPLIT_K, ...``.
+
+    ``SPLIT_K == 1``: stores ``act[c] = SiLU(x . gate_c) * (x . up_c)``; otherwise the partial
+    sums, gate at ``act_row_ptr[c]`` and up at ``act_row_ptr[up_col + c]`` (the launcher
+    adds the splits and applies SiLU-and-mul).
+    """
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     gate_cols = 2 * c0 + cols
     up_cols = gate_cols + n
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in range(split * BLOCK_K, hidden, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_row_ptr + offs_k, mask=offs_k < hidden, other=0.0).to(tl.float32)
-        wg = _w13_weight_tile(
-            q_ptr,
-            s_ptr,
-            z_ptr,
-            k0,
-            hidden,
-            gate_cols,
-            col_ok,
-            stride_w,
-            GROUP_SIZE,
-            BLOCK_K,
-            BITS,
-            DENSE_FP16,
-        )
-        acc_g += tl.sum(a[:, None] * wg, axis=0)
-        wu = _w13_weight_tile(
-            q_ptr, s_ptr, z_ptr, k0, hidden, up_cols, col_ok, stride_w, GROUP_SIZE, BLOCK_K, BITS, DENSE_FP16
-        )
-        acc_u += tl.sum(a[:, None] * wu, axis=0)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(act_row_ptr + cols, h.to(act_row_ptr.dtype.element_ty), mask=col_ok)
+        grp = k0 // GROUP_SIZE
+        acc_g += _gemv_dot_tile(
+            a, q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, gate_cols, col_ok, stride_w, stride_w,
+            BLOCK_K, BITS, DENSE_FP16,
+        )  # fmt: skip
+        acc_u += _gemv_dot_tile(
+            a, q_ptr, s_ptr, z_ptr, 0, grp, k0, hidden, up_cols, col_ok, stride_w, stride_w,
+            BLOCK_K, BITS, DENSE_FP16,
+        )  # fmt: skip
+    if SPLIT_K == 1:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(act_row_ptr + cols, h.to(act_row_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(act_row_ptr + cols, acc_g, mask=col_ok)
+        tl.store(act_row_ptr + up_col + cols, acc_u, mask=col_ok)
 
 
 @triton.jit
@@ -287,28 +340,36 @@ def _w13_gemv_kernel(
     meta_cols,
     stride_x,
     stride_act,
+    stride_split,
+    up_col,
     BITS: tl.constexpr,
     DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
-    """Decode gate/up GEMV with fused SiLU-and-mul, all slots in one launch.
+    """Decode gate/up GEMV with fused SiLU-and-mul (or split-K partials), all slots in one launch.
 
-    Grid ``(P, tile_starts[-1])``, ``P = T * top_k``.  ``x [T, H]``; per slot ``s``:
+    Grid ``(P, tile_starts[-1], SPLIT_K)``, ``P = T * top_k``.  ``x [T, H]``; per slot ``s``:
     ``q_ptrs[s] [packed_rows(H, BITS[s]), 2 R]`` int32, ``s_ptrs[s]``/``z_ptrs[s] [ceil(H/G),
-    2 R]`` fp16, all with row stride ``w_strides[s] = 2 R``; ``act [P, sum_s max n]``
-    (slot ``s`` at column ``act_cols[s]``, written for ``c < n[e][s]``); ``topk_ids [P]``
-    int32/int64 (ids outside ``[0, E)`` skipped); ``sizes``/``col_off [E, meta_cols]`` int32.
+    2 R]`` fp16, all with row stride ``w_strides[s] = 2 R``; ``topk_ids [P]`` int32/int64
+    (ids outside ``[0, E)`` skipped); ``sizes``/``col_off [E, meta_cols]`` int32.
+    ``SPLIT_K == 1``: ``act [P, sum_s max n]`` (slot ``s`` at column ``act_cols[s]``, written
+    for ``c < n[e][s]``).  ``SPLIT_K > 1``: ``act [SPLIT_K, P, 2 * up_col]`` fp32 (split
+    stride ``stride_split``), gate partials at ``act_cols[s] + c``, up at ``up_col +
+    act_cols[s] + c`` (the launcher adds them and applies SiLU-and-mul): program ``(p, t, j)``
+    sums the K steps ``j, j + SPLIT_K, ...``, so batch 1 launches ``SPLIT_K`` times the CTAs.
     """
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     e = tl.load(topk_ids_ptr + pair).to(tl.int32)
     if (e < 0) | (e >= num_experts):
         return
     x_row_ptr = x_ptr + (pair // top_k).to(tl.int64) * stride_x
-    act_row_ptr = act_ptr + pair.to(tl.int64) * stride_act
+    act_row_ptr = act_ptr + split.to(tl.int64) * stride_split + pair.to(tl.int64) * stride_act
     for s in tl.static_range(len(BITS)):
         tile = pid_n - tile_starts[s]
         if (tile >= 0) & (pid_n < tile_starts[s + 1]):
@@ -322,15 +383,18 @@ def _w13_gemv_kernel(
                     z_ptrs[s],
                     w_strides[s],
                     act_row_ptr + act_cols[s],
+                    up_col,
                     c0,
                     n,
                     tile,
+                    split,
                     hidden,
                     BITS[s],
                     DENSE_FP16,
                     GROUP_SIZE,
                     BLOCK_N,
                     BLOCK_K,
+                    SPLIT_K,
                 )
 
 
@@ -352,23 +416,29 @@ def _w2_gemv_kernel(
     meta_cols,
     stride_act,
     stride_out,
+    stride_out_split,
     BITS: tl.constexpr,
     DENSE_FP16: tl.constexpr,
     COLS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     """Decode down GEMV, split-K over the slots: ``out[p] = w[p] * sum_s act_s[p, :n] @ W_down_s``.
 
-    Grid ``(P, cdiv(H, BLOCK_N))``.  Per slot: ``q_ptrs[s] [sum_e packed_rows(n, BITS[s]),
-    H]`` int32, ``s_ptrs[s]``/``z_ptrs[s] [sum_e ceil(n/G), H]`` fp16 (row stride ``H``);
-    ``act`` as written by :func:`_w13_gemv_kernel`; ``out [P, H]`` fp32, fully written
-    (zeros for pairs of non-local or width-0 experts); ``topk_w [P]``;
+    Grid ``(P, cdiv(H, BLOCK_N), SPLIT_K)``.  Per slot: ``q_ptrs[s] [sum_e packed_rows(n,
+    BITS[s]), H]`` int32, ``s_ptrs[s]``/``z_ptrs[s] [sum_e ceil(n/G), H]`` fp16 (row stride
+    ``H``); ``act [P, sum_s max n]`` as written by :func:`_w13_gemv_kernel` without split
+    (the launcher combines a split one's partials); ``out [SPLIT_K, P, H]`` fp32 (split
+    stride ``stride_out_split``), fully written (zeros for pairs of non-local or width-0
+    experts): program ``(p, t, j)`` sums the K steps ``j, j + SPLIT_K, ...`` of every slot,
+    the caller adds the splits; ``topk_w [P]``;
     ``row_off``/``grp_off [E, meta_cols]`` int32.
     """
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
     e = tl.load(topk_ids_ptr + pair).to(tl.int32)
     valid = (e >= 0) & (e < num_experts)
     e = tl.where(valid, e, 0)  # keeps the metadata loads in bounds
@@ -380,28 +450,16 @@ def _w2_gemv_kernel(
         n = tl.where(valid, tl.load(sizes_ptr + e * meta_cols + COLS[s]), 0)
         row0 = tl.load(row_off_ptr + e * meta_cols + COLS[s])
         grp0 = tl.load(grp_off_ptr + e * meta_cols + COLS[s])
-        for k0 in range(0, n, BLOCK_K):
+        for k0 in range(split * BLOCK_K, n, SPLIT_K * BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(act_row_ptr + act_cols[s] + offs_k, mask=offs_k < n, other=0.0).to(tl.float32)
-            w = _w2_weight_tile(
-                q_ptrs[s],
-                s_ptrs[s],
-                z_ptrs[s],
-                row0,
-                grp0,
-                k0,
-                n,
-                cols,
-                col_ok,
-                hidden,
-                GROUP_SIZE,
-                BLOCK_K,
-                BITS[s],
-                DENSE_FP16,
-            )
-            acc += tl.sum(a[:, None] * w, axis=0)
+            acc += _gemv_dot_tile(
+                a, q_ptrs[s], s_ptrs[s], z_ptrs[s], row0, grp0 + k0 // GROUP_SIZE, k0, n, cols, col_ok,
+                hidden, hidden, BLOCK_K, BITS[s], DENSE_FP16, BITS[s] < 4,
+            )  # fmt: skip
     acc *= tl.load(topk_w_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + pair.to(tl.int64) * stride_out + cols, acc, mask=col_ok)
+    out_row = out_ptr + split.to(tl.int64) * stride_out_split + pair.to(tl.int64) * stride_out
+    tl.store(out_row + cols, acc, mask=col_ok)
 
 
 @triton.jit
@@ -618,3 +676,63 @@ def _w2_sorted_kernel(
     tl.store(
         out_ptr + pairs64[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :]
     )
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_pairs,
+    num_experts,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """The sorted path's routing bookkeeping in one program: :func:`.launch.moe_align` on the GPU.
+
+    Grid ``(1,)``.  ``ids [P]`` int32/int64 expert ids (outside ``[0, E)``: dropped);
+    writes ``sorted_ids [num_blocks * BLOCK_M]`` int32 (each expert's pairs in ascending
+    pair order, its run padded to whole blocks with ``P``) and ``block_expert
+    [num_blocks]`` int32 (-1 past the used blocks).  No sort: pass 1 counts the pairs of
+    every expert (one-hot ``[BLOCK_P, E_PAD]`` chunks summed), a prefix sum of the block
+    counts gives each expert's first slot, pass 2 ranks each pair among the earlier pairs
+    of its expert (a cumulative sum down the chunk plus a running count) and scatters it.
+    Padding slots and ``block_expert`` are written from the block table, so no slot is
+    written twice and no barrier is needed.  ``E_PAD``: a power of two >= ``E``.
+    """
+    experts = tl.arange(0, E_PAD)
+    expert_ok = experts < num_experts
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        e = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1)
+        hit = (e[:, None] == experts[None, :]) & expert_ok[None, :]
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    start = (block_end - blocks) * BLOCK_M  # first slot of each expert's run
+    used = tl.sum(blocks, axis=0)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        # Owner of block b: the number of experts whose runs end at or before it.
+        owner = tl.sum(((block_end[None, :] <= b[:, None]) & expert_ok[None, :]).to(tl.int32), axis=1)
+        owner = tl.where(b < used, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < num_blocks)
+        mine = experts[None, :] == owner[:, None]  # [BLOCK_B, E_PAD], no row set for unused blocks
+        run_end = tl.sum(tl.where(mine, start + counts, 0), axis=1)  # first padding slot of the run
+        slot = b[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        pad = (owner[:, None] < 0) | (slot >= run_end[:, None])
+        tl.store(sorted_ids_ptr + slot, num_pairs, mask=pad & (b < num_blocks)[:, None])
+    seen = tl.zeros([E_PAD], dtype=tl.int32)  # pairs of each expert in earlier chunks
+    for p0 in range(0, num_pairs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        e = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1)
+        hit = ((e[:, None] == experts[None, :]) & expert_ok[None, :]).to(tl.int32)
+        rank = tl.cumsum(hit, axis=0) - 1 + seen[None, :] + start[None, :]
+        dest = tl.sum(tl.where(hit > 0, rank, 0), axis=1)
+        valid = tl.sum(hit, axis=1) > 0
+        tl.store(sorted_ids_ptr + dest, p, mask=valid)
+        seen += tl.sum(hit, axis=0)

@@ -10,10 +10,16 @@ Lookup order for a call with ``T`` tokens on device ``D`` and layer shape key
    broken data file never stops the kernel.
 
 Every level has the schema of ``default.json``: ``gemv_max_pairs`` (``T * top_k`` at
-or below it takes the sorting-free GEMV path), ``gemv`` (``w13``/``w2`` tiles) and
+or below it takes the sorting-free GEMV path), optional ``gemv_min_ctas`` (the GEMV kernels
+split K until their grid has at least this many CTAs: two per SM of an H100/H200 by
+default, so batch 1 fills the GPU; 0 or absent = no split), ``gemv`` (``w13``/``w2`` tiles) and
 ``sorted`` (a list of ``{"max_tokens": int | null, "w13": ..., "w2": ...}`` picked by
 the first ``max_tokens >= T``).  Only Python ints of shapes are used, so the choice
 is static per batch size (CUDA-graph friendly).
+
+fp32 activations on the sorted path get smaller tiles than the table's
+(:func:`fp32_sorted`): their IEEE ``tl.dot`` runs on FMAs and needs far more registers per
+tile than the tensor-core dot of bf16/fp16.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import functools
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 FALLBACK: dict[str, Any] = {
     "gemv_max_pairs": 64,
+    "gemv_min_ctas": 264,
     "gemv": {
         "w13": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
         "w2": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
@@ -39,12 +46,12 @@ FALLBACK: dict[str, Any] = {
     "sorted": [
         {
             "max_tokens": 64,
-            "w13": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+            "w13": {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
             "w2": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         },
         {
             "max_tokens": 512,
-            "w13": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            "w13": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
             "w2": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         },
         {
@@ -96,6 +103,44 @@ class MoEConfig:
     w13: TileConfig
     w2: TileConfig
     source: str = "fallback"
+    min_ctas: int = 0  # GEMV path: split K until the grid has this many CTAs
+
+
+# Tile caps of the sorted kernels with fp32 activations.  The IEEE dot lowers to FMAs whose
+# operand layout keeps BLOCK_K-long A-row and B-column slices per thread, so the configured
+# bf16 tiles need kilobytes of spill; at these caps (and >= 4 rows per warp) no build spills
+# (tests/kernels/test_kernel_compile.py; bench/sm90_aot.py mirrors these numbers).
+FP32_MAX_BLOCK_M = 32
+FP32_MAX_BLOCK_N = 32
+FP32_MAX_BLOCK_K = 32
+FP32_ROWS_PER_WARP = 4
+FP32_NUM_STAGES = 3  # at 2 stages the dense (16-bit) w13 build at M32 spills 32 bytes
+
+
+def fp32_sorted_tile(tile: TileConfig) -> TileConfig:
+    """``tile`` capped for fp32 activations on the sorted path (see ``FP32_MAX_BLOCK_*``).
+
+    ``num_warps`` grows to ``block_m / FP32_ROWS_PER_WARP`` so each thread holds few rows;
+    ``num_stages`` is ``FP32_NUM_STAGES``.
+    """
+    block_m = min(tile.block_m, FP32_MAX_BLOCK_M)
+    return TileConfig(
+        block_m=block_m,
+        block_n=min(tile.block_n, FP32_MAX_BLOCK_N),
+        block_k=min(tile.block_k, FP32_MAX_BLOCK_K),
+        num_warps=max(tile.num_warps, block_m // FP32_ROWS_PER_WARP),
+        num_stages=FP32_NUM_STAGES,
+    )
+
+
+def fp32_sorted(config: MoEConfig) -> MoEConfig:
+    """The config a call with fp32 activations runs: sorted tiles capped, GEMV tiles unchanged.
+
+    The GEMV kernels compute in fp32 for every activation dtype, so their tiles fit as they are.
+    """
+    if config.path != "sorted":
+        return config
+    return replace(config, w13=fp32_sorted_tile(config.w13), w2=fp32_sorted_tile(config.w2))
 
 
 def device_file_name(device_name: str) -> str:
@@ -129,7 +174,11 @@ def _pick(table: dict[str, Any], num_tokens: int, top_k: int, source: str, path:
     if path == "gemv" or (path is None and num_tokens * top_k <= int(table["gemv_max_pairs"])):
         g = table["gemv"]
         return MoEConfig(
-            "gemv", TileConfig.from_dict(g["w13"], True), TileConfig.from_dict(g["w2"], True), source
+            "gemv",
+            TileConfig.from_dict(g["w13"], True),
+            TileConfig.from_dict(g["w2"], True),
+            source,
+            int(table.get("gemv_min_ctas", 0)),
         )
     for entry in table["sorted"]:
         limit = entry.get("max_tokens")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from camera_kernels import SlabMoEWeights, slab_moe, slab_moe_reference
 from camera_kernels.launch import slab_moe_triton
-from camera_kernels.slab_weights import random_slab_weights
+from camera_kernels.testing import random_slab_weights, slab_weights_from_dense
 from camera_kernels.tuning import MoEConfig, TileConfig, get_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,7 +97,17 @@ LAYERS = {
 # Small tiles so that both GEMMs need several K and N tiles (H = 64, slabs up to 40).
 GEMV = MoEConfig("gemv", TileConfig(1, 32, 32, 4, 1), TileConfig(1, 32, 32, 4, 1), "test")
 SORTED = MoEConfig("sorted", TileConfig(16, 32, 32, 4, 1), TileConfig(16, 32, 64, 4, 1), "test")
-CONFIGS = {"gemv": GEMV, "sorted": SORTED, "auto": None}
+# Split K as far as it goes (one K step per split: 2 for w13 at H = 64, up to 2 for w2).
+GEMV_SPLIT = MoEConfig("gemv", TileConfig(1, 32, 32, 4, 1), TileConfig(1, 32, 32, 4, 1), "test", 10**6)
+# The shipped prefill tiles (what a long prompt gets), forced onto this small layer.
+SORTED_DEFAULT = get_config(2048, 8, 2048, 128, path="sorted")
+CONFIGS = {
+    "gemv": GEMV,
+    "sorted": SORTED,
+    "auto": None,
+    "gemv_split": GEMV_SPLIT,
+    "sorted_default": SORTED_DEFAULT,
+}
 
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # spacing at 1.0
 
@@ -135,7 +145,11 @@ def check(
     assert got.dtype == dtype and got.shape == x.shape
     scale = want.abs().max().item()
     err = (got.float() - want).abs().max().item()
-    used = path if path != "auto" else get_config(num_tokens, top_k, H, w.num_experts).path
+    used = {
+        "auto": get_config(num_tokens, top_k, H, w.num_experts).path,
+        "gemv_split": "gemv",
+        "sorted_default": "sorted",
+    }.get(path, path)
     assert err <= tolerance(dtype, used) * scale + 1e-7, f"max err {err:.3g} vs max |ref| {scale:.3g}"
 
 
@@ -196,7 +210,71 @@ def test_kernel_triton_top_k_sweep(top_k):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("path", ["gemv", "sorted"])
+@pytest.mark.parametrize(
+    "name,dtype", [("421-ragged", torch.bfloat16), ("16-41-pq", torch.float32), ("3-odd", torch.float16)]
+)
+def test_kernel_triton_gemv_split_k(name, dtype):
+    """Split-K GEMV (partial gate/up sums added in the w2 kernel, w2 splits added with the
+    top-k slots): ragged, zero-width and dense slabs, -1 ids, against the reference."""
+    from camera_kernels.launch import grid_sizes
+
+    bits, sizes = LAYERS[name]
+    w = random_slab_weights(sizes, bits, H, 32, seed=5, device=DEVICE)
+    widths = [w.layout.max_slab(i) for i in range(w.layout.num_bits) if w.layout.max_slab(i) > 0]
+    grids = grid_sizes(GEMV_SPLIT, 4, 2, H, w.num_experts, widths, 32)
+    assert grids["w13"][2] == 2 and grids["w2"][2] == max(-(-n // 32) for n in widths)
+    check(w, num_tokens=4, top_k=2, dtype=dtype, path="gemv_split", seed=3, drop=0.2)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", ["8431-mixed", "16-41-pq"])
+def test_kernel_triton_fp32_sorted_runs_capped_tiles(monkeypatch, name):
+    """fp32 on the sorted path runs the shipped tiles capped (tuning.fp32_sorted: no spills on
+    sm_90) and stays exact: ragged, zero-width and dense slabs, bits 1/3/4/8/16, -1 ids."""
+    from camera_kernels import launch, tuning
+
+    seen = []
+    monkeypatch.setattr(launch, "fp32_sorted", lambda c: seen.append(tuning.fp32_sorted(c)) or seen[-1])
+    bits, sizes = LAYERS[name]
+    w = random_slab_weights(sizes, bits, H, 32, seed=13, device=DEVICE)
+    check(w, num_tokens=6, top_k=2, dtype=torch.float32, path="sorted_default", seed=8, drop=0.15)
+    (cfg,) = seen
+    assert cfg.w13.block_m < SORTED_DEFAULT.w13.block_m and cfg.w2.block_n < SORTED_DEFAULT.w2.block_n
+    for tile in (cfg.w13, cfg.w2):
+        assert tile.block_m <= tuning.FP32_MAX_BLOCK_M and tile.block_n <= tuning.FP32_MAX_BLOCK_N
+        assert tile.block_k <= tuning.FP32_MAX_BLOCK_K
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    "num_tokens,top_k,num_experts,block_m,drop,ids_dtype",
+    [
+        (5, 2, 4, 16, 0.2, torch.int64),  # few pairs, -1 ids
+        (37, 8, 128, 16, 0.1, torch.int32),  # Qwen3-like E = 128, several pair chunks
+        (300, 4, 16, 64, 0.0, torch.int64),  # chunks of 256 pairs, big blocks
+        (9, 3, 1, 32, 0.3, torch.int32),  # one expert (slab_linear), E_PAD > E
+        (40, 6, 600, 16, 0.05, torch.int64),  # E > 512: one-hot chunks of 16 pairs
+    ],
+)
+def test_kernel_triton_moe_align_matches_torch(num_tokens, top_k, num_experts, block_m, drop, ids_dtype):
+    """The routing kernel writes exactly what the torch moe_align does (order, padding, tail)."""
+    from camera_kernels.launch import moe_align, moe_align_triton
+
+    gen = torch.Generator().manual_seed(num_tokens * 7 + num_experts)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=gen)
+    ids[torch.rand(ids.shape, generator=gen) < drop] = -1
+    ids[0, 0] = num_experts  # another rank's expert: dropped
+    ids = ids.to(DEVICE, ids_dtype)
+    want_ids, want_blocks = moe_align(ids, num_experts, block_m)
+    got_ids, got_blocks = moe_align_triton(ids, num_experts, block_m)
+    assert got_ids.dtype == torch.int32 and got_blocks.dtype == torch.int32
+    assert torch.equal(got_blocks.cpu(), want_blocks.cpu())
+    assert torch.equal(got_ids.cpu(), want_ids.cpu())
+    assert (want_blocks >= 0).any() and (want_ids == num_tokens * top_k).any()  # padding was exercised
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "sorted"])
 def test_kernel_triton_non_local_experts_contribute_nothing(path):
     w = random_slab_weights(((16, 4), (0, 9)), (4, 2), H, 32, seed=9, device=DEVICE)
     x = torch.randn(3, H, device=DEVICE)
@@ -216,7 +294,7 @@ def test_kernel_triton_matches_dense_moe():
     gate = [torch.randn(sum(s), H, generator=gen) * 0.2 for s in sizes]
     up = [torch.randn(sum(s), H, generator=gen) * 0.2 for s in sizes]
     down = [torch.randn(H, sum(s), generator=gen) * 0.2 for s in sizes]
-    w = SlabMoEWeights.from_dense(gate, up, down, sizes, (8, 4), 64).to(DEVICE)
+    w = slab_weights_from_dense(gate, up, down, sizes, (8, 4), 64).to(DEVICE)
     x = torch.randn(4, H, generator=gen)
     ids = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]])
     tw = torch.rand(4, 2, generator=gen)
@@ -351,7 +429,7 @@ def test_kernel_triton_path_has_no_host_sync(path, num_tokens, scheme):
 def random_slab_linear(bits, in_sizes, n_out, seed, dense_dtype=torch.bfloat16):
     """A random slab linear layer (RTN at group 32), e.g. a shared expert's down or gate_up projection."""
     from camera_kernels.linear import SlabLinearWeights, slab_linear_meta
-    from camera_kernels.slab_weights import quantize_rtn
+    from camera_kernels.testing import quantize_rtn
 
     gen = torch.Generator().manual_seed(seed)
     parts = [

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 
 from camera_kernels import tuning
-from camera_kernels.tuning import FALLBACK, device_file_name, get_config, shape_key
+from camera_kernels.tuning import (
+    FALLBACK,
+    TileConfig,
+    device_file_name,
+    fp32_sorted,
+    fp32_sorted_tile,
+    get_config,
+    shape_key,
+)
 
 
 def test_kernel_default_json_equals_builtin_fallback():
@@ -41,3 +49,33 @@ def test_kernel_broken_config_falls_back(tmp_path):
     (tmp_path / "default.json").write_text("{not json")
     cfg = get_config(1, 1, 64, 4, None, tmp_path)
     assert cfg.source == "fallback" and cfg.path == "gemv"
+
+
+def test_kernel_fp32_caps_sorted_tiles_only():
+    cfg = get_config(2048, 8, 2048, 128)
+    capped = fp32_sorted(cfg)
+    for tile in (capped.w13, capped.w2):
+        assert tile.block_m <= tuning.FP32_MAX_BLOCK_M and tile.block_n <= tuning.FP32_MAX_BLOCK_N
+        assert tile.block_k <= tuning.FP32_MAX_BLOCK_K
+        assert tile.num_warps >= tile.block_m // tuning.FP32_ROWS_PER_WARP
+    assert capped.path == "sorted" and capped.source == cfg.source
+    gemv = get_config(1, 8, 2048, 128)
+    assert fp32_sorted(gemv) == gemv  # GEMV math is fp32 for every dtype: tiles unchanged
+    small = TileConfig(16, 16, 32, 4, tuning.FP32_NUM_STAGES)
+    assert fp32_sorted_tile(small) == small  # already within the caps
+
+
+def test_kernel_fp32_caps_match_the_aot_mirror():
+    # bench/sm90_aot.py (no package import there) builds the fp32 variants with a copy of the caps.
+    import sm90_aot
+
+    for m, n, k, warps in [(16, 64, 128, 4), (32, 64, 64, 4), (64, 128, 64, 8), (16, 16, 32, 2)]:
+        tile = fp32_sorted_tile(TileConfig(m, n, k, warps, 3))
+        tiles, nw, ns = sm90_aot.fp32_sorted_tiles({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, warps)
+        assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"], nw, ns) == (
+            tile.block_m,
+            tile.block_n,
+            tile.block_k,
+            tile.num_warps,
+            tile.num_stages,
+        )
