@@ -40,9 +40,22 @@ clean:
 bench-model: install
 	$(PY) bench/build_model.py $(BENCH_MODEL_ARGS)
 
+# The harder benchmark MoE: fine-grained Qwen2-MoE (32 experts, top-4, shared expert) on
+# Shakespeare + KJV + Python docs (~35 min on 2 idle cores). Check the recipe first with
+# make bench-model-hard BENCH_MODEL_ARGS=--smoke
+.PHONY: bench-model-hard
+bench-model-hard: install
+	$(PY) bench/build_model.py --preset hard $(BENCH_MODEL_ARGS)
+
 # vllm serve under 32 concurrent streaming clients for 2 minutes (docs/load-test.md).
 bench-load: install
 	$(PY) bench/load_test.py $(LOAD_ARGS)
+
+# lm-eval accuracy of the quality table's checkpoints through vllm serve (docs/quality.md).
+# A quick check: make bench-eval EVAL_ARGS="--only dense --limit 50"
+.PHONY: bench-eval
+bench-eval: install
+	$(PY) bench/lm_eval_run.py $(EVAL_ARGS)
 
 # The Triton kernel correctness check and benchmark, on a CUDA machine (bench/run_gpu_bench.sh).
 gpu-bench:
