@@ -171,6 +171,7 @@ def build_model(shape: Shape, moe_layers: int, out: Path) -> Path:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tok.save_pretrained(out)
     tmp.rmdir()
+    cfg.architectures = [cls[1].__name__]  # what from_pretrained and the CLI read
     cfg.save_pretrained(out)  # config.json last: its presence marks a complete model
     return out
 
