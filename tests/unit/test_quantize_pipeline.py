@@ -3,6 +3,7 @@ written slabs == what the next layer saw, GPTQ vs RTN, determinism."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -278,8 +279,10 @@ def streamed(tiny, tmp_path_factory):
     seen = {}
 
     def hook(ctx):
+        # The quantizer frees each expert's source weights once quantized: keep our own lists.
+        snapshot = dataclasses.replace(ctx, weights=ctx.weights.to())
         fed = quantizer(ctx)
-        seen[ctx.layer] = (ctx, fed)
+        seen[ctx.layer] = (snapshot, fed)
         return fed
 
     final: list[torch.Tensor] = []
@@ -422,7 +425,7 @@ def test_block_error_from_the_rerun_equals_the_measured_one_over_batches(tiny) -
     seen = {}
 
     def hook(ctx):
-        seen[ctx.layer] = ctx
+        seen[ctx.layer] = dataclasses.replace(ctx, weights=ctx.weights.to())  # before they are freed
         return quantizer(ctx)
 
     LayerStreamer(src, batch_size=2).run(

@@ -339,6 +339,7 @@ def quantize_layer(
     allocation: LayerAllocation | None = None,
     *,
     block_error: bool = True,
+    release_source: bool = False,
 ) -> LayerQuantResult:
     """Allocate bits to one MoE layer by energy and quantize all its experts.
 
@@ -346,8 +347,13 @@ def quantize_layer(
     the energy-based one (e.g. to compare methods on the same split).  ``block_error``
     measures the MoE block's output error here, with two extra MoE forwards; off, it is
     left None for the caller (:class:`CameraQQuantizer` takes it from the streamer's re-run,
-    which computes the same number at no extra cost).
+    which computes the same number at no extra cost).  ``release_source`` drops each routed
+    expert's weights from ``ctx.weights`` as soon as it is quantized, so a layer's original
+    and dequantized experts (two fp32 copies, ~2.4 GB each on a Qwen3-30B-A3B layer) are never
+    alive together; it needs ``block_error=False`` (the comparison needs the originals).
     """
+    if release_source and block_error:
+        raise ValueError("quantize_layer: release_source=True drops the weights block_error compares with")
     t0 = time.perf_counter()
     if ctx.moe_input is None or ctx.routing is None:
         raise RuntimeError("CAMERA-Q needs the MoE inputs: run the streamer with keep_moe_inputs=True")
@@ -384,6 +390,8 @@ def quantize_layer(
             gates.append(gq)
             ups.append(uq)
             downs.append(dq)
+            if release_source:  # the streamer's block holds the same lists: free the originals now
+                w.gates[e] = w.ups[e] = w.downs[e] = gq.new_empty(0)
         del inputs, done
     shared = None
     if w.shared is not None:
@@ -417,7 +425,7 @@ class CameraQQuantizer:
         self.results: dict[int, LayerQuantResult] = {}
 
     def __call__(self, ctx: MoELayerContext) -> LayerWeights:
-        res = quantize_layer(ctx, self.spec, block_error=False)
+        res = quantize_layer(ctx, self.spec, block_error=False, release_source=True)
         fed = res.weights
         if self.sink is not None:
             for name in sorted(res.tensors):  # sorted: the same shard order on every run
