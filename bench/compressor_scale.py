@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib", default="16x512", help="calibration sizes NUMxLEN, comma list")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allow-dirty", action="store_true", help="record results from an uncommitted tree")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing results file that this run does not measure again",
+    )
     args = ap.parse_args(argv)
 
     from stamp import stamp
@@ -290,6 +295,14 @@ def main(argv: list[str] | None = None) -> None:
                     row |= {"seq_len": seq_len, "threads": args.threads, **m}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+    if args.merge and RESULTS.exists():
+        key = ("model", "moe_layers", "phase", "num_seqs", "seq_len")
+        new = {tuple(r[k] for k in key) for r in rows}
+        old = json.loads(RESULTS.read_text())
+        kept = [
+            r | {"commit": old["stamp"]["commit"]} for r in old["rows"] if tuple(r[k] for k in key) not in new
+        ]
+        rows = kept + [r | {"commit": st["commit"]} for r in rows]
     result = {"stamp": st, "rows": rows, "projections": project(rows)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
@@ -363,6 +376,15 @@ def write_doc(result: dict[str, Any]) -> None:
         "",
         "## Measured",
         "",
+        *(
+            [
+                f"Rows come from commits {', '.join(sorted({r['commit'][:10] for r in result['rows']}))}"
+                " (`--merge`).",
+                "",
+            ]
+            if len({r.get("commit") for r in result["rows"]}) > 1
+            else []
+        ),
         "| model | MoE layers | phase | calibration | wall s | CPU s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|",
     ]
