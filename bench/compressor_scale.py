@@ -201,8 +201,7 @@ def run_phase(model: Path, phase: str, calib: Path, num_seqs: int, seq_len: int,
     cmd += ["--device", "cpu", "--no-progress"]
     if phase != "analyze":
         cmd.append("--overwrite")
-    if _cli_has("--threads"):
-        cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -217,13 +216,6 @@ def run_phase(model: Path, phase: str, calib: Path, num_seqs: int, seq_len: int,
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 3),
     }
-
-
-def _cli_has(flag: str) -> bool:
-    out = subprocess.run(
-        [sys.executable, "-m", "camera_vllm.cli", "quantize", "--help"], capture_output=True, text=True
-    ).stdout
-    return flag in out
 
 
 # -- projections -------------------------------------------------------------------------------------

@@ -38,48 +38,17 @@ MIN_CPU_HEAD_DIM = 32
 
 
 def _tiny_source(out_dir: Path) -> Path:
-    """The dense tiny Qwen3-MoE to compress: ``build_tiny_moe('qwen3_moe')`` when its head size
-    is one vLLM's CPU attention supports, else the same model with 2 heads of 32."""
-    from camera_vllm.testing.tiny_models import build_tiny_moe, build_tokenizer
+    """The dense tiny Qwen3-MoE to compress (``build_tiny_moe('qwen3_moe')``)."""
+    from camera_vllm.testing.tiny_models import build_tiny_moe
 
     src = build_tiny_moe("qwen3_moe", out_dir)
     cfg = json.loads((src / "config.json").read_text())
-    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) >= MIN_CPU_HEAD_DIM:
-        return src
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=MIN_CPU_HEAD_DIM,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            max_position_embeddings=512,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim < MIN_CPU_HEAD_DIM:
+        raise RuntimeError(
+            f"{src}: head_dim {head_dim} is below vLLM CPU attention's smallest ({MIN_CPU_HEAD_DIM}); "
+            "the tiny qwen3_moe in camera_vllm/testing/tiny_models.py must keep a servable head size"
         )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.config.dtype = torch.float32
-    model.save_pretrained(src)
-    tok.save_pretrained(src)
     return src
 
 
